@@ -1,0 +1,261 @@
+"""Export a checkpoint as TorchScript and ONNX, prove parity, and write ``manifest.json``.
+
+The exported graphs take uint8 ``[N,32,32,3]`` RGB pixels and return float32 logits
+``[N,10]``; normalisation is inside the graph, and the batch axis is dynamic.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import load_model
+from .model import ServingModel
+
+__all__ = [
+    "INPUT_NAME",
+    "MANIFEST_NAME",
+    "MODEL_NAME",
+    "OUTPUT_NAME",
+    "ExportError",
+    "ExportResult",
+    "ParityError",
+    "ParityReport",
+    "check_parity",
+    "export_model",
+    "sha256_file",
+]
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "cifar10_resnet18"
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+MANIFEST_NAME = "manifest.json"
+TORCHSCRIPT_NAME = "model.torchscript.pt"
+ONNX_NAME = "model.onnx"
+DEFAULT_OPSET = 18
+PARITY_ATOL = 1e-4
+PARITY_BATCH_SIZES = (1, 7, 256)
+
+
+class ExportError(RuntimeError):
+    """Export could not produce valid artifacts."""
+
+
+class ParityError(ExportError):
+    """An exported runtime disagrees with PyTorch eager beyond tolerance."""
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """Agreement of each runtime with PyTorch eager on the same images."""
+
+    images: int
+    batch_sizes: tuple[int, ...]
+    max_abs_diff: dict[str, float]
+    top1_agreement: dict[str, float]
+    atol: float
+
+    @property
+    def ok(self) -> bool:
+        return all(d <= self.atol for d in self.max_abs_diff.values()) and all(
+            a == 1.0 for a in self.top1_agreement.values()
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "images": self.images,
+            "batch_sizes": list(self.batch_sizes),
+            "atol": self.atol,
+            "max_abs_diff": self.max_abs_diff,
+            "top1_agreement": self.top1_agreement,
+        }
+
+
+def _batched(fn: Any, images: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.concatenate([fn(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def check_parity(
+    eager: torch.nn.Module,
+    torchscript_path: str | os.PathLike[str],
+    onnx_path: str | os.PathLike[str],
+    images: np.ndarray,
+    batch_sizes: tuple[int, ...] = PARITY_BATCH_SIZES,
+    atol: float = PARITY_ATOL,
+) -> ParityReport:
+    """Run ONNX Runtime (CPU) and TorchScript against eager on ``images`` at each batch size."""
+    import onnxruntime as ort
+
+    eager = eager.eval()
+    ts = torch.jit.load(str(torchscript_path), map_location="cpu").eval()
+    opts = ort.SessionOptions()
+    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+
+    def run_eager(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return eager(torch.from_numpy(x)).numpy()
+
+    def run_ts(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return ts(torch.from_numpy(x)).numpy()
+
+    def run_ort(x: np.ndarray) -> np.ndarray:
+        return np.asarray(sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0])
+
+    ref = _batched(run_eager, images, 256)
+    diffs: dict[str, float] = {}
+    agree: dict[str, float] = {}
+    for name, fn in (("torchscript", run_ts), ("onnxruntime", run_ort)):
+        worst = 0.0
+        agreement = 1.0
+        for bs in batch_sizes:
+            out = _batched(fn, images, bs)
+            if out.shape != ref.shape:
+                raise ParityError(f"{name} at batch size {bs}: output shape {out.shape} != {ref.shape}")
+            worst = max(worst, float(np.abs(out - ref).max()))
+            agreement = min(agreement, float((out.argmax(1) == ref.argmax(1)).mean()))
+        diffs[name] = worst
+        agree[name] = agreement
+    report = ParityReport(len(images), tuple(batch_sizes), diffs, agree, atol)
+    logger.info("parity on %d images: %s", len(images), report.as_dict())
+    return report
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out_dir: Path
+    manifest: dict[str, Any]
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.out_dir / MANIFEST_NAME
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def export_onnx(model: ServingModel, path: Path, opset: int = DEFAULT_OPSET) -> None:
+    """ONNX with a dynamic batch axis, validated by ``onnx.checker`` (full check)."""
+    import onnx
+
+    example = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    try:
+        program = torch.onnx.export(
+            model,
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            dynamic_shapes={"images": {0: batch}},
+        )
+        assert program is not None
+        program.save(str(path), external_data=False)
+    except Exception as exc:
+        raise ExportError(f"ONNX export failed: {exc}") from exc
+    proto = onnx.load(str(path))
+    # The exporter names the batch dimension after the Dim; make it the conventional name.
+    for vi in list(proto.graph.input) + list(proto.graph.output):
+        dim0 = vi.type.tensor_type.shape.dim[0]
+        if not dim0.dim_value:
+            dim0.dim_param = "batch"
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+
+
+def export_torchscript(model: ServingModel, path: Path) -> None:
+    example = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example)
+    traced.save(str(path))  # type: ignore[no-untyped-call]
+
+
+def export_model(
+    checkpoint: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    parity_images: np.ndarray | None = None,
+    *,
+    opset: int = DEFAULT_OPSET,
+    batch_sizes: tuple[int, ...] = PARITY_BATCH_SIZES,
+    atol: float = PARITY_ATOL,
+    model_name: str = MODEL_NAME,
+    model_version: str = "1",
+) -> ExportResult:
+    """Write TorchScript, ONNX and ``manifest.json`` into ``out_dir``; fail loudly on parity.
+
+    Artifacts are written into a temporary folder first and moved into place only when
+    every check passed, so a failed export never leaves a half-valid model directory.
+    """
+    ckpt_path = Path(checkpoint)
+    net, meta = load_model(ckpt_path)
+    model = ServingModel(net, meta["mean"], meta["std"]).eval()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp_name:
+        tmp = Path(tmp_name)
+        export_torchscript(model, tmp / TORCHSCRIPT_NAME)
+        export_onnx(model, tmp / ONNX_NAME, opset)
+        parity: dict[str, Any] | None = None
+        if parity_images is not None and len(parity_images):
+            report = check_parity(model, tmp / TORCHSCRIPT_NAME, tmp / ONNX_NAME, parity_images,
+                                  batch_sizes, atol)
+            if not report.ok:
+                raise ParityError(f"parity check failed: {report.as_dict()}")
+            parity = report.as_dict()
+        manifest: dict[str, Any] = {
+            "format": "cifar-serve-manifest/1",
+            "model": {"name": model_name, "version": model_version, "arch": "ResNet18"},
+            "input": {"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, 32, 32, 3],
+                      "layout": "NHWC", "color": "RGB"},
+            "output": {"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, len(meta["labels"])]},
+            "labels": list(meta["labels"]),
+            "normalization": {"mean": list(meta["mean"]), "std": list(meta["std"]), "in_graph": True},
+            "artifacts": {
+                "torchscript": {"path": TORCHSCRIPT_NAME, "sha256": sha256_file(tmp / TORCHSCRIPT_NAME)},
+                "onnx": {"path": ONNX_NAME, "sha256": sha256_file(tmp / ONNX_NAME), "opset": opset},
+            },
+            "checkpoint": {"file": ckpt_path.name, "sha256": sha256_file(ckpt_path)},
+            "test_accuracy": meta.get("test_accuracy"),
+            "parity": parity,
+            "versions": _versions(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        for name in (TORCHSCRIPT_NAME, ONNX_NAME, MANIFEST_NAME):
+            shutil.move(str(tmp / name), str(out / name))
+    logger.info("exported %s to %s", ckpt_path, out)
+    return ExportResult(out, manifest)
