@@ -1,0 +1,280 @@
+"""Dynamic batching: images from concurrent callers share forward passes.
+
+A batch runs when it holds ``max_batch_size`` images, or ``max_delay`` after its oldest image
+arrived, whichever is first; a request larger than a batch is split across batches, and each
+caller gets its own rows back in order. Forward passes run in worker threads, never on the
+event loop, and while one computes the next one fills. Times are ``time.monotonic()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import DeadlineExceeded, InferenceError, InternalError, QueueFull, ResourceExhausted, Unavailable
+from .metrics import Metrics
+
+__all__ = ["DynamicBatcher", "is_out_of_memory"]
+
+logger = logging.getLogger(__name__)
+
+InferFn = Callable[[np.ndarray], np.ndarray]
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    name = type(exc).__name__
+    return name == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+@dataclass(eq=False)
+class _Work:
+    images: np.ndarray
+    out: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    enqueued: float
+    deadline: float | None
+    next: int = 0
+    running: int = 0
+    failed: bool = field(default=False)
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def done(self) -> bool:
+        return self.failed or self.future.done()
+
+
+_Slice = tuple[_Work, int, int]
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        infer: InferFn,
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue_images: int,
+        max_inflight: int = 1,
+        num_classes: int = 10,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._infer = infer
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue_images = max_queue_images
+        self.max_inflight = max_inflight
+        self._num_classes = num_classes
+        self._metrics = metrics
+        self._queue: collections.deque[_Work] = collections.deque()
+        self._queued = 0
+        self._arrived = asyncio.Event()
+        self._inflight = asyncio.Semaphore(max_inflight)
+        self._running: set[asyncio.Task[None]] = set()
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_inflight, thread_name_prefix="infer")
+        self._collector: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued
+
+    def start(self) -> None:
+        self._collector = asyncio.get_running_loop().create_task(self._collect(), name="batcher")
+
+    async def submit(self, images: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """Logits ``[n, classes]`` for uint8 ``images [n,32,32,3]``.
+
+        ``deadline`` is a ``time.monotonic()`` instant; work still queued at that instant is
+        dropped with :class:`DeadlineExceeded` before it is computed.
+        """
+        if self._closing:
+            raise Unavailable("server is shutting down")
+        n = int(images.shape[0])
+        if self._queued + n > self.max_queue_images:
+            self._count_drop("queue_full", n)
+            raise QueueFull(
+                f"queue full: {self._queued} images waiting, limit {self.max_queue_images}; retry later"
+            )
+        loop = asyncio.get_running_loop()
+        work = _Work(images, np.empty((n, self._num_classes), np.float32), loop.create_future(),
+                     time.monotonic(), deadline)
+        self._queue.append(work)
+        self._queued += n
+        self._gauge()
+        self._arrived.set()
+        try:
+            return await work.future
+        except asyncio.CancelledError:
+            # The caller went away: take its images out so they are never computed.
+            self._remove(work)
+            self._count_drop("cancelled", work.size - work.next)
+            raise
+
+    async def stop(self) -> None:
+        """Stop taking work, finish everything already accepted, release the threads."""
+        self._closing = True
+        self._arrived.set()
+        if self._collector is not None:
+            await self._collector
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ internals
+
+    def _gauge(self) -> None:
+        if self._metrics is not None:
+            self._metrics.queued_images.set(self._queued)
+
+    def _count_drop(self, reason: str, n: int) -> None:
+        if self._metrics is not None and n > 0:
+            self._metrics.dropped.labels(reason).inc(n)
+
+    def _remove(self, work: _Work) -> None:
+        try:
+            self._queue.remove(work)
+        except ValueError:
+            return
+        self._queued -= work.size - work.next
+        self._gauge()
+
+    def _sweep(self) -> None:
+        """Drop finished, cancelled and expired work from the queue."""
+        now = time.monotonic()
+        keep: collections.deque[_Work] = collections.deque()
+        for work in self._queue:
+            left = work.size - work.next
+            if work.done:
+                self._queued -= left
+                continue
+            if work.deadline is not None and now >= work.deadline:
+                self._queued -= left
+                work.failed = True
+                work.future.set_exception(DeadlineExceeded(
+                    f"deadline exceeded after {now - work.enqueued:.3f}s in the queue; not computed"))
+                self._count_drop("deadline", left)
+                continue
+            keep.append(work)
+        self._queue = keep
+        self._gauge()
+
+    async def _collect(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            await self._inflight.acquire()
+            # Holding a slot: keep gathering until the batch is full or the oldest is due.
+            while True:
+                self._sweep()
+                if not self._queue or self._queued >= self.max_batch_size or self._closing:
+                    break
+                due = self._queue[0].enqueued + self.max_delay_s - time.monotonic()
+                if due <= 0:
+                    break
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), due)
+                except TimeoutError:
+                    break
+            batch = self._take()
+            if not batch:
+                self._inflight.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    def _take(self) -> list[_Slice]:
+        space = self.max_batch_size
+        batch: list[_Slice] = []
+        now = time.monotonic()
+        while self._queue and space:
+            work = self._queue[0]
+            count = min(work.size - work.next, space)
+            batch.append((work, work.next, count))
+            if work.next == 0 and self._metrics is not None:
+                self._metrics.queue_time.observe(now - work.enqueued)
+            work.next += count
+            work.running += 1
+            space -= count
+            self._queued -= count
+            if work.next == work.size:
+                self._queue.popleft()
+        self._gauge()
+        return batch
+
+    async def _run(self, batch: list[_Slice]) -> None:
+        try:
+            if len(batch) == 1 and batch[0][1] == 0 and batch[0][2] == batch[0][0].size:
+                x = batch[0][0].images  # one whole request: no copy
+            else:
+                x = np.concatenate([w.images[s : s + c] for w, s, c in batch])
+            started = time.monotonic()
+            try:
+                logits = await asyncio.get_running_loop().run_in_executor(self._executor, self._forward, x)
+            except Exception as exc:
+                self._fail(batch, exc)
+                return
+            if self._metrics is not None:
+                self._metrics.inference_time.observe(time.monotonic() - started)
+                self._metrics.batch_size.observe(len(x))
+                self._metrics.images.inc(len(x))
+            offset = 0
+            for work, start, count in batch:
+                work.running -= 1
+                if not work.done:
+                    work.out[start : start + count] = logits[offset : offset + count]
+                    if work.next == work.size and work.running == 0:
+                        work.future.set_result(work.out)
+                offset += count
+        finally:
+            self._inflight.release()
+            self._arrived.set()
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        """Run one batch; on out-of-memory, retry it in halves before giving up."""
+        try:
+            return self._infer(x)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if self._metrics is not None:
+                self._metrics.batch_failures.labels("out_of_memory").inc()
+            if len(x) == 1:
+                raise ResourceExhausted("out of memory running a single image") from exc
+            logger.warning("out of memory on a batch of %d; retrying in halves", len(x))
+            half = len(x) // 2
+            return np.concatenate([self._forward(x[:half]), self._forward(x[half:])])
+
+    def _fail(self, batch: list[_Slice], exc: Exception) -> None:
+        if isinstance(exc, InferenceError):
+            err: InferenceError = exc
+        else:
+            logger.exception("forward pass failed for a batch of %d requests", len(batch), exc_info=exc)
+            if self._metrics is not None:
+                self._metrics.batch_failures.labels("error").inc()
+            err = InternalError(f"inference failed: {type(exc).__name__}: {exc}")
+        for work, _start, _count in batch:
+            work.running -= 1
+            if not work.done:
+                work.failed = True
+                work.future.set_exception(err)
+        self._arrived.set()

@@ -1,0 +1,234 @@
+"""The model runtime: loads an exported artifact once, keeps it resident, runs batches.
+
+Transport-free: numpy uint8 ``[N,32,32,3]`` in, float32 logits ``[N,10]`` out. The batcher
+calls :meth:`ModelRuntime.infer` from worker threads, never from the event loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["ArtifactError", "Manifest", "ModelRuntime", "load_manifest", "resolve_device"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SHAPE = (32, 32, 3)
+
+
+class ArtifactError(RuntimeError):
+    """The model artifacts are missing, corrupt or do not match their manifest."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    name: str
+    version: str
+    labels: tuple[str, ...]
+    input_name: str
+    output_name: str
+    artifacts: dict[str, dict[str, Any]]
+    test_accuracy: float
+    raw: dict[str, Any]
+
+    def artifact_path(self, kind: str) -> Path:
+        try:
+            return self.path.parent / self.artifacts[kind]["path"]
+        except KeyError:
+            raise ArtifactError(f"{self.path}: manifest lists no {kind!r} artifact") from None
+
+
+def load_manifest(model_dir: str | os.PathLike[str]) -> Manifest:
+    path = Path(model_dir) / "manifest.json"
+    if not path.is_file():
+        raise ArtifactError(
+            f"no manifest at {path}: export the model first (`make artifacts` or `cifar-export --out {model_dir}`)"
+        )
+    try:
+        raw = json.loads(path.read_text())
+        return Manifest(
+            path=path,
+            name=str(raw["model"]["name"]),
+            version=str(raw["model"]["version"]),
+            labels=tuple(raw["labels"]),
+            input_name=str(raw["input"]["name"]),
+            output_name=str(raw["output"]["name"]),
+            artifacts=dict(raw["artifacts"]),
+            test_accuracy=float(raw.get("test_accuracy") or 0.0),
+            raw=raw,
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"{path}: not a valid manifest ({exc})") from exc
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ArtifactError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+class ModelRuntime:
+    """One loaded model on one device.
+
+    On a GPU, each in-flight slot owns a pinned host buffer and a CUDA stream, so one batch's
+    host-to-device copy overlaps another's compute.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        *,
+        device: str = "auto",
+        backend: str = "torchscript",
+        precision: str = "fp32",
+        max_batch_size: int = 64,
+        slots: int = 1,
+        threads: int = 0,
+        verify_sha256: bool = True,
+    ) -> None:
+        self.manifest = load_manifest(model_dir)
+        self.backend = backend
+        self.precision = precision
+        self.max_batch_size = max_batch_size
+        self.device = resolve_device(device)
+        kind = "onnx" if backend == "onnxruntime" else "torchscript"
+        artifact = self.manifest.artifact_path(kind)
+        if not artifact.is_file():
+            raise ArtifactError(f"artifact missing: {artifact}")
+        self.sha256 = _sha256(artifact)
+        expected = self.manifest.artifacts[kind].get("sha256")
+        if verify_sha256 and self.sha256 != expected:
+            raise ArtifactError(
+                f"{artifact}: sha256 {self.sha256} does not match the manifest's {expected}; "
+                "the artifact was modified or corrupted: re-export it"
+            )
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self._autocast: torch.dtype | None = None
+        if precision == "bf16":
+            self._autocast = torch.bfloat16
+        elif precision == "fp16":
+            if self.device.type != "cuda":
+                raise ArtifactError("--precision fp16 needs a CUDA device")
+            self._autocast = torch.float16
+        if backend == "onnxruntime":
+            self._init_onnxruntime(artifact, threads)
+        elif backend == "torchscript":
+            self._init_torchscript(artifact)
+        else:
+            raise ArtifactError(f"unknown backend {backend!r}")
+        self._slots: queue.Queue[_Slot] = queue.Queue()
+        for _ in range(max(1, slots)):
+            self._slots.put(_Slot(self.device, max_batch_size))
+        self._lock = threading.Lock()
+        logger.info("loaded %s (%s, %s, %s) sha256 %s", artifact, backend, precision, self.device,
+                    self.sha256[:12])
+
+    # ------------------------------------------------------------------ backends
+
+    def _init_torchscript(self, artifact: Path) -> None:
+        try:
+            module = torch.jit.load(str(artifact), map_location=self.device)
+        except Exception as exc:
+            raise ArtifactError(f"{artifact}: cannot load TorchScript ({exc})") from exc
+        self._module = module.eval()
+        if self.device.type == "cuda":
+            self._module = self._module.to(memory_format=torch.channels_last)
+        self._ort: Any = None
+
+    def _init_onnxruntime(self, artifact: Path, threads: int) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads > 0:
+            opts.intra_op_num_threads = threads
+        providers = ["CPUExecutionProvider"]
+        if self.device.type == "cuda":
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self._ort = ort.InferenceSession(str(artifact), opts, providers=providers)
+        except Exception as exc:
+            raise ArtifactError(f"{artifact}: cannot load ONNX model ({exc})") from exc
+        if self.precision != "fp32":
+            raise ArtifactError("--backend onnxruntime serves fp32 only")
+
+    # ------------------------------------------------------------------ inference
+
+    def infer(self, images: np.ndarray) -> np.ndarray:
+        """Logits for a uint8 ``[n,32,32,3]`` batch, ``1 <= n <= max_batch_size``."""
+        if images.dtype != np.uint8 or images.shape[1:] != IMAGE_SHAPE:
+            raise ValueError(f"expected uint8 [N,32,32,3], got {images.dtype} {images.shape}")
+        if self._ort is not None:
+            out = self._ort.run([self.manifest.output_name], {self.manifest.input_name: images})[0]
+            return np.asarray(out, dtype=np.float32)
+        slot = self._slots.get()
+        try:
+            return slot.run(self._module, images, self._autocast)
+        finally:
+            self._slots.put(slot)
+
+    def warmup(self, batch_sizes: list[int] | None = None) -> None:
+        """Run every batch size the batcher can form, so no request pays for a first run."""
+        sizes = batch_sizes or list(range(1, self.max_batch_size + 1))
+        rng = np.random.default_rng(0)
+        for _ in range(2):  # TorchScript's profiling executor optimises on the second run
+            for n in sizes:
+                self.infer(rng.integers(0, 256, (n, *IMAGE_SHAPE), dtype=np.uint8))
+        logger.info("warmed up %d batch sizes (1..%d)", len(sizes), max(sizes))
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": str(self.device), "backend": self.backend, "precision": self.precision,
+                "sha256": self.sha256}
+
+
+class _Slot:
+    """Per in-flight batch resources: a pinned input buffer and, on CUDA, a stream."""
+
+    def __init__(self, device: torch.device, max_batch: int) -> None:
+        self.device = device
+        self.stream: Any = None
+        self.pinned: torch.Tensor | None = None
+        if device.type == "cuda":
+            self.stream = torch.cuda.Stream(device=device)
+            self.pinned = torch.empty((max_batch, *IMAGE_SHAPE), dtype=torch.uint8).pin_memory()
+
+    def run(self, module: Any, images: np.ndarray, autocast: torch.dtype | None) -> np.ndarray:
+        n = images.shape[0]
+        with torch.inference_mode():
+            if self.stream is None:
+                x = torch.from_numpy(images)
+                with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                    out = module(x)
+                return out.float().numpy()
+            assert self.pinned is not None
+            host = self.pinned[:n]
+            host.numpy()[...] = images
+            with torch.cuda.stream(self.stream):
+                x = host.to(self.device, non_blocking=True)
+                with torch.autocast("cuda", dtype=autocast or torch.float16, enabled=autocast is not None):
+                    out = module(x)
+                result = out.float().to("cpu", non_blocking=True)
+            self.stream.synchronize()
+            return result.numpy()

@@ -1,0 +1,162 @@
+"""The native API (cifar_serve.v1.Classifier): protobuf in, core call, protobuf out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+
+from cifar_serve.v1 import classifier_pb2 as pb
+from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
+
+from ._rpc import deadline_of, guarded
+from .core import InferenceCore, rank
+from .errors import InvalidInput, ResourceExhausted, status_for
+from .preprocess import decode_image, packed_to_array, raw_to_array
+
+__all__ = ["ClassifierServicer", "request_images"]
+
+logger = logging.getLogger(__name__)
+
+_STREAM_WINDOW = 64  # requests of one stream computing at once; bounds a stream's memory
+
+
+def request_images(request: pb.ClassifyRequest, max_images: int, max_pixels: int) -> np.ndarray:
+    """The request's images as uint8 ``[N,32,32,3]`` (may decode: call off the event loop)."""
+    has_packed = request.HasField("packed") and (request.packed.count or request.packed.data)
+    if has_packed and len(request.images):
+        raise InvalidInput("send either images or packed, not both")
+    if has_packed:
+        if request.packed.count > max_images:
+            raise InvalidInput(
+                f"request holds {request.packed.count} images, more than the limit of {max_images} per request"
+            )
+        return packed_to_array(request.packed.data, request.packed.count)
+    n = len(request.images)
+    if n == 0:
+        raise InvalidInput("request holds no images: set images or packed")
+    if n > max_images:
+        raise InvalidInput(f"request holds {n} images, more than the limit of {max_images} per request")
+    out = np.empty((n, 32, 32, 3), np.uint8)
+    for i, image in enumerate(request.images):
+        kind = image.WhichOneof("data")
+        what = f"images[{i}]"
+        if kind == "encoded":
+            out[i] = decode_image(image.encoded, max_pixels=max_pixels, what=what)
+        elif kind == "raw_rgb":
+            out[i] = raw_to_array(image.raw_rgb, what=what)
+        else:
+            raise InvalidInput(f"{what}: empty, set encoded or raw_rgb")
+    return out
+
+
+class ClassifierServicer(pb_grpc.ClassifierServicer):
+    def __init__(self, core: InferenceCore) -> None:
+        self.core = core
+
+    async def _decode(self, request: pb.ClassifyRequest) -> np.ndarray:
+        s = self.core.settings
+        if any(img.WhichOneof("data") == "encoded" for img in request.images):
+            # Decoding large files takes milliseconds each: keep it off the event loop.
+            return await asyncio.to_thread(request_images, request, s.max_images_per_request, s.max_image_pixels)
+        return request_images(request, s.max_images_per_request, s.max_image_pixels)
+
+    async def _classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
+        k = request.top_k if request.HasField("top_k") else 1
+        self.core.check_top_k(k)
+        images = await self._decode(request)
+        logits = await self.core.logits(images, deadline)
+        return self._response(logits, k, request.include_logits)
+
+    def _response(self, logits: np.ndarray, k: int, include_logits: bool) -> pb.ClassifyResponse:
+        ranked = rank(logits, k)
+        labels = self.core.labels
+        idx = ranked.indices.tolist()
+        probs = ranked.probabilities.tolist()
+        rows = logits.tolist() if include_logits else None
+        results = []
+        for i in range(len(idx)):
+            preds = [pb.ClassPrediction(label=labels[c], class_index=c, probability=p)
+                     for c, p in zip(idx[i], probs[i])]
+            results.append(pb.Classification(predictions=preds, logits=rows[i] if rows else ()))
+        return pb.ClassifyResponse(results=results, model_name=self.core.model_name,
+                                   model_version=self.core.model_version)
+
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        return await guarded(self.core.metrics, "Classify", context, self._classify(request, deadline_of(context)))
+
+    async def ClassifyStream(
+        self, request_iterator: AsyncIterator[pb.ClassifyStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ClassifyStreamResponse]:
+        metrics = self.core.metrics
+        limit = self.core.settings.max_stream_requests
+        answers: asyncio.Queue[pb.ClassifyStreamResponse | BaseException | None] = asyncio.Queue()
+        window = asyncio.Semaphore(_STREAM_WINDOW)
+        deadline = deadline_of(context)
+
+        async def handle(req: pb.ClassifyStreamRequest) -> None:
+            code = grpc.StatusCode.OK
+            try:
+                resp = await self._classify(req.request, deadline)
+                msg = pb.ClassifyStreamResponse(id=req.id, response=resp)
+            except Exception as exc:
+                code, text = status_for(exc)
+                msg = pb.ClassifyStreamResponse(id=req.id, error_code=code.value[0], error_message=text)
+            finally:
+                window.release()
+            metrics.requests.labels("ClassifyStream", code.name).inc()
+            await answers.put(msg)
+
+        async def read() -> None:
+            tasks: set[asyncio.Task[None]] = set()
+            try:
+                count = 0
+                async for req in request_iterator:
+                    count += 1
+                    if count > limit:
+                        raise ResourceExhausted(f"stream exceeded {limit} requests; open a new stream")
+                    await window.acquire()
+                    task = asyncio.ensure_future(handle(req))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*tasks)
+                await answers.put(None)
+            except Exception as exc:
+                await answers.put(exc)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while True:
+                item = await answers.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    code, text = status_for(item)
+                    await context.abort(code, text)
+                yield item
+        finally:
+            reader.cancel()
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        async def info() -> pb.ModelInfo:
+            d = self.core.info()
+            return pb.ModelInfo(
+                name=d["name"], version=d["version"], labels=d["labels"],
+                input=pb.TensorSpec(name="images", datatype="UINT8", shape=[-1, 32, 32, 3], layout="NHWC"),
+                output=pb.TensorSpec(name="logits", datatype="FP32", shape=[-1, len(d["labels"])]),
+                artifact_sha256=d["sha256"], test_accuracy=d["test_accuracy"], device=d["device"],
+                backend=d["backend"], precision=d["precision"],
+                batching=pb.BatchingInfo(max_batch_size=d["max_batch_size"],
+                                         max_batch_delay_ms=d["max_batch_delay_ms"],
+                                         max_queue_images=d["max_queue_images"]),
+                limits=pb.Limits(max_images_per_request=d["max_images_per_request"],
+                                 max_image_pixels=d["max_image_pixels"],
+                                 max_receive_message_bytes=d["max_receive_message_bytes"],
+                                 max_stream_requests=d["max_stream_requests"]),
+            )
+
+        return await guarded(self.core.metrics, "GetModelInfo", context, info())

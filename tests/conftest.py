@@ -1,0 +1,96 @@
+"""Shared fixtures: the real CIFAR-10 sample, the exported model, and a real server on loopback."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+SAMPLE_ZIP = FIXTURES / "cifar10-test-sample.zip"
+CHECKPOINT = REPO / "models" / "resnet18_cifar10.pt"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Decoded-array caches go to a throwaway folder, never the user's ~/.cache.
+    os.environ.setdefault("CIFAR_SERVE_CACHE", tempfile.mkdtemp(prefix="cifar-serve-test-cache-"))
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
+
+
+@pytest.fixture(scope="session")
+def sample():  # type: ignore[no-untyped-def]
+    """600 real CIFAR-10 test images (60 a class) with labels, uint8 [N,32,32,3]."""
+    from cifar_serve.export.data import load_split
+
+    return load_split(SAMPLE_ZIP, "test")
+
+
+@pytest.fixture(scope="session")
+def sample_jpegs() -> list[tuple[str, bytes]]:
+    """The sample's original JPEG files as (name, bytes), in the same order as ``sample``."""
+    import zipfile
+
+    with zipfile.ZipFile(SAMPLE_ZIP) as zf:
+        names = sorted(n for n in zf.namelist() if n.endswith(".jpg"))
+        return [(n, zf.read(n)) for n in names]
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The exported shipped model: ``artifacts/`` when `make` built it, else exported here."""
+    built = REPO / "artifacts"
+    if (built / "manifest.json").is_file():
+        return built
+    from cifar_serve.export.exporter import export_model
+
+    out = tmp_path_factory.mktemp("artifacts")
+    export_model(CHECKPOINT, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def offline_logits(model_dir: Path, sample) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """TorchScript logits computed offline (no server) for every sample image."""
+    import torch
+
+    module = torch.jit.load(str(model_dir / "model.torchscript.pt")).eval()
+    with torch.inference_mode():
+        return np.concatenate(
+            [module(torch.from_numpy(sample.images[i : i + 100])).numpy() for i in range(0, len(sample), 100)]
+        )
+
+
+def make_settings(model_dir: Path, **overrides: object):  # type: ignore[no-untyped-def]
+    from cifar_serve.server.settings import Settings
+
+    base = dict(host="127.0.0.1", port=0, metrics_port=0, model_dir=str(model_dir), max_batch_size=32,
+                max_batch_delay_ms=5.0, grace_period_s=5.0, log_level="WARNING")
+    base.update(overrides)
+    return Settings(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def server(model_dir: Path) -> Iterator[object]:
+    """A real cifar-serve on a free loopback port, shared by the session (ServerThread)."""
+    from cifar_serve.server.app import ServerThread
+
+    srv = ServerThread(make_settings(model_dir)).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def channel(server):  # type: ignore[no-untyped-def]
+    import grpc
+
+    ch = grpc.insecure_channel(server.address)
+    yield ch
+    ch.close()
