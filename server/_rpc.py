@@ -34,6 +34,7 @@ async def guarded(metrics: Metrics, method: str, context: grpc.aio.ServicerConte
     """Await ``work``; turn a domain error into the caller's status; count and time the call."""
     started = time.monotonic()
     code = grpc.StatusCode.OK
+    metrics.begin()
     try:
         return await work
     except Exception as exc:
@@ -43,5 +44,6 @@ async def guarded(metrics: Metrics, method: str, context: grpc.aio.ServicerConte
         await context.abort(code, message)
         raise  # abort() raises; this only satisfies the type checker
     finally:
+        metrics.end()
         metrics.requests.labels(method, code.name).inc()
         metrics.latency.labels(method).observe(time.monotonic() - started)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from .metrics import Metrics
 from .servicer import ClassifierServicer
 from .settings import Settings
 
-__all__ = ["CifarServer", "ServerThread", "serve"]
+__all__ = ["CifarServer", "MalformedMessage", "ServerThread", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,46 @@ class _BearerAuth(grpc.aio.ServerInterceptor):
         if metadata.get("authorization") == self._expected:
             return handler
         return _denying(handler)
+
+
+class MalformedMessage:
+    """Stands in for a request whose bytes did not parse, so the call can say so."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+class _DecodeGuard(grpc.aio.ServerInterceptor):
+    """Turns unparseable request bytes into INVALID_ARGUMENT (grpc's default is UNKNOWN + a traceback)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def safe_parse(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as exc:
+                return MalformedMessage(f"{type(exc).__name__}: {exc}")
+
+        if not handler.unary_unary:
+            # Our streaming methods take client streams, where grpc reports bad bytes itself.
+            return handler
+        inner = handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, MalformedMessage):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message ({request.error})")
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary, request_deserializer=safe_parse, response_serializer=handler.response_serializer)
 
 
 def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -104,7 +145,9 @@ class CifarServer:
 
     async def start(self) -> None:
         s = self.settings
-        interceptors = [_BearerAuth(s.auth_token)] if s.auth_token else []
+        interceptors: list[grpc.aio.ServerInterceptor] = [_DecodeGuard()]
+        if s.auth_token:
+            interceptors.insert(0, _BearerAuth(s.auth_token))
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -145,8 +188,17 @@ class CifarServer:
         grace = self.settings.grace_period_s if grace is None else grace
         logger.info("shutting down: draining for up to %.1fs", grace)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self._server.stop(grace)
+        started = time.monotonic()
+        # stop(grace) refuses new calls at once but would also wait out open watch streams
+        # (health Watch, idle ClassifyStreams); end those as soon as the real work is done.
+        stopping = asyncio.ensure_future(self._server.stop(grace))
+        drained = await self.metrics.wait_idle(grace)
+        if not drained:
+            logger.warning("grace period of %.1fs over with requests still running; cancelling them", grace)
+        await self._server.stop(0)
+        await stopping
         await self.core.stop()
+        logger.info("drained in %.2fs", time.monotonic() - started)
         self.metrics.close()
         self._server = None
         self._stopped.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -37,7 +38,33 @@ class Metrics:
                                "queued images dropped before compute, by reason", ["reason"], registry=r)
         self.batch_failures = Counter("cifar_serve_batch_failures", "batches whose forward pass failed",
                                       ["reason"], registry=r)
+        self.inflight = Gauge("cifar_serve_inflight_requests", "requests being answered", registry=r)
+        self._inflight = 0
+        self._idle: asyncio.Event | None = None
         self._http: Any = None
+
+    def begin(self) -> None:
+        self._inflight += 1
+        self.inflight.set(self._inflight)
+
+    def end(self) -> None:
+        self._inflight -= 1
+        self.inflight.set(self._inflight)
+        if self._inflight == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is being answered (True) or ``timeout`` passes (False)."""
+        if self._inflight == 0:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._idle = None
 
     def serve_http(self, host: str, port: int) -> int:
         """Expose ``/metrics`` on ``port`` (0: a free one); returns the bound port."""

@@ -59,7 +59,10 @@ def decode_image(data: bytes, *, max_pixels: int = 16_000_000, what: str = "imag
             return pil_to_array(img)
     except InvalidInput:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard fires in open() for sizes far beyond ours.
+        raise InvalidInput(f"{what}: declared size is over the limit of {max_pixels} pixels ({exc})") from exc
+    except UnidentifiedImageError as exc:
         raise InvalidInput(f"{what}: not a decodable image ({exc})") from exc
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
         raise InvalidInput(f"{what}: corrupt or truncated image ({exc})") from exc

@@ -129,6 +129,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 await answers.put(exc)
 
         reader = asyncio.ensure_future(read())
+        metrics.begin()
         try:
             while True:
                 item = await answers.get()
@@ -139,6 +140,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                     await context.abort(code, text)
                 yield item
         finally:
+            metrics.end()
             reader.cancel()
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:

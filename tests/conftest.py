@@ -66,7 +66,7 @@ def offline_logits(model_dir: Path, sample) -> np.ndarray:  # type: ignore[no-un
         )
 
 
-def make_settings(model_dir: Path, **overrides: object):  # type: ignore[no-untyped-def]
+def _make_settings(model_dir: Path, **overrides: object):  # type: ignore[no-untyped-def]
     from cifar_serve.server.settings import Settings
 
     base = dict(host="127.0.0.1", port=0, metrics_port=0, model_dir=str(model_dir), max_batch_size=32,
@@ -76,11 +76,17 @@ def make_settings(model_dir: Path, **overrides: object):  # type: ignore[no-unty
 
 
 @pytest.fixture(scope="session")
+def make_settings():  # type: ignore[no-untyped-def]
+    """``make_settings(model_dir, **overrides)``: test server settings (free ports, quiet logs)."""
+    return _make_settings
+
+
+@pytest.fixture(scope="session")
 def server(model_dir: Path) -> Iterator[object]:
     """A real cifar-serve on a free loopback port, shared by the session (ServerThread)."""
     from cifar_serve.server.app import ServerThread
 
-    srv = ServerThread(make_settings(model_dir)).start()
+    srv = ServerThread(_make_settings(model_dir)).start()
     try:
         yield srv
     finally:
