@@ -85,8 +85,10 @@ def shipping_payload(
     return {
         "format_version": FORMAT_VERSION,
         "arch": "ResNet18",
-        "model": {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.cpu()
-                  for k, v in model.state_dict().items()},
+        "model": {
+            k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.cpu()
+            for k, v in model.state_dict().items()
+        },
         "config": asdict(config),
         "labels": list(CIFAR10_CLASSES),
         "mean": list(CIFAR10_MEAN),

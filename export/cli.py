@@ -21,16 +21,24 @@ DEFAULT_OUT = "artifacts"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cifar-export", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default=os.environ.get("CIFAR_SERVE_CHECKPOINT", DEFAULT_CHECKPOINT),
-                   help="checkpoint written by cifar-train (env CIFAR_SERVE_CHECKPOINT)")
-    p.add_argument("--out", default=os.environ.get("CIFAR_SERVE_MODEL_DIR", DEFAULT_OUT),
-                   help="output folder for the artifacts and manifest.json (env CIFAR_SERVE_MODEL_DIR)")
-    p.add_argument("--parity-data", default=os.environ.get("CIFAR_SERVE_PARITY_DATA",
-                                                           "tests/fixtures/cifar10-test-sample.zip"),
-                   help="CIFAR-10 source whose test split feeds the parity check "
-                        "(env CIFAR_SERVE_PARITY_DATA)")
+    p = argparse.ArgumentParser(
+        prog="cifar-export", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=os.environ.get("CIFAR_SERVE_CHECKPOINT", DEFAULT_CHECKPOINT),
+        help="checkpoint written by cifar-train (env CIFAR_SERVE_CHECKPOINT)",
+    )
+    p.add_argument(
+        "--out",
+        default=os.environ.get("CIFAR_SERVE_MODEL_DIR", DEFAULT_OUT),
+        help="output folder for the artifacts and manifest.json (env CIFAR_SERVE_MODEL_DIR)",
+    )
+    p.add_argument(
+        "--parity-data",
+        default=os.environ.get("CIFAR_SERVE_PARITY_DATA", "tests/fixtures/cifar10-test-sample.zip"),
+        help="CIFAR-10 source whose test split feeds the parity check (env CIFAR_SERVE_PARITY_DATA)",
+    )
     p.add_argument("--parity-images", type=int, default=0, help="images used by the parity check (0: all)")
     p.add_argument("--no-parity", action="store_true", help="skip the parity check (not recommended)")
     p.add_argument("--opset", type=int, default=18)
@@ -41,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     # The ONNX exporter's optimiser logs every rewrite at INFO; only its problems matter here.
     for noisy in ("onnxscript", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

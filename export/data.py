@@ -14,10 +14,11 @@ import os
 import pickle
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
@@ -80,14 +81,16 @@ def cache_dir() -> Path:
 class _RestrictedUnpickler(pickle.Unpickler):
     """The official batches are pickles; allow only what they contain (dicts of numpy data)."""
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-    }
+    _ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+        }
+    )
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._ALLOWED:
@@ -148,7 +151,7 @@ def _load_official_tar(path: Path) -> dict[str, CifarSplit]:
                     ys.append(y)
                 out[split] = CifarSplit(np.concatenate(xs), np.concatenate(ys))
             return out
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise DatasetError(f"{path}: unreadable archive ({exc})") from exc
 
 
@@ -183,8 +186,7 @@ def _collect(items: Iterable[tuple[str, str, str, bytes]]) -> dict[str, CifarSpl
         xs.append(_decode(data, origin))
         ys.append(CIFAR10_CLASSES.index(cls))
     return {
-        split: CifarSplit(np.stack(xs), np.asarray(ys, dtype=np.int64))
-        for split, (xs, ys) in grouped.items()
+        split: CifarSplit(np.stack(xs), np.asarray(ys, dtype=np.int64)) for split, (xs, ys) in grouped.items()
     }
 
 
@@ -196,7 +198,7 @@ def _iter_zip(path: Path) -> Iterator[tuple[str, str, str, bytes]]:
                 key = _split_of(PurePosixPath(name).parts)
                 if key is not None:
                     yield key[0], key[1], f"{path}:{name}", zf.read(name)
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
         raise DatasetError(f"{path}: unreadable zip ({exc})") from exc
 
 
@@ -285,10 +287,8 @@ def load_cifar10(
         if cache_file.is_file():
             try:
                 with np.load(cache_file) as npz:
-                    splits = {k[:-2]: None for k in npz.files if k.endswith("_x")}
-                    return {
-                        s: CifarSplit(npz[f"{s}_x"], npz[f"{s}_y"]) for s in splits
-                    }
+                    names = [k[:-2] for k in npz.files if k.endswith("_x")]
+                    return {s: CifarSplit(npz[f"{s}_x"], npz[f"{s}_y"]) for s in names}
             except Exception:  # a damaged cache is rebuilt, never trusted
                 logger.warning("ignoring unreadable cache %s", cache_file)
     splits = _load_uncached(src, download)
@@ -297,7 +297,7 @@ def load_cifar10(
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp.npz")
-        arrays = {}
+        arrays: dict[str, np.ndarray] = {}
         for s, split in splits.items():
             arrays[f"{s}_x"] = split.images
             arrays[f"{s}_y"] = split.labels

@@ -201,7 +201,7 @@ def export_torchscript(model: ServingModel, path: Path) -> None:
     example = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
     with torch.no_grad():
         traced = torch.jit.trace(model, example)
-    traced.save(str(path))  # type: ignore[no-untyped-call]
+    traced.save(str(path))
 
 
 def export_model(
@@ -231,16 +231,22 @@ def export_model(
         export_onnx(model, tmp / ONNX_NAME, opset)
         parity: dict[str, Any] | None = None
         if parity_images is not None and len(parity_images):
-            report = check_parity(model, tmp / TORCHSCRIPT_NAME, tmp / ONNX_NAME, parity_images,
-                                  batch_sizes, atol)
+            report = check_parity(
+                model, tmp / TORCHSCRIPT_NAME, tmp / ONNX_NAME, parity_images, batch_sizes, atol
+            )
             if not report.ok:
                 raise ParityError(f"parity check failed: {report.as_dict()}")
             parity = report.as_dict()
         manifest: dict[str, Any] = {
             "format": "cifar-serve-manifest/1",
             "model": {"name": model_name, "version": model_version, "arch": "ResNet18"},
-            "input": {"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, 32, 32, 3],
-                      "layout": "NHWC", "color": "RGB"},
+            "input": {
+                "name": INPUT_NAME,
+                "datatype": "UINT8",
+                "shape": [-1, 32, 32, 3],
+                "layout": "NHWC",
+                "color": "RGB",
+            },
             "output": {"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, len(meta["labels"])]},
             "labels": list(meta["labels"]),
             "normalization": {"mean": list(meta["mean"]), "std": list(meta["std"]), "in_graph": True},

@@ -68,7 +68,7 @@ class ResNet18(nn.Module):
         x = self.blk2(x)
         x = self.blk3(x)
         x = self.blk4(x)
-        x = F.adaptive_avg_pool2d(x, [1, 1])
+        x = F.adaptive_avg_pool2d(x, (1, 1))
         x = x.view(x.size(0), -1)
         return self.outlay(x)
 
@@ -90,7 +90,9 @@ class ServingModel(nn.Module):
         self.net = net
         # Folded into one multiply-add: x/255 - mean)/std == x*scale + shift.
         scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32)
-        shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32)
+        shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=False)], dtype=torch.float32)
+        self.scale: torch.Tensor
+        self.shift: torch.Tensor
         self.register_buffer("scale", scale.view(1, 3, 1, 1))
         self.register_buffer("shift", shift.view(1, 3, 1, 1))
 

@@ -28,10 +28,12 @@ __all__ = ["augment", "evaluate", "main", "select_device", "train"]
 
 logger = logging.getLogger(__name__)
 
+
 def select_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
 
 def augment(x: torch.Tensor, pad: int, cutout: int, gen: torch.Generator) -> torch.Tensor:
     """Random crop (zero padding), horizontal flip and cutout on a uint8 NHWC batch."""
@@ -52,11 +54,12 @@ def augment(x: torch.Tensor, pad: int, cutout: int, gen: torch.Generator) -> tor
         ys = torch.arange(h, device=dev)[None, :]
         xs = torch.arange(w, device=dev)[None, :]
         half = cutout // 2
-        my = ((ys >= (cy[:, None] - half)) & (ys < (cy[:, None] + cutout - half)))
-        mx = ((xs >= (cx[:, None] - half)) & (xs < (cx[:, None] + cutout - half)))
+        my = (ys >= (cy[:, None] - half)) & (ys < (cy[:, None] + cutout - half))
+        mx = (xs >= (cx[:, None] - half)) & (xs < (cx[:, None] + cutout - half))
         hole = my[:, :, None] & mx[:, None, :]
         x = x.masked_fill(hole[..., None], 0)
     return x
+
 
 @torch.no_grad()
 def predict_logits(
@@ -70,9 +73,11 @@ def predict_logits(
         outs.append(model(xb).float().cpu())
     return torch.cat(outs).numpy()
 
+
 def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, device: torch.device) -> float:
     logits = predict_logits(model, images, device)
     return float((logits.argmax(1) == labels).mean())
+
 
 def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     if cfg.amp == "off":
@@ -84,6 +89,7 @@ def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | Non
     # auto: bf16 autocast on CUDA, where it is measured to pay; fp32 on CPU, where it was
     # measured not to (MODEL_CARD.md).
     return torch.bfloat16 if device.type == "cuda" else None
+
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """Run training; returns the shipping checkpoint payload (also written to ``out``)."""
@@ -112,8 +118,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
 
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for _name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
     opt = torch.optim.SGD(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -122,12 +129,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         nesterov=True,
     )
     steps_per_epoch = math.ceil(len(train_y) / cfg.batch_size)
+    # OneCycleLR divides by the warm-up length in steps (pct_start * total - 1), so it must be
+    # positive: a tiny run (e.g. 4 steps at pct_start 0.25) would raise ZeroDivisionError.
+    # Long runs are unaffected (1.5 / total_steps is far below any sensible pct_start).
+    total_steps = max(2, cfg.epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt,
         max_lr=cfg.lr,
-        epochs=cfg.epochs,
-        steps_per_epoch=steps_per_epoch,
-        pct_start=cfg.pct_start,
+        total_steps=total_steps,
+        pct_start=max(cfg.pct_start, 1.5 / total_steps),
         div_factor=10.0,
         final_div_factor=100.0,
     )
@@ -141,7 +151,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     if resume and last.is_file():
         state = load_checkpoint(last)
         saved = TrainConfig.from_dict(state["config"])
-        if (saved.epochs, saved.batch_size, saved.limit_train) != (cfg.epochs, cfg.batch_size, cfg.limit_train):
+        if (saved.epochs, saved.batch_size, saved.limit_train) != (
+            cfg.epochs,
+            cfg.batch_size,
+            cfg.limit_train,
+        ):
             raise ValueError(
                 f"--resume needs the run's own schedule: {last} was started with epochs={saved.epochs}, "
                 f"batch_size={saved.batch_size}, limit_train={saved.limit_train}"
@@ -162,8 +176,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         seen = 0
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   mininterval=2.0, disable=None)
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            leave=False,
+            mininterval=2.0,
+            disable=None,
+        )
         for step in bar:
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             xb = augment(x_all[idx], cfg.crop_padding, cfg.cutout, gen)
@@ -180,42 +199,69 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             correct += (logits.argmax(1) == yb).sum()
             if step % 20 == 0 or step == steps_per_epoch - 1:
                 elapsed = time.monotonic() - t0
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
-                                img_s=f"{seen / max(elapsed, 1e-9):.0f}")
+                bar.set_postfix(
+                    loss=f"{loss_sum.item() / seen:.3f}",
+                    acc=f"{correct.item() / seen:.3f}",
+                    img_s=f"{seen / max(elapsed, 1e-9):.0f}",
+                )
         epoch_time = time.monotonic() - t0
         test_acc = evaluate(model, test.images, test.labels, device)
         rec = {
             "epoch": epoch + 1,
-            "train_loss": loss_sum.item() / seen,
-            "train_acc": correct.item() / seen,
+            "train_loss": float(loss_sum.item()) / seen,
+            "train_acc": float(correct.item()) / seen,
             "test_acc": test_acc,
-            "lr": sched.get_last_lr()[0],
+            "lr": float(sched.get_last_lr()[0]),
             "seconds": epoch_time,
             "images_per_s": seen / epoch_time,
         }
         history.append(rec)
-        logger.info("epoch %d/%d loss %.4f train_acc %.4f test_acc %.4f %.1fs (%.0f img/s)",
-                    epoch + 1, cfg.epochs, rec["train_loss"], rec["train_acc"], test_acc,
-                    epoch_time, rec["images_per_s"])
-        save_checkpoint(last, {
-            "model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "rng": gen.get_state(), "epoch": epoch + 1, "history": history, "config": asdict(cfg),
-        })
+        logger.info(
+            "epoch %d/%d loss %.4f train_acc %.4f test_acc %.4f %.1fs (%.0f img/s)",
+            epoch + 1,
+            cfg.epochs,
+            rec["train_loss"],
+            rec["train_acc"],
+            test_acc,
+            epoch_time,
+            rec["images_per_s"],
+        )
+        save_checkpoint(
+            last,
+            {
+                "model": net.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "rng": gen.get_state(),
+                "epoch": epoch + 1,
+                "history": history,
+                "config": asdict(cfg),
+            },
+        )
 
     model.eval()
     final_acc = evaluate(model, test.images, test.labels, device)
-    logger.info("final test accuracy on %d images: %.4f (%.0fs)", len(test), final_acc,
-                time.monotonic() - t_start)
+    logger.info(
+        "final test accuracy on %d images: %.4f (%.0fs)", len(test), final_acc, time.monotonic() - t_start
+    )
     payload = shipping_payload(net, cfg, final_acc, history)
     save_checkpoint(out / "model.pt", payload)
     return payload
 
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="cifar-train", description=__doc__.splitlines()[0] if __doc__ else None,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default=d.data, help="CIFAR-10 location (official python format, tarball, "
-                   "image tree or zips of one); env CIFAR_SERVE_DATA")
+    p = argparse.ArgumentParser(
+        prog="cifar-train",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--data",
+        default=d.data,
+        help="CIFAR-10 location (official python format, tarball, "
+        "image tree or zips of one); env CIFAR_SERVE_DATA",
+    )
     p.add_argument("--out", default=d.out, help="run directory: last.pt (resumable) and model.pt")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -230,10 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
     p.add_argument("--amp", default=d.amp, choices=["auto", "off", "bf16", "fp16"])
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: default)")
-    p.add_argument("--limit-train", type=int, default=d.limit_train, help="use only the first N training images")
+    p.add_argument(
+        "--limit-train", type=int, default=d.limit_train, help="use only the first N training images"
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--ship", default=None, help="also copy the final model.pt here")
     return p
+
 
 def main(argv: list[str] | None = None) -> int:
     import os
@@ -254,4 +303,3 @@ def main(argv: list[str] | None = None) -> int:
     if args.ship:
         shutil.copyfile(Path(cfg.out) / "model.pt", args.ship)
     return 0
-

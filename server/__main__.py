@@ -17,8 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     from .settings import settings_from_args
 
     settings = settings_from_args(argv)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     # torch.jit is deprecated upstream but TorchScript is the artifact we are asked to serve.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
     from .app import serve

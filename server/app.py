@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cifar_serve.v1 import classifier_pb2, classifier_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
-from cifar_serve.v1 import classifier_pb2, classifier_pb2_grpc
 
 from .core import InferenceCore
 from .metrics import Metrics
@@ -82,11 +81,14 @@ class _DecodeGuard(grpc.aio.ServerInterceptor):
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if isinstance(request, MalformedMessage):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message ({request.error})")
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message ({request.error})"
+                )
             return await inner(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
-            unary, request_deserializer=safe_parse, response_serializer=handler.response_serializer)
+            unary, request_deserializer=safe_parse, response_serializer=handler.response_serializer
+        )
 
 
 def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -97,8 +99,10 @@ def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
         yield  # pragma: no cover
 
-    kw = {"request_deserializer": handler.request_deserializer,
-          "response_serializer": handler.response_serializer}
+    kw = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(deny, **kw)
     if handler.unary_stream:
@@ -178,8 +182,14 @@ class CifarServer:
         await asyncio.to_thread(self.core.warmup)
         self.core.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        logger.info("serving %s v%s on %s:%d (%s)", self.core.model_name, self.core.model_version,
-                    s.host, self.port, self.core.runtime.describe())
+        logger.info(
+            "serving %s v%s on %s:%d (%s)",
+            self.core.model_name,
+            self.core.model_version,
+            s.host,
+            self.port,
+            self.core.runtime.describe(),
+        )
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING first, refuse new calls, let accepted ones finish within the grace period."""

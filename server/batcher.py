@@ -110,8 +110,13 @@ class DynamicBatcher:
                 f"queue full: {self._queued} images waiting, limit {self.max_queue_images}; retry later"
             )
         loop = asyncio.get_running_loop()
-        work = _Work(images, np.empty((n, self._num_classes), np.float32), loop.create_future(),
-                     time.monotonic(), deadline)
+        work = _Work(
+            images,
+            np.empty((n, self._num_classes), np.float32),
+            loop.create_future(),
+            time.monotonic(),
+            deadline,
+        )
         self._queue.append(work)
         self._queued += n
         self._gauge()
@@ -164,8 +169,11 @@ class DynamicBatcher:
             if work.deadline is not None and now >= work.deadline:
                 self._queued -= left
                 work.failed = True
-                work.future.set_exception(DeadlineExceeded(
-                    f"deadline exceeded after {now - work.enqueued:.3f}s in the queue; not computed"))
+                work.future.set_exception(
+                    DeadlineExceeded(
+                        f"deadline exceeded after {now - work.enqueued:.3f}s in the queue; not computed"
+                    )
+                )
                 self._count_drop("deadline", left)
                 continue
             keep.append(work)

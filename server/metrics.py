@@ -20,24 +20,44 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("cifar_serve_requests", "RPCs answered, by method and status code",
-                                ["method", "code"], registry=r)
-        self.latency = Histogram("cifar_serve_request_latency_seconds", "RPC latency, by method",
-                                 ["method"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.queue_time = Histogram("cifar_serve_queue_time_seconds",
-                                    "time an image waited in the batcher's queue before its batch ran",
-                                    buckets=_LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("cifar_serve_batch_size", "images per forward pass",
-                                    buckets=_BATCH_BUCKETS, registry=r)
-        self.inference_time = Histogram("cifar_serve_inference_seconds", "forward pass time per batch",
-                                        buckets=_LATENCY_BUCKETS, registry=r)
-        self.images = Counter("cifar_serve_images", "images classified (rate() gives images per second)",
-                              registry=r)
+        self.requests = Counter(
+            "cifar_serve_requests", "RPCs answered, by method and status code", ["method", "code"], registry=r
+        )
+        self.latency = Histogram(
+            "cifar_serve_request_latency_seconds",
+            "RPC latency, by method",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "cifar_serve_queue_time_seconds",
+            "time an image waited in the batcher's queue before its batch ran",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "cifar_serve_batch_size", "images per forward pass", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.inference_time = Histogram(
+            "cifar_serve_inference_seconds",
+            "forward pass time per batch",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.images = Counter(
+            "cifar_serve_images", "images classified (rate() gives images per second)", registry=r
+        )
         self.queued_images = Gauge("cifar_serve_queued_images", "images waiting in the queue", registry=r)
-        self.dropped = Counter("cifar_serve_dropped_images",
-                               "queued images dropped before compute, by reason", ["reason"], registry=r)
-        self.batch_failures = Counter("cifar_serve_batch_failures", "batches whose forward pass failed",
-                                      ["reason"], registry=r)
+        self.dropped = Counter(
+            "cifar_serve_dropped_images",
+            "queued images dropped before compute, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.batch_failures = Counter(
+            "cifar_serve_batch_failures", "batches whose forward pass failed", ["reason"], registry=r
+        )
         self.inflight = Gauge("cifar_serve_inflight_requests", "requests being answered", registry=r)
         self._inflight = 0
         self._idle: asyncio.Event | None = None

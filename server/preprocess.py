@@ -71,7 +71,9 @@ def decode_image(data: bytes, *, max_pixels: int = 16_000_000, what: str = "imag
 def raw_to_array(data: bytes, *, what: str = "image") -> np.ndarray:
     """Raw 32x32x3 uint8 HWC RGB pixels, as a view of ``data`` (no copy)."""
     if len(data) != IMAGE_BYTES:
-        raise InvalidInput(f"{what}: raw_rgb must be exactly {IMAGE_BYTES} bytes (32x32x3 uint8), got {len(data)}")
+        raise InvalidInput(
+            f"{what}: raw_rgb must be exactly {IMAGE_BYTES} bytes (32x32x3 uint8), got {len(data)}"
+        )
     return np.frombuffer(data, dtype=np.uint8).reshape(IMAGE_SHAPE)
 
 

@@ -53,7 +53,8 @@ def load_manifest(model_dir: str | os.PathLike[str]) -> Manifest:
     path = Path(model_dir) / "manifest.json"
     if not path.is_file():
         raise ArtifactError(
-            f"no manifest at {path}: export the model first (`make artifacts` or `cifar-export --out {model_dir}`)"
+            f"no manifest at {path}: export the model first "
+            f"(`make artifacts` or `cifar-export --out {model_dir}`)"
         )
     try:
         raw = json.loads(path.read_text())
@@ -143,8 +144,9 @@ class ModelRuntime:
         for _ in range(max(1, slots)):
             self._slots.put(_Slot(self.device, max_batch_size))
         self._lock = threading.Lock()
-        logger.info("loaded %s (%s, %s, %s) sha256 %s", artifact, backend, precision, self.device,
-                    self.sha256[:12])
+        logger.info(
+            "loaded %s (%s, %s, %s) sha256 %s", artifact, backend, precision, self.device, self.sha256[:12]
+        )
 
     # ------------------------------------------------------------------ backends
 
@@ -199,8 +201,12 @@ class ModelRuntime:
         logger.info("warmed up %d batch sizes (1..%d)", len(sizes), max(sizes))
 
     def describe(self) -> dict[str, Any]:
-        return {"device": str(self.device), "backend": self.backend, "precision": self.precision,
-                "sha256": self.sha256}
+        return {
+            "device": str(self.device),
+            "backend": self.backend,
+            "precision": self.precision,
+            "sha256": self.sha256,
+        }
 
 
 class _Slot:
@@ -218,7 +224,8 @@ class _Slot:
         n = images.shape[0]
         with torch.inference_mode():
             if self.stream is None:
-                x = torch.from_numpy(images)
+                # Request buffers arrive read-only (np.frombuffer); torch wants writable memory.
+                x = torch.from_numpy(images if images.flags.writeable else images.copy())
                 with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
                     out = module(x)
                 return out.float().numpy()

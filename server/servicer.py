@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
-
 from cifar_serve.v1 import classifier_pb2 as pb
 from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -32,7 +31,8 @@ def request_images(request: pb.ClassifyRequest, max_images: int, max_pixels: int
     if has_packed:
         if request.packed.count > max_images:
             raise InvalidInput(
-                f"request holds {request.packed.count} images, more than the limit of {max_images} per request"
+                f"request holds {request.packed.count} images, "
+                f"more than the limit of {max_images} per request"
             )
         return packed_to_array(request.packed.data, request.packed.count)
     n = len(request.images)
@@ -61,7 +61,9 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         s = self.core.settings
         if any(img.WhichOneof("data") == "encoded" for img in request.images):
             # Decoding large files takes milliseconds each: keep it off the event loop.
-            return await asyncio.to_thread(request_images, request, s.max_images_per_request, s.max_image_pixels)
+            return await asyncio.to_thread(
+                request_images, request, s.max_images_per_request, s.max_image_pixels
+            )
         return request_images(request, s.max_images_per_request, s.max_image_pixels)
 
     async def _classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
@@ -79,14 +81,21 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         rows = logits.tolist() if include_logits else None
         results = []
         for i in range(len(idx)):
-            preds = [pb.ClassPrediction(label=labels[c], class_index=c, probability=p)
-                     for c, p in zip(idx[i], probs[i])]
+            preds = [
+                pb.ClassPrediction(label=labels[c], class_index=c, probability=p)
+                for c, p in zip(idx[i], probs[i], strict=False)
+            ]
             results.append(pb.Classification(predictions=preds, logits=rows[i] if rows else ()))
-        return pb.ClassifyResponse(results=results, model_name=self.core.model_name,
-                                   model_version=self.core.model_version)
+        return pb.ClassifyResponse(
+            results=results, model_name=self.core.model_name, model_version=self.core.model_version
+        )
 
-    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        return await guarded(self.core.metrics, "Classify", context, self._classify(request, deadline_of(context)))
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyResponse:
+        return await guarded(
+            self.core.metrics, "Classify", context, self._classify(request, deadline_of(context))
+        )
 
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[pb.ClassifyStreamRequest], context: grpc.aio.ServicerContext
@@ -138,27 +147,39 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 if isinstance(item, BaseException):
                     code, text = status_for(item)
                     await context.abort(code, text)
-                yield item
+                else:
+                    yield item
         finally:
             metrics.end()
             reader.cancel()
 
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
         async def info() -> pb.ModelInfo:
             d = self.core.info()
             return pb.ModelInfo(
-                name=d["name"], version=d["version"], labels=d["labels"],
+                name=d["name"],
+                version=d["version"],
+                labels=d["labels"],
                 input=pb.TensorSpec(name="images", datatype="UINT8", shape=[-1, 32, 32, 3], layout="NHWC"),
                 output=pb.TensorSpec(name="logits", datatype="FP32", shape=[-1, len(d["labels"])]),
-                artifact_sha256=d["sha256"], test_accuracy=d["test_accuracy"], device=d["device"],
-                backend=d["backend"], precision=d["precision"],
-                batching=pb.BatchingInfo(max_batch_size=d["max_batch_size"],
-                                         max_batch_delay_ms=d["max_batch_delay_ms"],
-                                         max_queue_images=d["max_queue_images"]),
-                limits=pb.Limits(max_images_per_request=d["max_images_per_request"],
-                                 max_image_pixels=d["max_image_pixels"],
-                                 max_receive_message_bytes=d["max_receive_message_bytes"],
-                                 max_stream_requests=d["max_stream_requests"]),
+                artifact_sha256=d["sha256"],
+                test_accuracy=d["test_accuracy"],
+                device=d["device"],
+                backend=d["backend"],
+                precision=d["precision"],
+                batching=pb.BatchingInfo(
+                    max_batch_size=d["max_batch_size"],
+                    max_batch_delay_ms=d["max_batch_delay_ms"],
+                    max_queue_images=d["max_queue_images"],
+                ),
+                limits=pb.Limits(
+                    max_images_per_request=d["max_images_per_request"],
+                    max_image_pixels=d["max_image_pixels"],
+                    max_receive_message_bytes=d["max_receive_message_bytes"],
+                    max_stream_requests=d["max_stream_requests"],
+                ),
             )
 
         return await guarded(self.core.metrics, "GetModelInfo", context, info())

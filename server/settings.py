@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -29,9 +30,12 @@ class Settings:
     metrics_port: int = _opt(9090, "Prometheus metrics HTTP port (0: pick a free one, -1: off)")
     model_dir: str = _opt("artifacts", "folder holding manifest.json and the exported artifacts")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N (auto: the GPU when there is one)")
-    backend: str = _opt("torchscript", "runtime that serves the artifact", choices=("torchscript", "onnxruntime"))
-    precision: str = _opt("fp32", "fp32; bf16 (CPU with AMX or GPU); fp16 (GPU)",
-                          choices=("fp32", "bf16", "fp16"))
+    backend: str = _opt(
+        "torchscript", "runtime that serves the artifact", choices=("torchscript", "onnxruntime")
+    )
+    precision: str = _opt(
+        "fp32", "fp32; bf16 (CPU with AMX or GPU); fp16 (GPU)", choices=("fp32", "bf16", "fp16")
+    )
     max_batch_size: int = _opt(64, "most images in one forward pass")
     max_batch_delay_ms: float = _opt(2.0, "longest wait after the oldest queued image before a batch runs")
     max_queue_images: int = _opt(4096, "images allowed to wait; beyond it new work gets RESOURCE_EXHAUSTED")
@@ -97,12 +101,19 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         if f.type in (bool, "bool"):
             p.add_argument(flag, type=_parse_bool, default=default, metavar="BOOL", help=help_text)
         else:
-            p.add_argument(flag, type=lambda s, k=f.type: _convert(k, s), default=default,
-                           choices=f.metadata.get("choices"), help=help_text)
+            p.add_argument(
+                flag,
+                type=functools.partial(_convert, f.type),
+                default=default,
+                choices=f.metadata.get("choices"),
+                help=help_text,
+            )
     return p
 
 
-def settings_from_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+def settings_from_args(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
     args = build_parser(environ).parse_args(argv)
     s = Settings(**vars(args))
     _validate(s)

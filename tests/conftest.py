@@ -69,8 +69,16 @@ def offline_logits(model_dir: Path, sample) -> np.ndarray:  # type: ignore[no-un
 def _make_settings(model_dir: Path, **overrides: object):  # type: ignore[no-untyped-def]
     from cifar_serve.server.settings import Settings
 
-    base = dict(host="127.0.0.1", port=0, metrics_port=0, model_dir=str(model_dir), max_batch_size=32,
-                max_batch_delay_ms=5.0, grace_period_s=5.0, log_level="WARNING")
+    base = dict(
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        model_dir=str(model_dir),
+        max_batch_size=32,
+        max_batch_delay_ms=5.0,
+        grace_period_s=5.0,
+        log_level="WARNING",
+    )
     base.update(overrides)
     return Settings(**base)  # type: ignore[arg-type]
 

@@ -9,9 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from cifar_serve.server.batcher import DynamicBatcher
-from cifar_serve.server.errors import DeadlineExceeded, InternalError, QueueFull, ResourceExhausted, Unavailable
+from cifar_serve.server.errors import (
+    DeadlineExceeded,
+    InternalError,
+    QueueFull,
+    ResourceExhausted,
+    Unavailable,
+)
 from cifar_serve.server.metrics import Metrics
 from cifar_serve.server.runtime import ModelRuntime
 

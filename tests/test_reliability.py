@@ -19,13 +19,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from cifar_serve.v1 import classifier_pb2 as pb
+from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-
-from cifar_serve.v1 import classifier_pb2 as pb
-from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -37,7 +36,12 @@ def _png_declaring(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _jpeg(arr: np.ndarray) -> bytes:
@@ -65,18 +69,30 @@ BAD_REQUESTS = {
     "empty image": (pb.ClassifyRequest(images=[pb.Image()]), "images[0]"),
     "raw wrong length": (pb.ClassifyRequest(images=[pb.Image(raw_rgb=b"\0" * 3071)]), "3072"),
     "packed wrong length": (pb.ClassifyRequest(packed=pb.PackedImages(count=2, data=b"\0" * 3072)), "6144"),
-    "undecodable": (pb.ClassifyRequest(images=[pb.Image(encoded=b"this is not an image")]), "not a decodable"),
+    "undecodable": (
+        pb.ClassifyRequest(images=[pb.Image(encoded=b"this is not an image")]),
+        "not a decodable",
+    ),
     "both images and packed": (
-        pb.ClassifyRequest(images=[pb.Image(raw_rgb=b"\0" * 3072)], packed=pb.PackedImages(count=1, data=b"\0" * 3072)),
-        "not both"),
+        pb.ClassifyRequest(
+            images=[pb.Image(raw_rgb=b"\0" * 3072)], packed=pb.PackedImages(count=1, data=b"\0" * 3072)
+        ),
+        "not both",
+    ),
     "top_k 0": (pb.ClassifyRequest(images=[pb.Image(raw_rgb=b"\0" * 3072)], top_k=0), "top_k"),
     "top_k 11": (pb.ClassifyRequest(images=[pb.Image(raw_rgb=b"\0" * 3072)], top_k=11), "top_k"),
-    "decompression bomb": (pb.ClassifyRequest(images=[pb.Image(encoded=_png_declaring(100_000, 100_000))]),
-                           "over the limit"),
-    "declared size over our limit": (pb.ClassifyRequest(images=[pb.Image(encoded=_png_declaring(5000, 5000))]),
-                                     "5000x5000 = 25000000 pixels, over the limit"),
-    "too many images": (pb.ClassifyRequest(packed=pb.PackedImages(count=1025, data=b"\0" * 3072 * 1025)),
-                        "limit of 1024"),
+    "decompression bomb": (
+        pb.ClassifyRequest(images=[pb.Image(encoded=_png_declaring(100_000, 100_000))]),
+        "over the limit",
+    ),
+    "declared size over our limit": (
+        pb.ClassifyRequest(images=[pb.Image(encoded=_png_declaring(5000, 5000))]),
+        "5000x5000 = 25000000 pixels, over the limit",
+    ),
+    "too many images": (
+        pb.ClassifyRequest(packed=pb.PackedImages(count=1025, data=b"\0" * 3072 * 1025)),
+        "limit of 1024",
+    ),
 }
 
 
@@ -104,8 +120,10 @@ def test_unknown_method_and_garbage_bytes(channel, sample) -> None:  # type: ign
     garbage = channel.unary_unary("/cifar_serve.v1.Classifier/Classify")
     code = _code(garbage, b"\xff\xff\xff\xff\x0f", timeout=10)
     assert code == INVALID
-    assert _code(channel.unary_unary("/cifar_serve.v1.Classifier/Nope"), b"", timeout=10) == \
-        grpc.StatusCode.UNIMPLEMENTED
+    assert (
+        _code(channel.unary_unary("/cifar_serve.v1.Classifier/Nope"), b"", timeout=10)
+        == grpc.StatusCode.UNIMPLEMENTED
+    )
     _good(pb_grpc.ClassifierStub(channel), sample)
 
 
@@ -116,10 +134,17 @@ image_msgs = st.one_of(
 )
 requests = st.builds(
     lambda imgs, count, data, k, logits, use_packed: pb.ClassifyRequest(
-        images=imgs, top_k=k, include_logits=logits,
-        **({"packed": pb.PackedImages(count=count, data=data)} if use_packed else {})),
-    st.lists(image_msgs, max_size=4), st.integers(0, 5), st.binary(max_size=3100), st.integers(0, 12),
-    st.booleans(), st.booleans(),
+        images=imgs,
+        top_k=k,
+        include_logits=logits,
+        **({"packed": pb.PackedImages(count=count, data=data)} if use_packed else {}),
+    ),
+    st.lists(image_msgs, max_size=4),
+    st.integers(0, 5),
+    st.binary(max_size=3100),
+    st.integers(0, 12),
+    st.booleans(),
+    st.booleans(),
 )
 
 
@@ -141,8 +166,14 @@ def test_fuzz_random_bytes(data, channel) -> None:  # type: ignore[no-untyped-de
 def small_server(model_dir, make_settings):  # type: ignore[no-untyped-def]
     from cifar_serve.server.app import ServerThread
 
-    s = make_settings(model_dir, max_receive_message_bytes=64 * 1024, max_queue_images=64, max_batch_size=8,
-                      max_batch_delay_ms=0.0, metrics_port=-1)
+    s = make_settings(
+        model_dir,
+        max_receive_message_bytes=64 * 1024,
+        max_queue_images=64,
+        max_batch_size=8,
+        max_batch_delay_ms=0.0,
+        metrics_port=-1,
+    )
     with ServerThread(s) as srv:
         yield srv
 
@@ -151,8 +182,9 @@ def test_message_over_receive_limit(small_server, sample) -> None:  # type: igno
     with grpc.insecure_channel(small_server.address) as ch:
         stub = pb_grpc.ClassifierStub(ch)
         x = sample.images[:30]  # 92 KB > 64 KB
-        code = _code(stub.Classify, pb.ClassifyRequest(packed=pb.PackedImages(data=x.tobytes(), count=30)),
-                     timeout=30)
+        code = _code(
+            stub.Classify, pb.ClassifyRequest(packed=pb.PackedImages(data=x.tobytes(), count=30)), timeout=30
+        )
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         _good(stub, sample)
 
@@ -174,7 +206,7 @@ def test_overload_refused_with_resource_exhausted(small_server, sample, offline_
         codes = [c for c, _ in results]
         assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) > 0, "a 64-image queue must overflow"
-        for c, r in results:
+        for _c, r in results:
             if r is not None:
                 got = np.array([list(x.logits) for x in r.results])
                 np.testing.assert_allclose(got, offline_logits[:16], atol=1e-4)
@@ -183,6 +215,7 @@ def test_overload_refused_with_resource_exhausted(small_server, sample, offline_
 
 # --------------------------------------------------------------------------- real processes
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -190,8 +223,20 @@ def _free_port() -> int:
 
 
 def _serve_cmd(model_dir: Path, port: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "cifar_serve.server", "--port", str(port), "--metrics-port", "-1",
-            "--model-dir", str(model_dir), "--max-batch-size", "16", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "cifar_serve.server",
+        "--port",
+        str(port),
+        "--metrics-port",
+        "-1",
+        "--model-dir",
+        str(model_dir),
+        "--max-batch-size",
+        "16",
+        *extra,
+    ]
 
 
 def _wait_serving(address: str, proc: subprocess.Popen[str], timeout: float = 120) -> None:
@@ -201,8 +246,10 @@ def _wait_serving(address: str, proc: subprocess.Popen[str], timeout: float = 12
         while time.monotonic() < end:
             assert proc.poll() is None, proc.communicate()[1]
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 pass
@@ -213,8 +260,12 @@ def _wait_serving(address: str, proc: subprocess.Popen[str], timeout: float = 12
 def test_sigterm_under_load_loses_no_accepted_request(model_dir, sample, offline_logits) -> None:  # type: ignore[no-untyped-def]
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    proc = subprocess.Popen(_serve_cmd(model_dir, port, "--grace-period-s", "20", "--max-batch-delay-ms", "5"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _serve_cmd(model_dir, port, "--grace-period-s", "20", "--max-batch-delay-ms", "5"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_serving(address, proc)
         ch = grpc.insecure_channel(address)
@@ -293,6 +344,7 @@ def test_bad_artifact_stops_startup_before_binding(problem, model_dir, tmp_path)
 
 # --------------------------------------------------------------------------- TLS and auth
 
+
 def _cert(cn: str, issuer_key=None, issuer_name=None, ca: bool = False):  # type: ignore[no-untyped-def]
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
@@ -302,14 +354,23 @@ def _cert(cn: str, issuer_key=None, issuer_name=None, ca: bool = False):  # type
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
     now = dt.datetime.now(dt.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name or name)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer_name or name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
     if not ca:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]),
-            critical=False)
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
     cert = builder.sign(issuer_key or key, hashes.SHA256())
     return key, cert
 
@@ -317,9 +378,12 @@ def _cert(cn: str, issuer_key=None, issuer_name=None, ca: bool = False):  # type
 def _pem(key, cert) -> tuple[bytes, bytes]:  # type: ignore[no-untyped-def]
     from cryptography.hazmat.primitives import serialization
 
-    return (key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption()),
-            cert.public_bytes(serialization.Encoding.PEM))
+    return (
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+        cert.public_bytes(serialization.Encoding.PEM),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -342,8 +406,15 @@ def test_mutual_tls(pki, model_dir, sample, make_settings) -> None:  # type: ign
     from cifar_serve.server.app import ServerThread
 
     skey, scrt = pki["server"]
-    s = make_settings(model_dir, host="localhost", tls_cert=str(scrt), tls_key=str(skey),
-                      tls_client_ca=str(pki["ca"]), metrics_port=-1, max_batch_size=4)
+    s = make_settings(
+        model_dir,
+        host="localhost",
+        tls_cert=str(scrt),
+        tls_key=str(skey),
+        tls_client_ca=str(pki["ca"]),
+        metrics_port=-1,
+        max_batch_size=4,
+    )
     with ServerThread(s) as srv:
         ckey, ccrt = pki["client"]
         creds = grpc.ssl_channel_credentials(pki["ca"].read_bytes(), ckey.read_bytes(), ccrt.read_bytes())
@@ -351,11 +422,15 @@ def test_mutual_tls(pki, model_dir, sample, make_settings) -> None:  # type: ign
             _good(pb_grpc.ClassifierStub(ch), sample)
         no_cert = grpc.ssl_channel_credentials(pki["ca"].read_bytes())
         with grpc.secure_channel(f"localhost:{srv.port}", no_cert) as ch:
-            assert _code(pb_grpc.ClassifierStub(ch).Classify, pb.ClassifyRequest(), timeout=10) == \
-                grpc.StatusCode.UNAVAILABLE
+            assert (
+                _code(pb_grpc.ClassifierStub(ch).Classify, pb.ClassifyRequest(), timeout=10)
+                == grpc.StatusCode.UNAVAILABLE
+            )
         with grpc.insecure_channel(f"localhost:{srv.port}") as ch:
-            assert _code(pb_grpc.ClassifierStub(ch).Classify, pb.ClassifyRequest(), timeout=10) == \
-                grpc.StatusCode.UNAVAILABLE
+            assert (
+                _code(pb_grpc.ClassifierStub(ch).Classify, pb.ClassifyRequest(), timeout=10)
+                == grpc.StatusCode.UNAVAILABLE
+            )
 
 
 def test_bearer_token(model_dir, sample, make_settings) -> None:  # type: ignore[no-untyped-def]
@@ -383,6 +458,7 @@ def test_bearer_token(model_dir, sample, make_settings) -> None:  # type: ignore
 
 # --------------------------------------------------------------------------- soak
 
+
 def _rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -394,7 +470,9 @@ def test_soak_mixed_good_and_bad(model_dir, sample, sample_jpegs, offline_logits
     seconds = float(os.environ.get("CIFAR_SERVE_SOAK_SECONDS", "12"))
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    proc = subprocess.Popen(_serve_cmd(model_dir, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _serve_cmd(model_dir, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         _wait_serving(address, proc)
         ch = grpc.insecure_channel(address)
@@ -414,12 +492,14 @@ def test_soak_mixed_good_and_bad(model_dir, sample, sample_jpegs, offline_logits
                     continue
                 idx = rng.choice(len(sample), size=int(rng.integers(1, 6)), replace=False)
                 if rng.random() < 0.5:
-                    req = pb.ClassifyRequest(images=[pb.Image(encoded=sample_jpegs[i][1]) for i in idx],
-                                             include_logits=True)
+                    req = pb.ClassifyRequest(
+                        images=[pb.Image(encoded=sample_jpegs[i][1]) for i in idx], include_logits=True
+                    )
                 else:
                     x = sample.images[idx]
-                    req = pb.ClassifyRequest(packed=pb.PackedImages(data=x.tobytes(), count=len(idx)),
-                                             include_logits=True)
+                    req = pb.ClassifyRequest(
+                        packed=pb.PackedImages(data=x.tobytes(), count=len(idx)), include_logits=True
+                    )
                 r = stub.Classify(req, timeout=30)
                 got = np.array([list(c.logits) for c in r.results])
                 if not np.allclose(got, offline_logits[idx], atol=1e-4):

@@ -12,11 +12,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from cifar_serve.v1 import classifier_pb2 as pb
 from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,8 +33,9 @@ def _logits(resp: pb.ClassifyResponse) -> np.ndarray:
 
 
 def test_generated_stubs_are_fresh() -> None:
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "gen_protos.py"), "--check"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "gen_protos.py"), "--check"], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -52,15 +52,18 @@ def test_packed_matches_offline(channel, sample, offline_logits) -> None:  # typ
 
 def test_raw_and_encoded_match_offline(channel, sample, sample_jpegs, offline_logits) -> None:  # type: ignore[no-untyped-def]
     idx = list(range(0, 600, 23))
-    images = [pb.Image(raw_rgb=sample.images[i].tobytes()) if j % 2 else pb.Image(encoded=sample_jpegs[i][1])
-              for j, i in enumerate(idx)]
+    images = [
+        pb.Image(raw_rgb=sample.images[i].tobytes()) if j % 2 else pb.Image(encoded=sample_jpegs[i][1])
+        for j, i in enumerate(idx)
+    ]
     resp = _stub(channel).Classify(pb.ClassifyRequest(images=images, include_logits=True), timeout=60)
     np.testing.assert_allclose(_logits(resp), offline_logits[idx], atol=1e-4, rtol=0)
 
 
 def test_top_k_ranked_probabilities(channel, sample, offline_logits) -> None:  # type: ignore[no-untyped-def]
     resp = _stub(channel).Classify(
-        pb.ClassifyRequest(images=[pb.Image(raw_rgb=sample.images[5].tobytes())], top_k=10), timeout=30)
+        pb.ClassifyRequest(images=[pb.Image(raw_rgb=sample.images[5].tobytes())], top_k=10), timeout=30
+    )
     preds = resp.results[0].predictions
     assert len(preds) == 10
     probs = [p.probability for p in preds]
@@ -68,8 +71,12 @@ def test_top_k_ranked_probabilities(channel, sample, offline_logits) -> None:  #
     assert abs(sum(probs) - 1.0) < 1e-4
     order = np.argsort(-offline_logits[5], kind="stable")
     assert [p.class_index for p in preds] == order.tolist()
-    assert preds[0].label == ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                              "truck")[preds[0].class_index]
+    assert (
+        preds[0].label
+        == ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")[
+            preds[0].class_index
+        ]
+    )
     assert len(resp.results[0].logits) == 0  # logits only on request
 
 
@@ -77,7 +84,9 @@ def test_request_larger_than_batch_is_split(channel, sample, offline_logits) -> 
     # The session server's max batch is 32: 75 images run as several batches, answered in order.
     x = sample.images[100:175]
     resp = _stub(channel).Classify(
-        pb.ClassifyRequest(packed=pb.PackedImages(data=x.tobytes(), count=75), include_logits=True), timeout=60)
+        pb.ClassifyRequest(packed=pb.PackedImages(data=x.tobytes(), count=75), include_logits=True),
+        timeout=60,
+    )
     np.testing.assert_allclose(_logits(resp), offline_logits[100:175], atol=1e-4, rtol=0)
 
 
@@ -86,8 +95,10 @@ def test_stream_answers_matched_by_id(channel, sample, offline_logits) -> None: 
         for i in range(40):
             yield pb.ClassifyStreamRequest(
                 id=f"req-{i}",
-                request=pb.ClassifyRequest(images=[pb.Image(raw_rgb=sample.images[i].tobytes())],
-                                           include_logits=True))
+                request=pb.ClassifyRequest(
+                    images=[pb.Image(raw_rgb=sample.images[i].tobytes())], include_logits=True
+                ),
+            )
         yield pb.ClassifyStreamRequest(id="bad", request=pb.ClassifyRequest(top_k=3))
 
     answers = {a.id: a for a in _stub(channel).ClassifyStream(requests(), timeout=60)}
@@ -132,10 +143,15 @@ def test_grpcurl_classify(server, sample) -> None:  # type: ignore[no-untyped-de
         pytest.skip("grpcurl binary not installed")
     import base64
 
-    body = json.dumps({"images": [{"raw_rgb": base64.b64encode(sample.images[0].tobytes()).decode()}],
-                       "top_k": 2})
-    proc = subprocess.run([grpcurl, "-plaintext", "-d", body, server.address,
-                           "cifar_serve.v1.Classifier/Classify"], capture_output=True, text=True, timeout=60)
+    body = json.dumps(
+        {"images": [{"raw_rgb": base64.b64encode(sample.images[0].tobytes()).decode()}], "top_k": 2}
+    )
+    proc = subprocess.run(
+        [grpcurl, "-plaintext", "-d", body, server.address, "cifar_serve.v1.Classifier/Classify"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert len(out["results"][0]["predictions"]) == 2
@@ -143,9 +159,15 @@ def test_grpcurl_classify(server, sample) -> None:  # type: ignore[no-untyped-de
 
 def test_metrics_endpoint(server, channel, sample) -> None:  # type: ignore[no-untyped-def]
     _stub(channel).Classify(pb.ClassifyRequest(images=[pb.Image(raw_rgb=sample.images[0].tobytes())]))
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
-    for name in ("cifar_serve_requests_total", "cifar_serve_request_latency_seconds_bucket",
-                 "cifar_serve_queue_time_seconds_bucket", "cifar_serve_batch_size_bucket",
-                 "cifar_serve_images_total"):
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    )
+    for name in (
+        "cifar_serve_requests_total",
+        "cifar_serve_request_latency_seconds_bucket",
+        "cifar_serve_queue_time_seconds_bucket",
+        "cifar_serve_batch_size_bucket",
+        "cifar_serve_images_total",
+    ):
         assert name in text, name
     assert 'cifar_serve_requests_total{code="OK",method="Classify"}' in text

@@ -46,8 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         existing = {p.name for p in PKG.glob("*_pb2*.py*")}
         if args.check:
             stale = sorted(
-                n for n in names | existing
-                if n not in names or n not in existing or not filecmp.cmp(PKG / n, Path(tmp) / "cifar_serve" / "v1" / n, shallow=False)
+                n
+                for n in names | existing
+                if n not in names
+                or n not in existing
+                or not filecmp.cmp(PKG / n, Path(tmp) / "cifar_serve" / "v1" / n, shallow=False)
             )
             if stale:
                 sys.stderr.write(f"stale generated stubs (run `make gen`): {', '.join(stale)}\n")

@@ -1,0 +1,360 @@
+"""The Open Inference Protocol (KServe v2) API, ``inference.GRPCInferenceService``.
+
+A thin translation layer like :mod:`.servicer`: protocol tensors in, one :class:`InferenceCore`
+call, protocol tensors out. v2 requests join the same dynamic batcher as the native API and count
+in the same metrics, under their own method names. Triton's and KServe's clients work unchanged.
+
+The model, under the core's name and version, takes ``images`` UINT8 ``[-1,32,32,3]`` (raw or in
+``uint_contents``) and answers ``logits`` FP32 ``[-1,classes]``. Triton's classification
+extension is supported: an output requested with the ``classification`` parameter (N) comes back
+as BYTES ``"<score>:<index>:<label>"``, top-N per image, shape ``[batch, N]``; the score is the
+logit printed with ``%f`` (Triton formats it with ``std::to_string``).
+
+Keep this module free of any ``tritonclient`` import: both register the same ``inference.*``
+protobuf symbols, and one process cannot hold both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+
+import grpc
+import numpy as np
+from cifar_serve.v1 import open_inference_pb2 as pb
+from cifar_serve.v1 import open_inference_pb2_grpc as pb_grpc
+
+from ._rpc import abort_with, deadline_of, guarded
+from .core import InferenceCore
+from .errors import InvalidInput, ResourceExhausted, status_for
+
+__all__ = [
+    "EXTENSIONS",
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "InferPlan",
+    "OipServicer",
+    "add_oip_to_server",
+    "classification_strings",
+    "parse_request",
+    "serialize_bytes_tensor",
+]
+
+logger = logging.getLogger(__name__)
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+IMAGE_SHAPE = (32, 32, 3)
+IMAGE_BYTES = 32 * 32 * 3
+EXTENSIONS = ("classification",)
+SERVER_NAME = "cifar-serve"
+# The platform names Triton reports for the same artifacts, so clients that switch on it work.
+_PLATFORMS = {"torchscript": "pytorch_libtorch", "onnxruntime": "onnxruntime_onnx"}
+_INLINE_STRINGS = 2048  # classification strings formatted on the event loop; more go to a thread
+_STREAM_WINDOW = 64  # requests of one stream computing at once; bounds a stream's memory
+_SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+
+def _server_version() -> str:
+    try:
+        return metadata.version("cifar-serve")
+    except metadata.PackageNotFoundError:  # running from a source tree without an install
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class InferPlan:
+    """A validated request: the images, what to answer, and how.
+
+    ``outputs`` holds one entry per output to return, in order: 0 for the logits tensor itself,
+    N for its top-N classification strings. ``raw`` answers in ``raw_output_contents``.
+    """
+
+    images: np.ndarray
+    outputs: tuple[int, ...]
+    raw: bool
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def _int_param(param: pb.InferParameter, what: str) -> int:
+    kind = param.WhichOneof("parameter_choice")
+    if kind == "int64_param":
+        return int(param.int64_param)
+    if kind == "uint64_param":
+        return int(param.uint64_param)
+    raise InvalidInput(f"{what} must be an int64_param, got {kind or 'no value'}")
+
+
+def _parse_images(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None,
+                  max_images: int) -> np.ndarray:
+    what = f"input {tensor.name!r}"
+    if tensor.datatype != "UINT8":
+        raise InvalidInput(f"{what}: datatype {tensor.datatype or '(empty)'}, expected UINT8")
+    shape = tuple(tensor.shape)
+    if len(shape) != 4 or shape[1:] != IMAGE_SHAPE or shape[0] < 1:
+        raise InvalidInput(f"{what}: shape {_shape_text(shape)}, expected [n,32,32,3] with n >= 1")
+    n = shape[0]
+    if n > max_images:
+        raise InvalidInput(f"{what}: {n} images, more than the limit of {max_images} per request; split it")
+    if any(k in tensor.parameters for k in _SHARED_MEMORY):
+        raise InvalidInput(f"{what}: shared memory is not supported; send the data in the request")
+    expected = n * IMAGE_BYTES
+    if raw is not None:
+        if tensor.HasField("contents"):
+            raise InvalidInput(f"{what}: both raw_input_contents and typed contents given; send one")
+        if len(raw) != expected:
+            raise InvalidInput(
+                f"{what}: raw_input_contents holds {len(raw)} bytes, shape {_shape_text(shape)} "
+                f"needs {expected}"
+            )
+        # A zero-copy view of the request bytes; the batcher copies it into its batch.
+        return np.frombuffer(raw, np.uint8).reshape(n, *IMAGE_SHAPE)
+    contents = tensor.contents
+    others = [f.name for f, _ in contents.ListFields() if f.name != "uint_contents"]
+    if others:
+        raise InvalidInput(f"{what}: UINT8 data goes in contents.uint_contents, got {', '.join(others)}")
+    values = np.asarray(contents.uint_contents, dtype=np.uint32)
+    if values.size == 0:
+        raise InvalidInput(f"{what}: no data; set raw_input_contents or contents.uint_contents")
+    if values.size != expected:
+        raise InvalidInput(
+            f"{what}: contents.uint_contents holds {values.size} values, shape {_shape_text(shape)} "
+            f"needs {expected}"
+        )
+    if int(values.max()) > 255:
+        raise InvalidInput(f"{what}: contents.uint_contents holds values above 255, out of range for UINT8")
+    return values.astype(np.uint8).reshape(n, *IMAGE_SHAPE)
+
+
+def _parse_outputs(request: pb.ModelInferRequest, num_classes: int) -> tuple[tuple[int, ...], bool]:
+    """Class count per requested output (0: the tensor), and whether any asked for binary data."""
+    if not request.outputs:
+        return (0,), False  # the spec: no outputs named means every output, as tensors
+    seen: set[str] = set()
+    plan: list[int] = []
+    binary = False
+    for out in request.outputs:
+        what = f"output {out.name!r}"
+        if out.name != OUTPUT_NAME:
+            raise InvalidInput(f"{what}: unknown; this model's only output is {OUTPUT_NAME!r}")
+        if out.name in seen:
+            raise InvalidInput(f"{what}: requested more than once")
+        seen.add(out.name)
+        params = out.parameters
+        if any(k in params for k in _SHARED_MEMORY):
+            raise InvalidInput(f"{what}: shared memory is not supported")
+        classes = 0
+        if "classification" in params:
+            classes = _int_param(params["classification"], f"{what}: parameter 'classification'")
+            if classes < 1:
+                raise InvalidInput(f"{what}: parameter 'classification' must be at least 1, got {classes}")
+            classes = min(classes, num_classes)  # as Triton: at most every class
+        if "binary_data" in params:
+            binary = binary or params["binary_data"].bool_param
+        plan.append(classes)
+    return tuple(plan), binary
+
+
+def parse_request(request: pb.ModelInferRequest, num_classes: int, max_images: int) -> InferPlan:
+    """Validate a ModelInferRequest (model already checked) into an :class:`InferPlan`."""
+    names = [t.name for t in request.inputs]
+    if not names:
+        raise InvalidInput(f"no input tensors; this model takes {INPUT_NAME!r} UINT8 [n,32,32,3]")
+    for name in names:
+        if name != INPUT_NAME:
+            raise InvalidInput(f"input {name!r}: unknown; this model's only input is {INPUT_NAME!r}")
+    if len(names) > 1:
+        raise InvalidInput(f"input {INPUT_NAME!r}: given {len(names)} times; send it once")
+    raw_contents = request.raw_input_contents
+    if raw_contents and len(raw_contents) != len(names):
+        raise InvalidInput(
+            f"input {INPUT_NAME!r}: raw_input_contents holds {len(raw_contents)} entries for "
+            f"{len(names)} input; send one per input, in order"
+        )
+    raw = raw_contents[0] if raw_contents else None
+    images = _parse_images(request.inputs[0], raw, max_images)
+    outputs, binary = _parse_outputs(request, num_classes)
+    # The spec forbids mixing raw and typed outputs; answer the way the client sent its input,
+    # unless it asked for binary data.
+    return InferPlan(images, outputs, raw=raw is not None or binary)
+
+
+def classification_strings(logits: np.ndarray, k: int, labels: Sequence[str]) -> list[bytes]:
+    """Top-k ``b"<score>:<index>:<label>"`` per row, best first, flattened row-major (Triton's format).
+
+    The score is the logit printed with ``%f``, as Triton's ``std::to_string(float)`` prints it.
+    Ranking is vectorised; the strings themselves need one format per element, and a plain
+    comprehension over prepared suffixes is several times faster than numpy's char functions.
+    """
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :k]  # ties keep class order
+    scores = np.take_along_axis(logits, order, axis=1)
+    suffixes = [f":{i}:{label}".encode() for i, label in enumerate(labels)]
+    pairs = zip(scores.ravel().tolist(), order.ravel().tolist(), strict=True)
+    return [b"%f" % score + suffixes[index] for score, index in pairs]
+
+
+def serialize_bytes_tensor(elements: Iterable[bytes]) -> bytes:
+    """BYTES elements in the protocol's raw layout: each a 4-byte little-endian length, then the bytes."""
+    return b"".join(len(e).to_bytes(4, "little") + e for e in elements)
+
+
+class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, core: InferenceCore) -> None:
+        self.core = core
+        self.version = _server_version()
+
+    # ------------------------------------------------------------------ health and metadata
+
+    def _ready(self) -> bool:
+        return self.core.batcher is not None  # set once the model is loaded and warmed up
+
+    async def ServerLive(self, request: pb.ServerLiveRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+        async def live() -> pb.ServerLiveResponse:
+            return pb.ServerLiveResponse(live=True)
+
+        return await guarded(self.core.metrics, "ServerLive", context, live())
+
+    async def ServerReady(self, request: pb.ServerReadyRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+        async def ready() -> pb.ServerReadyResponse:
+            return pb.ServerReadyResponse(ready=self._ready())
+
+        return await guarded(self.core.metrics, "ServerReady", context, ready())
+
+    async def ModelReady(self, request: pb.ModelReadyRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        async def ready() -> pb.ModelReadyResponse:
+            # As Triton: an unknown model or version is "not ready", not an error.
+            known = request.name == self.core.model_name and request.version in ("", self.core.model_version)
+            return pb.ModelReadyResponse(ready=known and self._ready())
+
+        return await guarded(self.core.metrics, "ModelReady", context, ready())
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
+        async def meta() -> pb.ServerMetadataResponse:
+            return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=EXTENSIONS)
+
+        return await guarded(self.core.metrics, "ServerMetadata", context, meta())
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+        async def meta() -> pb.ModelMetadataResponse:
+            core = self.core
+            core.check_model(request.name, request.version)
+            tensor = pb.ModelMetadataResponse.TensorMetadata
+            return pb.ModelMetadataResponse(
+                name=core.model_name,
+                versions=[core.model_version],
+                platform=_PLATFORMS.get(core.runtime.backend, core.runtime.backend),
+                inputs=[tensor(name=INPUT_NAME, datatype="UINT8", shape=[-1, *IMAGE_SHAPE])],
+                outputs=[tensor(name=OUTPUT_NAME, datatype="FP32", shape=[-1, core.num_classes])],
+            )
+
+        return await guarded(self.core.metrics, "ModelMetadata", context, meta())
+
+    # ------------------------------------------------------------------ inference
+
+    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+        core = self.core
+        core.check_model(request.model_name, request.model_version)
+        plan = parse_request(request, core.num_classes, core.settings.max_images_per_request)
+        logits = await core.logits(plan.images, deadline)
+        if len(logits) * sum(plan.outputs) > _INLINE_STRINGS:
+            # Thousands of classification strings take milliseconds: keep them off the event loop.
+            return await asyncio.to_thread(self._response, request.id, plan, logits)
+        return self._response(request.id, plan, logits)
+
+    def _response(self, request_id: str, plan: InferPlan, logits: np.ndarray) -> pb.ModelInferResponse:
+        core = self.core
+        resp = pb.ModelInferResponse(model_name=core.model_name, model_version=core.model_version,
+                                     id=request_id)
+        for classes in plan.outputs:
+            tensor = resp.outputs.add(name=OUTPUT_NAME)
+            if classes:
+                strings = classification_strings(logits, classes, core.labels)
+                tensor.datatype = "BYTES"
+                tensor.shape.extend([len(logits), classes])
+                if plan.raw:
+                    resp.raw_output_contents.append(serialize_bytes_tensor(strings))
+                else:
+                    tensor.contents.bytes_contents.extend(strings)
+            else:
+                tensor.datatype = "FP32"
+                tensor.shape.extend(logits.shape)
+                if plan.raw:
+                    resp.raw_output_contents.append(logits.astype("<f4", copy=False).tobytes())
+                else:
+                    tensor.contents.fp32_contents.extend(logits.ravel().tolist())
+        return resp
+
+    async def ModelInfer(self, request: pb.ModelInferRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        work = self._infer(request, deadline_of(context))
+        return await guarded(self.core.metrics, "ModelInfer", context, work)
+
+    async def _stream_one(self, request: pb.ModelInferRequest,
+                          deadline: float | None) -> pb.ModelStreamInferResponse:
+        code = grpc.StatusCode.OK
+        try:
+            msg = pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
+        except Exception as exc:
+            code, text = status_for(exc)
+            # As Triton: the error travels on the stream, with the id to tell which request failed.
+            msg = pb.ModelStreamInferResponse(error_message=text,
+                                              infer_response=pb.ModelInferResponse(id=request.id))
+        self.core.metrics.requests.labels("ModelStreamInfer", code.name).inc()
+        return msg
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        limit = self.core.settings.max_stream_requests
+        deadline = deadline_of(context)
+        # Answers go out in request order (as Triton's non-decoupled streams), while up to
+        # _STREAM_WINDOW requests compute at once and so share batches.
+        pending: asyncio.Queue[asyncio.Future[pb.ModelStreamInferResponse] | BaseException | None] = (
+            asyncio.Queue(maxsize=_STREAM_WINDOW))
+
+        async def read() -> None:
+            try:
+                count = 0
+                async for req in request_iterator:
+                    count += 1
+                    if count > limit:
+                        raise ResourceExhausted(f"stream exceeded {limit} requests; open a new stream")
+                    await pending.put(asyncio.ensure_future(self._stream_one(req, deadline)))
+                await pending.put(None)
+            except Exception as exc:
+                await pending.put(exc)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while True:
+                item = await pending.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    await abort_with(context, item)
+                    break  # unreachable: abort_with raises
+                yield await item
+        finally:
+            reader.cancel()
+            while not pending.empty():  # the caller left: drop work nobody will read
+                left = pending.get_nowait()
+                if isinstance(left, asyncio.Future):
+                    left.cancel()
+
+
+def add_oip_to_server(server: grpc.aio.Server, core: InferenceCore) -> str:
+    """Serve the Open Inference Protocol on ``server``; returns its full service name (for reflection)."""
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(core), server)
+    name: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+    return name
