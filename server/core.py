@@ -59,6 +59,7 @@ class InferenceCore:
             slots=max(slots, 2),
             threads=settings.torch_threads,
             verify_sha256=settings.verify_sha256,
+            cuda_graphs=settings.cuda_graphs,
         )
         if not slots:
             slots = 2 if self.runtime.device.type == "cuda" else 1

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import queue
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +107,7 @@ class ModelRuntime:
         slots: int = 1,
         threads: int = 0,
         verify_sha256: bool = True,
+        cuda_graphs: bool = True,
     ) -> None:
         self.manifest = load_manifest(model_dir)
         self.backend = backend
@@ -143,7 +143,7 @@ class ModelRuntime:
         self._slots: queue.Queue[_Slot] = queue.Queue()
         for _ in range(max(1, slots)):
             self._slots.put(_Slot(self.device, max_batch_size))
-        self._lock = threading.Lock()
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and backend == "torchscript"
         logger.info(
             "loaded %s (%s, %s, %s) sha256 %s", artifact, backend, precision, self.device, self.sha256[:12]
         )
@@ -192,7 +192,17 @@ class ModelRuntime:
             self._slots.put(slot)
 
     def warmup(self, batch_sizes: list[int] | None = None) -> None:
-        """Run every batch size the batcher can form, so no request pays for a first run."""
+        """Run every batch size the batcher can form, so no request pays for a first run.
+
+        On CUDA with graphs, every size maps to a bucket: capturing the buckets' graphs is the
+        warm-up, and every size is then run once through them.
+        """
+        if self.cuda_graphs:
+            slots = [self._slots.get() for _ in range(self._slots.qsize())]
+            for slot in slots:
+                slot.capture(self._module, self._autocast)
+                self._slots.put(slot)
+            self.cuda_graphs = all(slot.graphs for slot in slots)
         sizes = batch_sizes or list(range(1, self.max_batch_size + 1))
         rng = np.random.default_rng(0)
         for _ in range(2):  # TorchScript's profiling executor optimises on the second run
@@ -205,20 +215,65 @@ class ModelRuntime:
             "device": str(self.device),
             "backend": self.backend,
             "precision": self.precision,
+            "cuda_graphs": self.cuda_graphs,
             "sha256": self.sha256,
         }
 
 
+def graph_buckets(max_batch: int) -> list[int]:
+    """Batch sizes that get a CUDA graph: powers of two, and the maximum itself."""
+    sizes = [1]
+    while sizes[-1] * 2 < max_batch:
+        sizes.append(sizes[-1] * 2)
+    if sizes[-1] != max_batch:
+        sizes.append(max_batch)
+    return sizes
+
+
 class _Slot:
-    """Per in-flight batch resources: a pinned input buffer and, on CUDA, a stream."""
+    """Per in-flight batch resources: pinned host buffers, a CUDA stream and CUDA graphs.
+
+    Each slot owns its own graphs and static tensors, so two slots can run at once without
+    sharing memory; a batch of n images replays the smallest bucket >= n (padded rows are
+    computed and ignored: eval-mode BatchNorm treats every image independently).
+    """
 
     def __init__(self, device: torch.device, max_batch: int) -> None:
         self.device = device
+        self.max_batch = max_batch
         self.stream: Any = None
         self.pinned: torch.Tensor | None = None
+        self.pinned_out: torch.Tensor | None = None
+        self.graphs: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}
         if device.type == "cuda":
             self.stream = torch.cuda.Stream(device=device)
             self.pinned = torch.empty((max_batch, *IMAGE_SHAPE), dtype=torch.uint8).pin_memory()
+
+    def capture(self, module: Any, autocast: torch.dtype | None) -> None:
+        """Capture one CUDA graph per bucket; on any failure fall back to eager launches."""
+        try:
+            with torch.inference_mode():
+                for b in graph_buckets(self.max_batch):
+                    static_in = torch.zeros((b, *IMAGE_SHAPE), dtype=torch.uint8, device=self.device)
+                    with torch.cuda.stream(self.stream):
+                        for _ in range(3):  # let TorchScript's profiling executor settle first
+                            with torch.autocast(
+                                "cuda", dtype=autocast or torch.float16, enabled=autocast is not None
+                            ):
+                                module(static_in)
+                    self.stream.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, stream=self.stream):
+                        with torch.autocast(
+                            "cuda", dtype=autocast or torch.float16, enabled=autocast is not None
+                        ):
+                            static_out = module(static_in).float()
+                    self.graphs[b] = (graph, static_in, static_out)
+            classes = next(iter(self.graphs.values()))[2].shape[1]
+            self.pinned_out = torch.empty((self.max_batch, classes), dtype=torch.float32).pin_memory()
+        except Exception as exc:
+            logger.warning("CUDA graph capture failed (%s); running without graphs", exc)
+            self.graphs.clear()
 
     def run(self, module: Any, images: np.ndarray, autocast: torch.dtype | None) -> np.ndarray:
         n = images.shape[0]
@@ -232,6 +287,16 @@ class _Slot:
             assert self.pinned is not None
             host = self.pinned[:n]
             host.numpy()[...] = images
+            if self.graphs:
+                bucket = next(b for b in self.graphs if b >= n)
+                graph, static_in, static_out = self.graphs[bucket]
+                assert self.pinned_out is not None
+                with torch.cuda.stream(self.stream):
+                    static_in[:n].copy_(host, non_blocking=True)
+                    graph.replay()
+                    self.pinned_out[:n].copy_(static_out[:n], non_blocking=True)
+                self.stream.synchronize()
+                return self.pinned_out[:n].numpy().copy()
             with torch.cuda.stream(self.stream):
                 x = host.to(self.device, non_blocking=True)
                 with torch.autocast("cuda", dtype=autocast or torch.float16, enabled=autocast is not None):

@@ -40,6 +40,7 @@ class Settings:
     max_batch_delay_ms: float = _opt(2.0, "longest wait after the oldest queued image before a batch runs")
     max_queue_images: int = _opt(4096, "images allowed to wait; beyond it new work gets RESOURCE_EXHAUSTED")
     max_inflight_batches: int = _opt(0, "batches computing at once (0: 1 on CPU, 2 on GPU)")
+    cuda_graphs: bool = _opt(True, "on GPU, replay CUDA graphs captured per batch-size bucket")
     torch_threads: int = _opt(0, "intra-op threads of the CPU runtime (0: one per core)")
     max_images_per_request: int = _opt(1024, "most images in one request (larger: INVALID_ARGUMENT)")
     max_image_pixels: int = _opt(16_000_000, "most pixels an encoded image may declare (decompression bombs)")

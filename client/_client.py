@@ -1,0 +1,369 @@
+"""``Client`` (blocking) and ``AsyncClient`` (asyncio, ``grpc.aio``): the same surface, two channels."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from cifar_serve.v1 import classifier_pb2 as pb
+from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
+
+from ._errors import CifarServeError, DeadlineExceededError, error_from_rpc
+from ._inputs import DEFAULT_MAX_REQUEST_BYTES, Inputs, Part, build_request, chunk_parts, to_parts
+from ._types import Classification, ModelInfo
+
+__all__ = ["DEFAULT_ADDRESS", "AsyncClient", "Client", "Credential"]
+
+logger = logging.getLogger("cifar_serve.client")
+logger.addHandler(logging.NullHandler())  # a library: the application decides where logs go
+
+DEFAULT_ADDRESS = "localhost:50051"
+_MAX_BACKOFF_S = 10.0
+_RECEIVE_LIMIT = 64 * 1024 * 1024
+
+Credential = str | bytes | os.PathLike[str]
+"""PEM material: bytes, a PEM string (``-----BEGIN ...``), or a path to a PEM file."""
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def _pem(value: Credential | None) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str) and value.lstrip().startswith("-----BEGIN"):
+        return value.encode()
+    return Path(value).read_bytes()
+
+
+class _Config:
+    """Settings and helpers both clients share."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float | None,
+        retries: int,
+        backoff: float,
+        tls: bool,
+        root_certificates: Credential | None,
+        client_cert: Credential | None,
+        client_key: Credential | None,
+        server_name: str | None,
+        token: str | None,
+        max_images_per_request: int,
+        max_concurrent_requests: int,
+        options: Sequence[tuple[str, Any]],
+    ) -> None:
+        if retries < 0:
+            raise ValueError("retries must not be negative")
+        if backoff < 0:
+            raise ValueError("backoff must not be negative")
+        if max_images_per_request < 1:
+            raise ValueError("max_images_per_request must be at least 1")
+        if max_concurrent_requests < 1:
+            raise ValueError("max_concurrent_requests must be at least 1")
+        if (client_cert is None) != (client_key is None):
+            raise ValueError("client_cert and client_key go together")
+        self.address = address
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.max_images_per_request = max_images_per_request
+        self.max_concurrent_requests = max_concurrent_requests
+        self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        self.credentials: grpc.ChannelCredentials | None = None
+        if tls or root_certificates is not None or client_cert is not None:
+            self.credentials = grpc.ssl_channel_credentials(
+                root_certificates=_pem(root_certificates),
+                private_key=_pem(client_key),
+                certificate_chain=_pem(client_cert),
+            )
+        opts: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", _RECEIVE_LIMIT),
+            # Reconnect on the scale of our own backoff, so a retry can find a server that just came up.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 5000),
+        ]
+        if server_name:
+            opts.append(("grpc.ssl_target_name_override", server_name))
+        self.options = [*opts, *options]
+
+    def deadline(self, timeout: float | None) -> float | None:
+        timeout = self.timeout if timeout is None else timeout
+        return None if timeout is None else time.monotonic() + timeout
+
+    def plan(self, inputs: Inputs, top_k: int, include_logits: bool) -> list[pb.ClassifyRequest]:
+        parts: list[Part] = to_parts(inputs)
+        return [build_request(chunk, top_k, include_logits)
+                for chunk in chunk_parts(parts, self.max_images_per_request, DEFAULT_MAX_REQUEST_BYTES)]
+
+    def next_attempt(self, err: CifarServeError, attempt: int, deadline: float | None, method: str) -> float:
+        """Seconds to wait before retrying ``err``; raises ``err`` when it is not to be retried."""
+        if err.code is not grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
+            raise err
+        delay = min(self.backoff * 2.0**attempt, _MAX_BACKOFF_S)
+        if deadline is not None and time.monotonic() + delay >= deadline:
+            raise err
+        logger.warning("%s on %s: %s; retry %d of %d in %.2fs", method, self.address, err.message,
+                       attempt + 1, self.retries, delay)
+        return delay
+
+    @staticmethod
+    def remaining(deadline: float | None, method: str) -> float | None:
+        if deadline is None:
+            return None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{method}: deadline exceeded")
+        return left
+
+    @staticmethod
+    def results(responses: Sequence[pb.ClassifyResponse], requests: Sequence[pb.ClassifyRequest]
+                ) -> list[Classification]:
+        out: list[Classification] = []
+        for req, resp in zip(requests, responses, strict=True):
+            expected = req.packed.count if req.HasField("packed") else len(req.images)
+            if len(resp.results) != expected:
+                raise CifarServeError(grpc.StatusCode.INTERNAL,
+                                      f"server answered {len(resp.results)} results for {expected} images")
+            out.extend(Classification.from_proto(r) for r in resp.results)
+        return out
+
+
+class Client:
+    """A blocking client of a cifar-serve server.
+
+    ``timeout`` is the default deadline, in seconds, of each method call (every request and retry
+    it makes); ``retries`` is how many times a call that failed with UNAVAILABLE is tried again,
+    waiting ``backoff * 2**n`` seconds before retry ``n``. Any other failure is raised at once as
+    a :class:`CifarServeError`. TLS is on when ``tls`` is true or any certificate is given;
+    ``token`` is sent as ``authorization: Bearer <token>``. Inputs larger than
+    ``max_images_per_request`` are sent as several requests, up to ``max_concurrent_requests`` at a
+    time. Thread-safe; use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = None,
+        retries: int = 3,
+        backoff: float = 0.1,
+        tls: bool = False,
+        root_certificates: Credential | None = None,
+        client_cert: Credential | None = None,
+        client_key: Credential | None = None,
+        server_name: str | None = None,
+        token: str | None = None,
+        max_images_per_request: int = 256,
+        max_concurrent_requests: int = 4,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._cfg = _Config(
+            address, timeout=timeout, retries=retries, backoff=backoff, tls=tls,
+            root_certificates=root_certificates, client_cert=client_cert, client_key=client_key,
+            server_name=server_name, token=token, max_images_per_request=max_images_per_request,
+            max_concurrent_requests=max_concurrent_requests, options=options,
+        )
+        if self._cfg.credentials is not None:
+            self._channel = grpc.secure_channel(address, self._cfg.credentials, options=self._cfg.options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=self._cfg.options)
+        self._stub = pb_grpc.ClassifierStub(self._channel)
+
+    @property
+    def address(self) -> str:
+        return self._cfg.address
+
+    def __repr__(self) -> str:
+        return f"Client({self._cfg.address!r})"
+
+    def _call(self, method: str, fn: Callable[..., Resp], request: Any, deadline: float | None) -> Resp:
+        attempt = 0
+        while True:
+            try:
+                return fn(request, timeout=_Config.remaining(deadline, method), metadata=self._cfg.metadata)
+            except grpc.RpcError as exc:
+                err = error_from_rpc(exc)
+            time.sleep(self._cfg.next_attempt(err, attempt, deadline, method))
+            attempt += 1
+
+    def classify(
+        self,
+        inputs: Inputs,
+        *,
+        top_k: int = 1,
+        include_logits: bool = False,
+        timeout: float | None = None,
+    ) -> list[Classification]:
+        """Classify one input or a list of them; one :class:`Classification` per image, in input order.
+
+        An input is a file path (decoded here), encoded file bytes (decoded by the server), a PIL
+        image, or a uint8 numpy array: one HWC image or an NHWC batch (one result per image).
+        Images that are not 32x32 RGB are converted with the server's own preprocessing.
+        ``timeout`` (seconds) overrides the client's default for this call.
+        """
+        requests = self._cfg.plan(inputs, top_k, include_logits)
+        if not requests:
+            return []
+        deadline = self._cfg.deadline(timeout)
+        logger.debug("classify: %d request(s) to %s", len(requests), self._cfg.address)
+
+        def send(req: pb.ClassifyRequest) -> pb.ClassifyResponse:
+            return self._call("Classify", self._stub.Classify, req, deadline)
+
+        workers = min(len(requests), self._cfg.max_concurrent_requests)
+        if workers == 1:
+            responses = [send(r) for r in requests]
+        else:
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="cifar-classify")
+            try:
+                responses = list(pool.map(send, requests))
+            finally:  # on a failure, drop the requests not yet sent
+                pool.shutdown(wait=True, cancel_futures=True)
+        return _Config.results(responses, requests)
+
+    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """What the server serves: name, version, labels, input spec, device, batching and limits."""
+        msg = self._call("GetModelInfo", self._stub.GetModelInfo, pb.GetModelInfoRequest(),
+                         self._cfg.deadline(timeout))
+        return ModelInfo.from_proto(msg)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """The asyncio twin of :class:`Client` (``grpc.aio``): same arguments, awaitable methods.
+
+    The channel is opened on first use, inside the running event loop; use ``async with`` or
+    ``await client.close()``. Requests of one large call run concurrently, up to
+    ``max_concurrent_requests`` at a time.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = None,
+        retries: int = 3,
+        backoff: float = 0.1,
+        tls: bool = False,
+        root_certificates: Credential | None = None,
+        client_cert: Credential | None = None,
+        client_key: Credential | None = None,
+        server_name: str | None = None,
+        token: str | None = None,
+        max_images_per_request: int = 256,
+        max_concurrent_requests: int = 4,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._cfg = _Config(
+            address, timeout=timeout, retries=retries, backoff=backoff, tls=tls,
+            root_certificates=root_certificates, client_cert=client_cert, client_key=client_key,
+            server_name=server_name, token=token, max_images_per_request=max_images_per_request,
+            max_concurrent_requests=max_concurrent_requests, options=options,
+        )
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.ClassifierStub | None = None
+
+    @property
+    def address(self) -> str:
+        return self._cfg.address
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self._cfg.address!r})"
+
+    def _get_stub(self) -> pb_grpc.ClassifierStub:
+        if self._stub is None:
+            if self._cfg.credentials is not None:
+                self._channel = grpc.aio.secure_channel(self._cfg.address, self._cfg.credentials,
+                                                        options=self._cfg.options)
+            else:
+                self._channel = grpc.aio.insecure_channel(self._cfg.address, options=self._cfg.options)
+            self._stub = pb_grpc.ClassifierStub(self._channel)
+        return self._stub
+
+    async def _call(self, method: str, fn: Callable[..., Awaitable[Resp]], request: Any,
+                    deadline: float | None) -> Resp:
+        attempt = 0
+        while True:
+            try:
+                left = _Config.remaining(deadline, method)
+                return await fn(request, timeout=left, metadata=self._cfg.metadata)
+            except grpc.RpcError as exc:  # grpc.aio.AioRpcError is one
+                err = error_from_rpc(exc)
+            await asyncio.sleep(self._cfg.next_attempt(err, attempt, deadline, method))
+            attempt += 1
+
+    async def classify(
+        self,
+        inputs: Inputs,
+        *,
+        top_k: int = 1,
+        include_logits: bool = False,
+        timeout: float | None = None,
+    ) -> list[Classification]:
+        """Classify one input or a list of them; see :meth:`Client.classify`."""
+        requests = self._cfg.plan(inputs, top_k, include_logits)
+        if not requests:
+            return []
+        deadline = self._cfg.deadline(timeout)
+        stub = self._get_stub()
+        gate = asyncio.Semaphore(self._cfg.max_concurrent_requests)
+        logger.debug("classify: %d request(s) to %s", len(requests), self._cfg.address)
+
+        async def send(req: pb.ClassifyRequest) -> pb.ClassifyResponse:
+            async with gate:
+                return await self._call("Classify", stub.Classify, req, deadline)
+
+        if len(requests) == 1:
+            responses = [await send(requests[0])]
+        else:
+            tasks = [asyncio.ensure_future(send(r)) for r in requests]
+            try:
+                responses = await asyncio.gather(*tasks)
+            finally:
+                for t in tasks:
+                    t.cancel()
+        return _Config.results(responses, requests)
+
+    async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """What the server serves; see :meth:`Client.model_info`."""
+        stub = self._get_stub()
+        msg = await self._call("GetModelInfo", stub.GetModelInfo, pb.GetModelInfoRequest(),
+                               self._cfg.deadline(timeout))
+        return ModelInfo.from_proto(msg)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        self._channel = None
+        self._stub = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()

@@ -1,0 +1,294 @@
+"""``cifar-classify``: classify image files and folders with a cifar-serve server.
+
+Files are read and decoded here, with the server's own decoding (``decode_image``), and sent as
+packed batches: a file that cannot be read or decoded is reported on stderr and skipped, without
+failing the batch it would have been part of; the next batch is decoded while the server works
+on the current one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+from tqdm import tqdm
+
+from ._client import DEFAULT_ADDRESS, Client
+from ._errors import CifarServeError
+from ._inputs import load_image_file
+from ._types import Classification
+
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_SKIPPED", "EXIT_USAGE", "IMAGE_SUFFIXES", "find_images", "main"]
+
+logger = logging.getLogger("cifar_serve.client.cli")
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"})
+EXIT_OK = 0
+EXIT_SKIPPED = 1
+EXIT_USAGE = 2
+EXIT_FAILED = 3
+_PROGRESS_MIN_FILES = 100  # fewer files than this finish too fast for a progress bar to help
+
+_EPILOG = f"""\
+Folders are searched for files ending in {", ".join(sorted(IMAGE_SUFFIXES))} (any case); files named
+explicitly are tried whatever their suffix. Files are decoded here, exactly as the server decodes
+them, and sent in packed batches; a file that cannot be read or decoded is reported on stderr and
+skipped. Results go to stdout, one per file, in the order found (folders sorted by path).
+
+exit status:
+  {EXIT_OK}  every image file found was classified
+  {EXIT_SKIPPED}  some files were skipped (each reported on stderr); the others were classified and printed
+  {EXIT_USAGE}  bad usage, or nothing could be classified (no image files found, or all were skipped)
+  {EXIT_FAILED}  a call to the server failed (unreachable, timed out, refused); nothing is printed
+
+environment:
+  CIFAR_SERVE_ADDRESS  default for --server ({DEFAULT_ADDRESS} when unset)
+  CIFAR_SERVE_TOKEN    default for --token (keeps the token out of the process list)
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _top_k(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 10:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 10, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cifar-classify",
+        description="Classify image files and folders with a cifar-serve server (CIFAR-10 ResNet18).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders to classify")
+    p.add_argument("-r", "--recursive", action="store_true", help="also search the subfolders of folders")
+    p.add_argument("-k", "--top-k", type=_top_k, default=1, metavar="K",
+                   help="ranked classes to report per image, 1..10 (default: 1)")
+    p.add_argument("-f", "--format", choices=("table", "json", "csv"), default="table",
+                   help="output format on stdout (default: table)")
+    p.add_argument("--logits", action="store_true", help="also output the 10 raw logits (json and csv)")
+    p.add_argument("-s", "--server", default=os.environ.get("CIFAR_SERVE_ADDRESS") or DEFAULT_ADDRESS,
+                   metavar="HOST:PORT", help="server address (default: $CIFAR_SERVE_ADDRESS or %(default)s)")
+    p.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S",
+                   help="deadline of each batch request in seconds, retries included (default: %(default)s)")
+    p.add_argument("--retries", type=int, default=3, metavar="N",
+                   help="retries of a batch when the server is unavailable (default: %(default)s)")
+    p.add_argument("-b", "--batch-size", type=_positive_int, default=256, metavar="N",
+                   help="images per request (default: %(default)s; the server allows up to 1024)")
+    tls = p.add_argument_group("security")
+    tls.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    tls.add_argument("--tls-ca", metavar="FILE",
+                     help="CA certificate (PEM) to verify the server with; implies TLS")
+    tls.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM) for mutual TLS")
+    tls.add_argument("--tls-key", metavar="FILE", help="client private key (PEM) for mutual TLS")
+    tls.add_argument("--tls-server-name", metavar="NAME",
+                     help="name to expect in the server's certificate, when it differs from HOST")
+    tls.add_argument("--token", default=os.environ.get("CIFAR_SERVE_TOKEN") or None,
+                     help="bearer token sent as 'authorization: Bearer TOKEN' (default: $CIFAR_SERVE_TOKEN)")
+    p.add_argument("--no-progress", action="store_true",
+                   help=f"no progress bar (it shows on a terminal for {_PROGRESS_MIN_FILES} files or more)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log requests and retries on stderr")
+    return p
+
+
+def find_images(paths: Sequence[str], recursive: bool) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The files to classify, in order, and the (path, reason) of each argument that is not usable."""
+    files: list[Path] = []
+    missing: list[tuple[str, str]] = []
+    for arg in paths:
+        path = Path(arg)
+        if path.is_dir():
+            found = path.rglob("*") if recursive else path.iterdir()
+            files.extend(sorted(f for f in found if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()))
+        elif path.is_file():
+            files.append(path)
+        elif path.exists():
+            missing.append((arg, "not a regular file or folder"))
+        else:
+            missing.append((arg, "no such file or folder"))
+    return files, missing
+
+
+@dataclass
+class _Decoded:
+    path: Path
+    image: np.ndarray | None
+    error: str = ""
+
+
+def _decode(path: Path) -> _Decoded:
+    try:
+        return _Decoded(path, load_image_file(path))
+    except CifarServeError as exc:  # not decodable; the message names the file
+        reason = exc.message.removeprefix(f"{path}: ")
+        return _Decoded(path, None, re.sub(r" \([^()]*<_io\.BytesIO object at \w+>\)", "", reason))
+    except OSError as exc:
+        return _Decoded(path, None, exc.strerror or str(exc))
+
+
+def _batches(files: list[Path], size: int, pool: ThreadPoolExecutor) -> Iterator[list[_Decoded]]:
+    """Decoded batches in order; batch n+1 is being decoded while the caller works on batch n."""
+    chunks = [files[i : i + size] for i in range(0, len(files), size)]
+    pending: list[Future[_Decoded]] = [pool.submit(_decode, f) for f in chunks[0]] if chunks else []
+    for n in range(len(chunks)):
+        done = [fut.result() for fut in pending]
+        pending = [pool.submit(_decode, f) for f in chunks[n + 1]] if n + 1 < len(chunks) else []
+        yield done
+
+
+def _row(path: Path, result: Classification, logits: bool) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "path": str(path),
+        "label": result.label,
+        "class_index": result.class_index,
+        "probability": result.probability,
+        "predictions": [{"label": p.label, "class_index": p.class_index, "probability": p.probability}
+                        for p in result.predictions],
+    }
+    if logits and result.logits is not None:
+        row["logits"] = [float(v) for v in result.logits]
+    return row
+
+
+def _write_json(rows: list[dict[str, Any]], out: TextIO) -> None:
+    json.dump(rows, out, indent=2)
+    out.write("\n")
+
+
+def _write_csv(rows: list[dict[str, Any]], out: TextIO, top_k: int, logits: bool) -> None:
+    header = ["path", "label", "class_index", "probability"]
+    for r in range(2, top_k + 1):
+        header += [f"label_{r}", f"class_index_{r}", f"probability_{r}"]
+    n_logits = max((len(row.get("logits", ())) for row in rows), default=0) if logits else 0
+    header += [f"logit_{i}" for i in range(n_logits)]
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        line: list[Any] = [row["path"], row["label"], row["class_index"], repr(row["probability"])]
+        for p in row["predictions"][1:top_k]:
+            line += [p["label"], p["class_index"], repr(p["probability"])]
+        line += [repr(v) for v in row.get("logits", ())]
+        writer.writerow(line)
+
+
+def _write_table(rows: list[dict[str, Any]], out: TextIO, top_k: int) -> None:
+    header = ["PATH", "LABEL", "PROBABILITY"] + (["TOP-K"] if top_k > 1 else [])
+    lines = [header]
+    for row in rows:
+        line = [row["path"], row["label"], f"{row['probability']:.4f}"]
+        if top_k > 1:
+            line.append(", ".join(f"{p['label']} {p['probability']:.3f}" for p in row["predictions"]))
+        lines.append(line)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        out.write("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() + "\n")
+
+
+def _bar_size() -> dict[str, int]:
+    """Nothing (tqdm follows the terminal) unless the terminal reports a zero size, which hides the bar."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return {}
+    return {} if size.columns and size.lines else {"ncols": size.columns or 80, "nrows": size.lines or 24}
+
+
+def _say(message: str) -> None:
+    """A message for the user on stderr that does not garble the progress bar."""
+    tqdm.write(f"cifar-classify: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="cifar-classify: %(message)s")
+
+    files, missing = find_images(args.paths, args.recursive)
+    for arg, reason in missing:
+        _say(f"skipped {arg}: {reason}")
+    if not files:
+        _say("no image files to classify")
+        return EXIT_USAGE
+
+    rows: list[dict[str, Any]] = []
+    skipped = len(missing)
+    show_bar = not args.no_progress and sys.stderr.isatty() and len(files) >= _PROGRESS_MIN_FILES
+    try:
+        client = Client(args.server, timeout=args.timeout, retries=args.retries, tls=args.tls,
+                        root_certificates=args.tls_ca, client_cert=args.tls_cert, client_key=args.tls_key,
+                        server_name=args.tls_server_name, token=args.token,
+                        max_images_per_request=args.batch_size)
+    except (OSError, ValueError) as exc:
+        _say(f"error: {exc}")
+        return EXIT_USAGE
+    bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=not show_bar,
+               **(_bar_size() if show_bar else {}))
+    with client, ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool, bar:
+        for batch in _batches(files, args.batch_size, pool):
+            good = [d for d in batch if d.image is not None]
+            for d in batch:
+                if d.image is None:
+                    skipped += 1
+                    _say(f"skipped {d.path}: {d.error}")
+            if good:
+                try:
+                    results = client.classify(np.stack([d.image for d in good if d.image is not None]),
+                                              top_k=args.top_k, include_logits=args.logits)
+                except CifarServeError as exc:
+                    bar.close()
+                    _say(f"error: {args.server}: {exc}")
+                    return EXIT_FAILED
+                rows.extend(_row(d.path, r, args.logits) for d, r in zip(good, results, strict=True))
+            bar.update(len(batch))
+
+    if not rows:
+        _say("nothing could be classified")
+        return EXIT_USAGE
+    out = sys.stdout
+    try:
+        if args.format == "json":
+            _write_json(rows, out)
+        elif args.format == "csv":
+            _write_csv(rows, out, args.top_k, args.logits)
+        else:
+            _write_table(rows, out, args.top_k)
+        out.flush()
+    except BrokenPipeError:  # e.g. piped into `head`: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+    if skipped:
+        _say(f"classified {len(rows)} image(s), skipped {skipped}")
+        return EXIT_SKIPPED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
