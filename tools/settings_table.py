@@ -12,9 +12,8 @@ def table() -> str:
     rows = ["| flag | environment variable | default | meaning |", "| --- | --- | --- | --- |"]
     for f in fields(Settings):
         default = "" if f.default is MISSING else repr(f.default)
-        rows.append(
-            f"| `--{f.name.replace('_', '-')}` | `{ENV_PREFIX}{f.name.upper()}` | `{default}` | {f.metadata['help']} |"
-        )
+        flag = "--" + f.name.replace("_", "-")
+        rows.append(f"| `{flag}` | `{ENV_PREFIX}{f.name.upper()}` | `{default}` | {f.metadata['help']} |")
     return "\n".join(rows) + "\n"
 
 
