@@ -237,10 +237,14 @@ def _load_uncached(source: Path, download: bool) -> dict[str, CifarSplit]:
             return _load_official_tar(source / "cifar-10-python.tar.gz")
         zips = sorted(source.glob("*.zip"))
         if zips:
-            merged: dict[str, CifarSplit] = {}
+            parts: dict[str, list[CifarSplit]] = {}
             for z in zips:
-                merged.update(_collect(_iter_zip(z)))
-            return merged
+                for name, split in _collect(_iter_zip(z)).items():
+                    parts.setdefault(name, []).append(split)
+            return {
+                name: CifarSplit(np.concatenate([p.images for p in ps]), np.concatenate([p.labels for p in ps]))
+                for name, ps in parts.items()
+            }
         found = _collect(_iter_tree(source))
         if found:
             return found

@@ -15,13 +15,12 @@ import struct
 import tarfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from cifar_serve.export.data import CIFAR10_CLASSES, DatasetError, load_cifar10, load_split
+from PIL import Image
 
 SAMPLE_ZIP = Path(__file__).resolve().parent / "fixtures" / "cifar10-test-sample.zip"
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -61,22 +60,22 @@ def _samples(per_class: int, offset: int = 0) -> list[Sample]:
     return out
 
 
-class _Py2Pickler(pickle._Pickler):  # type: ignore[misc,name-defined]
+class _Py2Pickler(pickle._Pickler):
     """Protocol 2 with Python 2 ``str`` opcodes (SHORT_BINSTRING/BINSTRING) for bytes and str.
 
     Python 3's pickler would encode ``bytes`` at protocol 2 as a ``_codecs.encode`` call, which
     is not what the official files (written by Python 2's cPickle) contain.
     """
 
-    dispatch = dict(pickle._Pickler.dispatch)  # type: ignore[attr-defined]
+    dispatch: ClassVar[dict[type, Any]] = dict(pickle._Pickler.dispatch)
 
     def save_py2_str(self, obj: bytes | str) -> None:
         data = obj.encode("latin-1") if isinstance(obj, str) else obj
         if len(data) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)  # type: ignore[attr-defined]
         else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
-        self.memoize(obj)
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)  # type: ignore[attr-defined]
+        self.memoize(obj)  # type: ignore[attr-defined]
 
     dispatch[bytes] = save_py2_str
     dispatch[str] = save_py2_str
@@ -117,6 +116,7 @@ def _official_files(per_batch: int = 3) -> tuple[dict[str, bytes], dict[str, lis
     files = {}
     for i, name in enumerate(TRAIN_BATCHES):
         chunk = splits["train"][i * per_batch : (i + 1) * per_batch]
+        # data_batch_5 as a Python 3 re-pickle (protocol 4), as some redistributed copies are.
         files[name] = _batch_bytes(chunk, f"training batch {i + 1} of 5", python2=(i != 4))
     files["test_batch"] = _batch_bytes(splits["test"], "testing batch 1 of 1")
     files["batches.meta"] = _py2_pickle(
@@ -149,7 +149,7 @@ def _assert_split(split: Any, samples: list[Sample]) -> None:
     assert split.images.shape == (len(samples), 32, 32, 3)
     assert split.labels.dtype == np.int64
     assert split.labels.tolist() == [s.label for s in samples]
-    for got, s in zip(split.images, samples):
+    for got, s in zip(split.images, samples, strict=True):
         np.testing.assert_array_equal(got, s.pixels, err_msg=s.name)
 
 
@@ -234,7 +234,7 @@ def test_official_missing_batch_file(tmp_path: Path) -> None:
     files, _ = _official_files()
     del files["data_batch_3"]
     batches = _write_official_dir(tmp_path, files)
-    with pytest.raises(DatasetError, match="missing CIFAR-10 batch file .*data_batch_3"):
+    with pytest.raises(DatasetError, match=r"missing CIFAR-10 batch file .*data_batch_3"):
         load_cifar10(batches)
 
 
@@ -256,12 +256,12 @@ def test_truncated_tarball(tmp_path: Path, cut: float) -> None:
         load_cifar10(bad)
 
 
-def test_corrupted_gzip_tarball(tmp_path: Path) -> None:
-    """Bit rot inside the deflate stream (not a truncation) is a DatasetError too."""
+@pytest.mark.parametrize("start", [0.3, 0.6])
+def test_corrupted_gzip_tarball(tmp_path: Path, start: float) -> None:
+    """Bit rot inside the deflate stream (not a truncation) is a DatasetError, not a zlib.error."""
     files, _ = _official_files()
     data = bytearray(_write_official_tar(tmp_path / "good.tar.gz", files).read_bytes())
-    mid = len(data) // 2
-    for i in range(mid, mid + 300):
+    for i in range(int(len(data) * start), len(data) - 8):  # keep the gzip trailer
         data[i] ^= 0x5A
     bad = tmp_path / "cifar-10-python.tar.gz"
     bad.write_bytes(bytes(data))
@@ -286,7 +286,7 @@ def test_corrupted_gzip_tarball(tmp_path: Path) -> None:
         ),
         (
             pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 10]}, protocol=4),
-            "labels outside 0..9",
+            r"labels outside 0\.\.9",
         ),
     ],
     ids=["garbage", "truncated", "no-data", "not-a-dict", "short-rows", "label-count", "label-range"],
@@ -327,9 +327,6 @@ def _evil_payloads(marker: Path) -> dict[str, bytes]:
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path: Path, kind: str, container: str) -> None:
     marker = tmp_path / "pwned"
     payload = _evil_payloads(marker)[kind]
-    # Prove the payload is live: an unrestricted unpickler would run it.
-    module = kind.split(".")[0].encode()
-    assert module in payload or b"posix" in payload
     files, _ = _official_files()
     files["test_batch"] = payload
     source = (
@@ -342,11 +339,12 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path: Path, kind: str, c
     assert not marker.exists()
 
 
-def test_evil_payload_is_live_without_the_guard(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["os.system", "builtins.exec", "builtins.eval"])
+def test_evil_payload_is_live_without_the_guard(tmp_path: Path, kind: str) -> None:
     """Sanity check for the test above: the same bytes do execute under plain pickle."""
     marker = tmp_path / "pwned"
-    pickle.loads(_evil_payloads(marker)["builtins.exec"])
-    assert marker.read_text() == "pwned"
+    pickle.loads(_evil_payloads(marker)[kind])
+    assert marker.exists()
 
 
 # --------------------------------------------------------------------------- image folders and zips
@@ -406,7 +404,7 @@ def test_canonical_class_order(tmp_path: Path) -> None:
     loaded = load_cifar10(_write_tree(tmp_path / "t", [], picked))
     labels = loaded["test"].labels.tolist()
     assert sorted(labels) == [0, 3, 6, 9]
-    for img, label in zip(loaded["test"].images, labels):
+    for img, label in zip(loaded["test"].images, labels, strict=True):
         np.testing.assert_array_equal(img, by_class[CIFAR10_CLASSES[label]].pixels)
 
 
@@ -447,7 +445,7 @@ def test_zip_with_corrupt_deflate_stream(tmp_path: Path) -> None:
     bad = tmp_path / "bad.zip"
     bad.write_bytes(bytes(data))
     assert zipfile.is_zipfile(bad)  # the directory at the end is intact
-    with pytest.raises(DatasetError, match="bad.zip"):
+    with pytest.raises(DatasetError, match=r"bad\.zip"):
         load_cifar10(bad)
 
 
@@ -465,7 +463,7 @@ def test_zip_with_bad_crc(tmp_path: Path) -> None:
 def test_truncated_zip(tmp_path: Path) -> None:
     bad = tmp_path / "cut.zip"
     bad.write_bytes(SAMPLE_ZIP.read_bytes()[:20_000])
-    with pytest.raises(DatasetError, match="cut.zip"):
+    with pytest.raises(DatasetError, match=r"cut\.zip"):
         load_cifar10(bad)
 
 
