@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
+
 from cifar_serve.v1 import classifier_pb2 as pb
 from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
 

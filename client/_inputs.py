@@ -24,10 +24,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
 from cifar_serve.server.errors import InvalidInput
 from cifar_serve.server.preprocess import IMAGE_BYTES, IMAGE_SHAPE, decode_image, pil_to_array
 from cifar_serve.v1 import classifier_pb2 as pb
-from PIL import Image
 
 from ._errors import invalid_argument
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
+
 from cifar_serve.v1 import classifier_pb2 as pb
 
 __all__ = ["BatchingInfo", "Classification", "Limits", "ModelInfo", "Prediction", "TensorSpec"]

@@ -242,7 +242,9 @@ def _load_uncached(source: Path, download: bool) -> dict[str, CifarSplit]:
                 for name, split in _collect(_iter_zip(z)).items():
                     parts.setdefault(name, []).append(split)
             return {
-                name: CifarSplit(np.concatenate([p.images for p in ps]), np.concatenate([p.labels for p in ps]))
+                name: CifarSplit(
+                    np.concatenate([p.images for p in ps]), np.concatenate([p.labels for p in ps])
+                )
                 for name, ps in parts.items()
             }
         found = _collect(_iter_tree(source))

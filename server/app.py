@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from cifar_serve.v1 import classifier_pb2, classifier_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from cifar_serve.v1 import classifier_pb2, classifier_pb2_grpc
 
 from .core import InferenceCore
 from .metrics import Metrics

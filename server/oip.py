@@ -24,6 +24,7 @@ from importlib import metadata
 
 import grpc
 import numpy as np
+
 from cifar_serve.v1 import open_inference_pb2 as pb
 from cifar_serve.v1 import open_inference_pb2_grpc as pb_grpc
 

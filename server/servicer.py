@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
+
 from cifar_serve.v1 import classifier_pb2 as pb
 from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
 

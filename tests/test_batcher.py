@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from cifar_serve.server.batcher import DynamicBatcher
 from cifar_serve.server.errors import (
     DeadlineExceeded,

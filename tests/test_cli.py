@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cifar_serve.client.cli import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, main
 from PIL import Image
+
+from cifar_serve.client.cli import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, main
 
 ATOL = 1e-4
 Jpegs = list[tuple[str, bytes]]

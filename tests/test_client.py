@@ -23,6 +23,8 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
+
 from cifar_serve.client import (
     AsyncClient,
     CifarServeError,
@@ -37,7 +39,6 @@ from cifar_serve.client import (
     load_image_file,
 )
 from cifar_serve.server.preprocess import decode_image, pil_to_array
-from PIL import Image
 
 ATOL = 1e-4
 Jpegs = list[tuple[str, bytes]]

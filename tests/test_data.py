@@ -19,8 +19,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pytest
-from cifar_serve.export.data import CIFAR10_CLASSES, DatasetError, load_cifar10, load_split
 from PIL import Image
+
+from cifar_serve.export.data import CIFAR10_CLASSES, DatasetError, load_cifar10, load_split
 
 SAMPLE_ZIP = Path(__file__).resolve().parent / "fixtures" / "cifar10-test-sample.zip"
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]

@@ -25,10 +25,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from PIL import Image
+
 from cifar_serve.export import CIFAR10_CLASSES, ResNet18, ServingModel, exporter, load_model
 from cifar_serve.export import cli as export_cli
 from cifar_serve.export.exporter import ParityError, check_parity, export_model
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "models" / "resnet18_cifar10.pt"

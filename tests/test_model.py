@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cifar_serve.export import CIFAR10_MEAN, CIFAR10_STD, ResBlk, ResNet18, ServingModel
 from PIL import Image
+
+from cifar_serve.export import CIFAR10_MEAN, CIFAR10_STD, ResBlk, ResNet18, ServingModel
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "models" / "resnet18_cifar10.pt"

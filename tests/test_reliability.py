@@ -19,12 +19,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from cifar_serve.v1 import classifier_pb2 as pb
-from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+
+from cifar_serve.v1 import classifier_pb2 as pb
+from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 

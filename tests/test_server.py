@@ -12,10 +12,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from cifar_serve.v1 import classifier_pb2 as pb
-from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from cifar_serve.v1 import classifier_pb2 as pb
+from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,12 +13,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from cifar_serve.export import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, ServingModel, load_model
 from cifar_serve.export import train as train_mod
 from cifar_serve.export.checkpoint import TrainConfig
 from cifar_serve.export.data import load_cifar10
 from cifar_serve.export.train import augment, evaluate, train
-from PIL import Image
 
 SAMPLE_ZIP = Path(__file__).resolve().parent / "fixtures" / "cifar10-test-sample.zip"
 TRAIN_PER_CLASS = 20  # 200 training images

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from cifar_serve.export.exporter import ExportError
 from cifar_serve.export.triton import write_triton_repo
 
