@@ -1,0 +1,78 @@
+# cifar-serve: the gRPC inference server for the CIFAR-10 ResNet18, as a container image.
+#
+#   docker build -t cifar-serve:cpu .                                  # CPU-only torch (small)
+#   docker build -t cifar-serve:cuda --build-arg TORCH_VARIANT=cuda .  # CUDA torch from PyPI
+#   docker run --rm -p 50051:50051 -p 9090:9090 cifar-serve:cpu
+#
+# TORCH_VARIANT: cpu (the CPU wheel index), cuda (PyPI's Linux wheels, which bundle CUDA), or a
+# PyTorch wheel index tag such as cu126. Versions come from pyproject.toml (torch, torchvision)
+# and deploy/constraints.txt (everything else), so every build resolves the tested versions.
+# tests/test_deploy.py checks this file against docker-compose.yml and the project.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# ---- build: a virtual environment holding cifar-serve and its pinned dependencies ----
+FROM ${PYTHON_IMAGE} AS build
+ARG TORCH_VARIANT=cpu
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY pyproject.toml ./
+COPY deploy/constraints.txt deploy/constraints.txt
+# Dependencies first (a layer that survives source edits): torch and torchvision at the
+# versions pyproject.toml pins, from the wheel index of the chosen variant, then the rest.
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep=chr(10))" \
+        > /tmp/requirements.txt \
+ && grep -E '^(torch|torchvision)==' /tmp/requirements.txt > /tmp/torch.txt \
+ && case "$TORCH_VARIANT" in \
+      cuda) ;; \
+      *) pip install --no-deps --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" -r /tmp/torch.txt ;; \
+    esac \
+ && pip install -c deploy/constraints.txt -r /tmp/requirements.txt
+COPY proto/ proto/
+COPY export/ export/
+COPY server/ server/
+COPY client/ client/
+RUN pip install --no-deps . && pip check
+
+# ---- artifacts: export the shipped weights (TorchScript + ONNX + manifest, parity-checked) ----
+FROM build AS artifacts
+COPY models/resnet18_cifar10.pt /src/models/resnet18_cifar10.pt
+COPY tests/fixtures/cifar10-test-sample.zip /src/data/cifar10-test-sample.zip
+RUN cifar-export --checkpoint models/resnet18_cifar10.pt --out /app/artifacts \
+        --parity-data data/cifar10-test-sample.zip --quiet \
+ && test -f /app/artifacts/manifest.json
+
+# ---- runtime: the venv, the artifacts, a non-root user ----
+FROM ${PYTHON_IMAGE} AS runtime
+LABEL org.opencontainers.image.title="cifar-serve" \
+      org.opencontainers.image.description="gRPC inference server for a CIFAR-10 ResNet18 (dynamic batching, Open Inference Protocol)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid 10001 app \
+ && useradd --system --uid 10001 --gid app --create-home --home-dir /home/app app \
+ && mkdir -p /artifacts /runs /data \
+ && chown app:app /artifacts /runs /data
+COPY --from=build /opt/venv /opt/venv
+COPY --from=artifacts --chown=app:app /app/artifacts /app/artifacts
+# The checkpoint and the parity sample stay in the image so that compose's `export` service
+# (or `docker run --entrypoint cifar-export ...`) can export again into a volume.
+COPY models/resnet18_cifar10.pt /app/models/resnet18_cifar10.pt
+COPY tests/fixtures/cifar10-test-sample.zip /app/data/cifar10-test-sample.zip
+COPY deploy/healthcheck.py /app/deploy/healthcheck.py
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    CIFAR_SERVE_HOST=0.0.0.0 \
+    CIFAR_SERVE_MODEL_DIR=/app/artifacts
+WORKDIR /app
+USER app:app
+EXPOSE 50051 9090
+# Asks the server's own grpc.health.v1 service (no grpc_health_probe binary needed).
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "/app/deploy/healthcheck.py"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["cifar-serve"]
+CMD []
