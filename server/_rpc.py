@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable
 from typing import NoReturn, TypeVar
@@ -37,6 +38,9 @@ async def guarded(metrics: Metrics, method: str, context: grpc.aio.ServicerConte
     metrics.begin()
     try:
         return await work
+    except asyncio.CancelledError:
+        code = grpc.StatusCode.CANCELLED
+        raise
     except Exception as exc:
         if isinstance(exc, grpc.aio.AbortError):
             raise

@@ -57,7 +57,14 @@ class MalformedMessage:
 
 
 class _DecodeGuard(grpc.aio.ServerInterceptor):
-    """Turns unparseable request bytes into INVALID_ARGUMENT (grpc's default is UNKNOWN + a traceback)."""
+    """Turns unparseable request bytes into INVALID_ARGUMENT (grpc's default is UNKNOWN + a traceback).
+
+    It also counts unary calls from the moment they arrive, so a graceful shutdown waits for
+    calls that were accepted but whose handler has not started yet.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
 
     async def intercept_service(
         self,
@@ -81,11 +88,15 @@ class _DecodeGuard(grpc.aio.ServerInterceptor):
         inner = handler.unary_unary
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if isinstance(request, MalformedMessage):
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message ({request.error})"
-                )
-            return await inner(request, context)
+            self._metrics.begin()
+            try:
+                if isinstance(request, MalformedMessage):
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message ({request.error})"
+                    )
+                return await inner(request, context)
+            finally:
+                self._metrics.end()
 
         return grpc.unary_unary_rpc_method_handler(
             unary, request_deserializer=safe_parse, response_serializer=handler.response_serializer
@@ -113,6 +124,26 @@ def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     return grpc.stream_stream_rpc_method_handler(deny_stream, **kw)
 
 
+class _Health(health.aio.HealthServicer):
+    """The standard health service, whose Watch streams end when the server shuts down."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._closing = asyncio.Event()
+
+    async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        watch = asyncio.ensure_future(super().Watch(request, context))
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({watch, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (watch, closing):
+                task.cancel()
+
+    def close_watches(self) -> None:
+        self._closing.set()
+
+
 class CifarServer:
     """One server instance. ``start()`` loads and warms the model; ``stop()`` drains it."""
 
@@ -121,7 +152,7 @@ class CifarServer:
         self.metrics = Metrics()
         # Loading checks the artifact before any port is bound: a bad artifact never serves.
         self.core = InferenceCore(settings, self.metrics)
-        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.health = _Health()
         self.port = 0
         self.metrics_port = -1
         self._server: grpc.aio.Server | None = None
@@ -150,7 +181,7 @@ class CifarServer:
 
     async def start(self) -> None:
         s = self.settings
-        interceptors: list[grpc.aio.ServerInterceptor] = [_DecodeGuard()]
+        interceptors: list[grpc.aio.ServerInterceptor] = [_DecodeGuard(self.metrics)]
         if s.auth_token:
             interceptors.insert(0, _BearerAuth(s.auth_token))
         server = grpc.aio.server(
@@ -200,20 +231,26 @@ class CifarServer:
         logger.info("shutting down: draining for up to %.1fs", grace)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         started = time.monotonic()
-        # stop(grace) refuses new calls at once but would also wait out open watch streams
-        # (health Watch, idle ClassifyStreams); end those as soon as the real work is done.
+        # stop(grace) refuses new calls at once and waits for every accepted one, up to grace.
         stopping = asyncio.ensure_future(self._server.stop(grace))
-        drained = await self.metrics.wait_idle(grace)
-        if not drained:
-            logger.warning("grace period of %.1fs over with requests still running; cancelling them", grace)
-        await self._server.stop(0)
+        # Health Watch streams never end by themselves: close them once they have had a
+        # moment to deliver NOT_SERVING, so they do not hold the shutdown for the whole grace.
+        await asyncio.sleep(0.1)
+        self.health.close_watches()
         await stopping
+        if not self.metrics.idle:
+            logger.warning(
+                "grace period of %.1fs over: %d calls were cancelled", grace, self.metrics.inflight_count
+            )
         await self.core.stop()
         logger.info("drained in %.2fs", time.monotonic() - started)
         self.metrics.close()
         self._server = None
         self._stopped.set()
-        logger.info("stopped")
+        # One line a supervisor (or a test) can read: what was answered, and how.
+        logger.info(
+            "stopped; answered %s", " ".join(f"{k}={v}" for k, v in sorted(self.metrics.answered().items()))
+        )
 
     async def wait(self) -> None:
         await self._stopped.wait()

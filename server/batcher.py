@@ -1,9 +1,11 @@
 """Dynamic batching: images from concurrent callers share forward passes.
 
-A batch runs when it holds ``max_batch_size`` images, or ``max_delay`` after its oldest image
-arrived, whichever is first; a request larger than a batch is split across batches, and each
-caller gets its own rows back in order. Forward passes run in worker threads, never on the
-event loop, and while one computes the next one fills. Times are ``time.monotonic()``.
+A batch runs at once when the model is idle (waiting would only add latency: nothing else is
+using it); while a batch computes, the next one gathers until it holds ``max_batch_size``
+images or ``max_delay`` has passed since its oldest image arrived, whichever is first. A
+request larger than a batch is split across batches, and each caller gets its own rows back
+in order. Forward passes run in worker threads, never on the event loop, and while one
+computes the next one fills. Times are ``time.monotonic()``.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class DynamicBatcher:
         max_delay_s: float,
         max_queue_images: int,
         max_inflight: int = 1,
+        idle_dispatch: bool = True,
         num_classes: int = 10,
         metrics: Metrics | None = None,
     ) -> None:
@@ -82,6 +85,8 @@ class DynamicBatcher:
         self._arrived = asyncio.Event()
         self._inflight = asyncio.Semaphore(max_inflight)
         self._running: set[asyncio.Task[None]] = set()
+        self._computing = 0
+        self.idle_dispatch = idle_dispatch
         self._executor = concurrent.futures.ThreadPoolExecutor(max_inflight, thread_name_prefix="infer")
         self._collector: asyncio.Task[None] | None = None
         self._closing = False
@@ -189,10 +194,13 @@ class DynamicBatcher:
                 await self._arrived.wait()
                 continue
             await self._inflight.acquire()
-            # Holding a slot: keep gathering until the batch is full or the oldest is due.
+            # Holding a slot: keep gathering until the batch is full or the oldest is due,
+            # unless nothing is computing, when the work goes at once.
             while True:
                 self._sweep()
                 if not self._queue or self._queued >= self.max_batch_size or self._closing:
+                    break
+                if self.idle_dispatch and self._computing == 0:
                     break
                 due = self._queue[0].enqueued + self.max_delay_s - time.monotonic()
                 if due <= 0:
@@ -206,6 +214,7 @@ class DynamicBatcher:
             if not batch:
                 self._inflight.release()
                 continue
+            self._computing += 1
             task = asyncio.get_running_loop().create_task(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -254,6 +263,7 @@ class DynamicBatcher:
                         work.future.set_result(work.out)
                 offset += count
         finally:
+            self._computing -= 1
             self._inflight.release()
             self._arrived.set()
 

@@ -82,6 +82,7 @@ class InferenceCore:
             max_delay_s=self.settings.max_batch_delay_ms / 1000.0,
             max_queue_images=self.settings.max_queue_images,
             max_inflight=self.max_inflight,
+            idle_dispatch=self.settings.idle_dispatch,
             num_classes=self.num_classes,
             metrics=self.metrics,
         )

@@ -63,6 +63,23 @@ class Metrics:
         self._idle: asyncio.Event | None = None
         self._http: Any = None
 
+    def answered(self) -> dict[str, int]:
+        """Calls answered so far, as ``{"Method/CODE": count}``."""
+        out: dict[str, int] = {}
+        for metric in self.requests.collect():
+            for s in metric.samples:
+                if s.name.endswith("_total"):
+                    out[f"{s.labels['method']}/{s.labels['code']}"] = int(s.value)
+        return out
+
+    @property
+    def inflight_count(self) -> int:
+        return self._inflight
+
+    @property
+    def idle(self) -> bool:
+        return self._inflight == 0
+
     def begin(self) -> None:
         self._inflight += 1
         self.inflight.set(self._inflight)

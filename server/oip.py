@@ -92,8 +92,9 @@ def _int_param(param: pb.InferParameter, what: str) -> int:
     raise InvalidInput(f"{what} must be an int64_param, got {kind or 'no value'}")
 
 
-def _parse_images(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None,
-                  max_images: int) -> np.ndarray:
+def _parse_images(
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, max_images: int
+) -> np.ndarray:
     what = f"input {tensor.name!r}"
     if tensor.datatype != "UINT8":
         raise InvalidInput(f"{what}: datatype {tensor.datatype or '(empty)'}, expected UINT8")
@@ -215,22 +216,25 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _ready(self) -> bool:
         return self.core.batcher is not None  # set once the model is loaded and warmed up
 
-    async def ServerLive(self, request: pb.ServerLiveRequest,
-                         context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
         async def live() -> pb.ServerLiveResponse:
             return pb.ServerLiveResponse(live=True)
 
         return await guarded(self.core.metrics, "ServerLive", context, live())
 
-    async def ServerReady(self, request: pb.ServerReadyRequest,
-                          context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
         async def ready() -> pb.ServerReadyResponse:
             return pb.ServerReadyResponse(ready=self._ready())
 
         return await guarded(self.core.metrics, "ServerReady", context, ready())
 
-    async def ModelReady(self, request: pb.ModelReadyRequest,
-                         context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
         async def ready() -> pb.ModelReadyResponse:
             # As Triton: an unknown model or version is "not ready", not an error.
             known = request.name == self.core.model_name and request.version in ("", self.core.model_version)
@@ -238,15 +242,17 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         return await guarded(self.core.metrics, "ModelReady", context, ready())
 
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
-                             context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
         async def meta() -> pb.ServerMetadataResponse:
             return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=EXTENSIONS)
 
         return await guarded(self.core.metrics, "ServerMetadata", context, meta())
 
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
-                            context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
         async def meta() -> pb.ModelMetadataResponse:
             core = self.core
             core.check_model(request.name, request.version)
@@ -275,8 +281,9 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _response(self, request_id: str, plan: InferPlan, logits: np.ndarray) -> pb.ModelInferResponse:
         core = self.core
-        resp = pb.ModelInferResponse(model_name=core.model_name, model_version=core.model_version,
-                                     id=request_id)
+        resp = pb.ModelInferResponse(
+            model_name=core.model_name, model_version=core.model_version, id=request_id
+        )
         for classes in plan.outputs:
             tensor = resp.outputs.add(name=OUTPUT_NAME)
             if classes:
@@ -296,21 +303,24 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                     tensor.contents.fp32_contents.extend(logits.ravel().tolist())
         return resp
 
-    async def ModelInfer(self, request: pb.ModelInferRequest,
-                         context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
         work = self._infer(request, deadline_of(context))
         return await guarded(self.core.metrics, "ModelInfer", context, work)
 
-    async def _stream_one(self, request: pb.ModelInferRequest,
-                          deadline: float | None) -> pb.ModelStreamInferResponse:
+    async def _stream_one(
+        self, request: pb.ModelInferRequest, deadline: float | None
+    ) -> pb.ModelStreamInferResponse:
         code = grpc.StatusCode.OK
         try:
             msg = pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
         except Exception as exc:
             code, text = status_for(exc)
             # As Triton: the error travels on the stream, with the id to tell which request failed.
-            msg = pb.ModelStreamInferResponse(error_message=text,
-                                              infer_response=pb.ModelInferResponse(id=request.id))
+            msg = pb.ModelStreamInferResponse(
+                error_message=text, infer_response=pb.ModelInferResponse(id=request.id)
+            )
         self.core.metrics.requests.labels("ModelStreamInfer", code.name).inc()
         return msg
 
@@ -322,7 +332,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         # Answers go out in request order (as Triton's non-decoupled streams), while up to
         # _STREAM_WINDOW requests compute at once and so share batches.
         pending: asyncio.Queue[asyncio.Future[pb.ModelStreamInferResponse] | BaseException | None] = (
-            asyncio.Queue(maxsize=_STREAM_WINDOW))
+            asyncio.Queue(maxsize=_STREAM_WINDOW)
+        )
 
         async def read() -> None:
             try:

@@ -38,6 +38,9 @@ class Settings:
     )
     max_batch_size: int = _opt(64, "most images in one forward pass")
     max_batch_delay_ms: float = _opt(2.0, "longest wait after the oldest queued image before a batch runs")
+    idle_dispatch: bool = _opt(
+        True, "when no batch is computing, run queued work at once instead of waiting for the delay"
+    )
     max_queue_images: int = _opt(4096, "images allowed to wait; beyond it new work gets RESOURCE_EXHAUSTED")
     max_inflight_batches: int = _opt(0, "batches computing at once (0: 1 on CPU, 2 on GPU)")
     cuda_graphs: bool = _opt(True, "on GPU, replay CUDA graphs captured per batch-size bucket")

@@ -300,11 +300,19 @@ def test_sigterm_under_load_loses_no_accepted_request(model_dir, sample, offline
                 f.result()
         rc = proc.wait(timeout=30)
         exit_time = time.monotonic() - sent_signal
-        assert rc == 0, proc.communicate()[1]
+        stderr = proc.communicate()[1]
+        assert rc == 0, stderr
         assert exit_time < 20
         ok = outcomes.count(grpc.StatusCode.OK)
-        failures = [c for c in outcomes if c not in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE)]
-        assert ok > 10 and not failures and not wrong, (ok, failures)
+        # The server's own count of the calls its handlers accepted, and how each ended.
+        answered = dict(kv.split("=") for kv in stderr.split("stopped; answered ")[1].split("\n")[0].split())
+        accepted = {k: int(v) for k, v in answered.items() if k.startswith("Classify/")}
+        assert accepted == {"Classify/OK": ok}, (accepted, ok)  # every accepted call succeeded
+        # Calls grpc refused during the stop never reached a handler: UNAVAILABLE, or CANCELLED
+        # when they raced the listener's close inside grpc's core.
+        refused = [c for c in outcomes if c != grpc.StatusCode.OK]
+        assert set(refused) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, refused
+        assert ok > 10 and not wrong
         ch.close()
     finally:
         if proc.poll() is None:
