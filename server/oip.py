@@ -53,7 +53,12 @@ IMAGE_BYTES = 32 * 32 * 3
 EXTENSIONS = ("classification",)
 SERVER_NAME = "cifar-serve"
 # The platform names Triton reports for the same artifacts, so clients that switch on it work.
-_PLATFORMS = {"torchscript": "pytorch_libtorch", "onnxruntime": "onnxruntime_onnx"}
+# auto serves both artifacts (same weights); the TorchScript one is its primary, as in ModelInfo.
+_PLATFORMS = {
+    "torchscript": "pytorch_libtorch",
+    "onnxruntime": "onnxruntime_onnx",
+    "auto": "pytorch_libtorch",
+}
 _INLINE_STRINGS = 2048  # classification strings formatted on the event loop; more go to a thread
 _STREAM_WINDOW = 64  # requests of one stream computing at once; bounds a stream's memory
 _SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")

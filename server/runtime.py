@@ -23,6 +23,9 @@ __all__ = ["ArtifactError", "Manifest", "ModelRuntime", "load_manifest", "resolv
 logger = logging.getLogger(__name__)
 
 IMAGE_SHAPE = (32, 32, 3)
+# With --backend auto on the CPU, batches up to this size go to ONNX Runtime, larger ones to
+# frozen TorchScript: the crossover measured by benchmarks/runtimes.py.
+SMALL_BATCH = 4
 
 
 class ArtifactError(RuntimeError):
@@ -114,17 +117,14 @@ class ModelRuntime:
         self.precision = precision
         self.max_batch_size = max_batch_size
         self.device = resolve_device(device)
-        kind = "onnx" if backend == "onnxruntime" else "torchscript"
-        artifact = self.manifest.artifact_path(kind)
-        if not artifact.is_file():
-            raise ArtifactError(f"artifact missing: {artifact}")
-        self.sha256 = _sha256(artifact)
-        expected = self.manifest.artifacts[kind].get("sha256")
-        if verify_sha256 and self.sha256 != expected:
-            raise ArtifactError(
-                f"{artifact}: sha256 {self.sha256} does not match the manifest's {expected}; "
-                "the artifact was modified or corrupted: re-export it"
-            )
+        if backend == "auto":
+            # Measured on the CPU (BENCHMARKS.md): ONNX Runtime answers one image in ~1 ms against
+            # ~5 ms for frozen TorchScript, which is twice as fast at batch 64. On a GPU, or at
+            # reduced precision, TorchScript alone.
+            backend = "auto" if self.device.type == "cpu" and precision == "fp32" else "torchscript"
+        self.backend = backend
+        self._verify = verify_sha256
+        self._sha: dict[str, str] = {}
         if threads > 0:
             torch.set_num_threads(threads)
         self._autocast: torch.dtype | None = None
@@ -134,19 +134,41 @@ class ModelRuntime:
             if self.device.type != "cuda":
                 raise ArtifactError("--precision fp16 needs a CUDA device")
             self._autocast = torch.float16
-        if backend == "onnxruntime":
-            self._init_onnxruntime(artifact, threads)
-        elif backend == "torchscript":
-            self._init_torchscript(artifact)
-        else:
+        self._ort: Any = None
+        self._module: Any = None
+        self.small_batch = 0
+        if backend not in ("onnxruntime", "torchscript", "auto"):
             raise ArtifactError(f"unknown backend {backend!r}")
+        if backend in ("onnxruntime", "auto"):
+            self._init_onnxruntime(self._artifact("onnx"), threads)
+        if backend in ("torchscript", "auto"):
+            artifact = self._artifact("torchscript")
+            self._init_torchscript(artifact)
+        if backend == "auto":
+            self.small_batch = SMALL_BATCH
+        self.sha256 = self._sha["torchscript" if self._module is not None else "onnx"]
         self._slots: queue.Queue[_Slot] = queue.Queue()
         for _ in range(max(1, slots)):
             self._slots.put(_Slot(self.device, max_batch_size))
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and backend == "torchscript"
         logger.info(
-            "loaded %s (%s, %s, %s) sha256 %s", artifact, backend, precision, self.device, self.sha256[:12]
+            "loaded %s (%s, %s, %s) sha256 %s", model_dir, backend, precision, self.device, self.sha256[:12]
         )
+
+    def _artifact(self, kind: str) -> Path:
+        """The artifact's path, after checking its sha256 against the manifest."""
+        artifact = self.manifest.artifact_path(kind)
+        if not artifact.is_file():
+            raise ArtifactError(f"artifact missing: {artifact}")
+        digest = _sha256(artifact)
+        expected = self.manifest.artifacts[kind].get("sha256")
+        if self._verify and digest != expected:
+            raise ArtifactError(
+                f"{artifact}: sha256 {digest} does not match the manifest's {expected}; "
+                "the artifact was modified or corrupted: re-export it"
+            )
+        self._sha[kind] = digest
+        return artifact
 
     # ------------------------------------------------------------------ backends
 
@@ -168,7 +190,6 @@ class ModelRuntime:
         self._module = module
         if self.device.type == "cuda":
             self._module = self._module.to(memory_format=torch.channels_last)
-        self._ort: Any = None
 
     def _init_onnxruntime(self, artifact: Path, threads: int) -> None:
         import onnxruntime as ort
@@ -192,7 +213,7 @@ class ModelRuntime:
         """Logits for a uint8 ``[n,32,32,3]`` batch, ``1 <= n <= max_batch_size``."""
         if images.dtype != np.uint8 or images.shape[1:] != IMAGE_SHAPE:
             raise ValueError(f"expected uint8 [N,32,32,3], got {images.dtype} {images.shape}")
-        if self._ort is not None:
+        if self._ort is not None and (self._module is None or len(images) <= self.small_batch):
             out = self._ort.run([self.manifest.output_name], {self.manifest.input_name: images})[0]
             return np.asarray(out, dtype=np.float32)
         slot = self._slots.get()

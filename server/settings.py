@@ -31,7 +31,10 @@ class Settings:
     model_dir: str = _opt("artifacts", "folder holding manifest.json and the exported artifacts")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N (auto: the GPU when there is one)")
     backend: str = _opt(
-        "torchscript", "runtime that serves the artifact", choices=("torchscript", "onnxruntime")
+        "auto",
+        "runtime: torchscript, onnxruntime, or auto (CPU fp32: ONNX Runtime for batches of up to 4 "
+        "images, frozen TorchScript above; otherwise TorchScript)",
+        choices=("auto", "torchscript", "onnxruntime"),
     )
     precision: str = _opt(
         "fp32", "fp32; bf16 (CPU with AMX or GPU); fp16 (GPU)", choices=("fp32", "bf16", "fp16")
