@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model-dir", default=str(REPO / "artifacts"))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
-    p.add_argument("--backend", default="torchscript", choices=("torchscript", "onnxruntime"))
+    p.add_argument("--backend", default="auto", choices=("auto", "torchscript", "onnxruntime"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument(
         "--torch-threads", type=int, default=0, help="the server's --torch-threads (0: its default)"
@@ -249,7 +249,7 @@ def raw_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="run_benchmark.py _raw")
     p.add_argument("--model-dir", required=True)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", default="torchscript")
+    p.add_argument("--backend", default="auto")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--batch", type=int, default=64)
