@@ -86,8 +86,9 @@ def _autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | Non
         return torch.bfloat16
     if cfg.amp == "fp16":
         return torch.float16
-    # auto: bf16 autocast on CUDA, where it is measured to pay; fp32 on CPU, where it was
-    # measured not to (MODEL_CARD.md).
+    # auto: bf16 autocast on CUDA (the shipped model trained at ~25k img/s on an H200 with
+    # it); fp32 on the CPU, where a training step at batch 256 measured 346 img/s in fp32 and
+    # 275 img/s under bf16 autocast on this AMX Xeon (the maps are too small for AMX to pay).
     return torch.bfloat16 if device.type == "cuda" else None
 
 
