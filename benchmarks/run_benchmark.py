@@ -341,11 +341,9 @@ def _torch_threads() -> int:
     return int(torch.get_num_threads())
 
 
-def run_raw(plan: Plan, threads: int, logdir: Path) -> dict[str, Any]:
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "_raw",
+def _runtime_args(plan: Plan) -> list[str]:
+    """The flags that pick the runtime, identical for the raw measurement and the servers."""
+    return [
         "--model-dir",
         plan.model_dir,
         "--device",
@@ -354,6 +352,15 @@ def run_raw(plan: Plan, threads: int, logdir: Path) -> dict[str, Any]:
         plan.backend,
         "--precision",
         plan.precision,
+    ]
+
+
+def run_raw(plan: Plan, threads: int, logdir: Path) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "_raw",
+        *_runtime_args(plan),
         "--threads",
         str(threads),
         "--batch",
@@ -423,14 +430,7 @@ def model_server(
         str(port),
         "--metrics-port",
         "-1",
-        "--model-dir",
-        plan.model_dir,
-        "--device",
-        plan.device,
-        "--backend",
-        plan.backend,
-        "--precision",
-        plan.precision,
+        *_runtime_args(plan),
         "--max-batch-size",
         str(max_batch_size),
         "--max-batch-delay-ms",
