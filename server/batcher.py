@@ -22,6 +22,7 @@ import numpy as np
 
 from .errors import DeadlineExceeded, InferenceError, InternalError, QueueFull, ResourceExhausted, Unavailable
 from .metrics import Metrics
+from .stats import BatchTimes, ModelStats, RequestTimes
 
 __all__ = ["DynamicBatcher", "is_out_of_memory"]
 
@@ -44,6 +45,7 @@ class _Work:
     future: asyncio.Future[np.ndarray]
     enqueued: float
     deadline: float | None
+    times: RequestTimes | None = None
     next: int = 0
     running: int = 0
     failed: bool = field(default=False)
@@ -72,8 +74,10 @@ class DynamicBatcher:
         idle_dispatch: bool = True,
         num_classes: int = 10,
         metrics: Metrics | None = None,
+        stats: ModelStats | None = None,
     ) -> None:
         self._infer = infer
+        self._stats = stats
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_images = max_queue_images
@@ -100,11 +104,14 @@ class DynamicBatcher:
     def start(self) -> None:
         self._collector = asyncio.get_running_loop().create_task(self._collect(), name="batcher")
 
-    async def submit(self, images: np.ndarray, deadline: float | None = None) -> np.ndarray:
+    async def submit(
+        self, images: np.ndarray, deadline: float | None = None, times: RequestTimes | None = None
+    ) -> np.ndarray:
         """Logits ``[n, classes]`` for uint8 ``images [n,32,32,3]``.
 
         ``deadline`` is a ``time.monotonic()`` instant; work still queued at that instant is
-        dropped with :class:`DeadlineExceeded` before it is computed.
+        dropped with :class:`DeadlineExceeded` before it is computed. ``times``, when given, is
+        filled with the request's queue wait and the phases of the batches that held it.
         """
         if self._closing:
             raise Unavailable("server is shutting down")
@@ -121,6 +128,7 @@ class DynamicBatcher:
             loop.create_future(),
             time.monotonic(),
             deadline,
+            times,
         )
         self._queue.append(work)
         self._queued += n
@@ -227,8 +235,11 @@ class DynamicBatcher:
             work = self._queue[0]
             count = min(work.size - work.next, space)
             batch.append((work, work.next, count))
-            if work.next == 0 and self._metrics is not None:
-                self._metrics.queue_time.observe(now - work.enqueued)
+            if work.next == 0:
+                if self._metrics is not None:
+                    self._metrics.queue_time.observe(now - work.enqueued)
+                if work.times is not None:
+                    work.times.queue_ns = int((now - work.enqueued) * 1e9)
             work.next += count
             work.running += 1
             space -= count
@@ -240,18 +251,20 @@ class DynamicBatcher:
 
     async def _run(self, batch: list[_Slice]) -> None:
         try:
+            t0 = time.perf_counter_ns()
             if len(batch) == 1 and batch[0][1] == 0 and batch[0][2] == batch[0][0].size:
                 x = batch[0][0].images  # one whole request: no copy
             else:
                 x = np.concatenate([w.images[s : s + c] for w, s, c in batch])
-            started = time.monotonic()
+            t1 = time.perf_counter_ns()
             try:
                 logits = await asyncio.get_running_loop().run_in_executor(self._executor, self._forward, x)
             except Exception as exc:
                 self._fail(batch, exc)
                 return
+            t2 = time.perf_counter_ns()
             if self._metrics is not None:
-                self._metrics.inference_time.observe(time.monotonic() - started)
+                self._metrics.inference_time.observe((t2 - t1) / 1e9)
                 self._metrics.batch_size.observe(len(x))
                 self._metrics.images.inc(len(x))
             offset = 0
@@ -262,6 +275,13 @@ class DynamicBatcher:
                     if work.next == work.size and work.running == 0:
                         work.future.set_result(work.out)
                 offset += count
+            if self._stats is not None:
+                # The callers resume on a later loop iteration, so they read complete times.
+                phases = BatchTimes(t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
+                self._stats.batch_ran(len(x), phases)
+                for work, _start, _count in batch:
+                    if work.times is not None:
+                        work.times.charge(phases)
         finally:
             self._computing -= 1
             self._inflight.release()

@@ -7,6 +7,7 @@ nothing about protobuf or gRPC.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from .errors import InvalidInput, ModelNotFound
 from .metrics import Metrics
 from .runtime import ModelRuntime
 from .settings import Settings
+from .stats import ModelStats, RequestTimes
 
 __all__ = ["InferenceCore", "Ranked", "rank"]
 
@@ -70,6 +72,7 @@ class InferenceCore:
         self.labels: tuple[str, ...] = m.labels
         self.num_classes = len(self.labels)
         self.batcher: DynamicBatcher | None = None
+        self.stats = ModelStats()
 
     def warmup(self) -> None:
         self.runtime.warmup()
@@ -85,6 +88,7 @@ class InferenceCore:
             idle_dispatch=self.settings.idle_dispatch,
             num_classes=self.num_classes,
             metrics=self.metrics,
+            stats=self.stats,
         )
         self.batcher.start()
 
@@ -111,9 +115,18 @@ class InferenceCore:
 
     async def logits(self, images: np.ndarray, deadline: float | None = None) -> np.ndarray:
         """Float32 logits ``[n, classes]`` for uint8 ``[n,32,32,3]`` images."""
-        self.check_count(int(images.shape[0]))
-        assert self.batcher is not None, "core not started"
-        return await self.batcher.submit(images, deadline)
+        started = time.perf_counter_ns()
+        times = RequestTimes()
+        try:
+            n = int(images.shape[0])
+            self.check_count(n)
+            assert self.batcher is not None, "core not started"
+            logits = await self.batcher.submit(images, deadline, times)
+        except BaseException:  # cancelled callers count as failed requests, as in Triton
+            self.stats.request_failed(time.perf_counter_ns() - started)
+            raise
+        self.stats.request_succeeded(n, time.perf_counter_ns() - started, times)
+        return logits
 
     def check_top_k(self, k: int) -> None:
         if not 1 <= k <= self.num_classes:

@@ -31,6 +31,7 @@ from cifar_serve.v1 import open_inference_pb2_grpc as pb_grpc
 from ._rpc import abort_with, deadline_of, guarded
 from .core import InferenceCore
 from .errors import InvalidInput, ResourceExhausted, status_for
+from .stats import Duration
 
 __all__ = [
     "EXTENSIONS",
@@ -50,7 +51,7 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 IMAGE_SHAPE = (32, 32, 3)
 IMAGE_BYTES = 32 * 32 * 3
-EXTENSIONS = ("classification",)
+EXTENSIONS = ("classification", "model_configuration", "statistics")
 SERVER_NAME = "cifar-serve"
 # The platform names Triton reports for the same artifacts, so clients that switch on it work.
 # auto serves both artifacts (same weights); the TorchScript one is its primary, as in ModelInfo.
@@ -59,6 +60,8 @@ _PLATFORMS = {
     "onnxruntime": "onnxruntime_onnx",
     "auto": "pytorch_libtorch",
 }
+# Triton's backend name for each platform.
+_BACKENDS = {"pytorch_libtorch": "pytorch", "onnxruntime_onnx": "onnxruntime"}
 _INLINE_STRINGS = 2048  # classification strings formatted on the event loop; more go to a thread
 _STREAM_WINDOW = 64  # requests of one stream computing at once; bounds a stream's memory
 _SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
@@ -368,6 +371,88 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 left = pending.get_nowait()
                 if isinstance(left, asyncio.Future):
                     left.cancel()
+
+    # ------------------------------------------------------------------ configuration and statistics
+    # (Triton's extensions; perf_analyzer and model_analyzer read both.)
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        core = self.core
+        core.check_model(request.name, request.version)
+        s = core.settings
+        platform = _PLATFORMS.get(core.runtime.backend, core.runtime.backend)
+        device = core.runtime.device
+        group = pb.ModelInstanceGroup(
+            name=f"{core.model_name}_0",
+            # One instance per batch the server computes at once.
+            count=core.max_inflight,
+            kind=pb.ModelInstanceGroup.KIND_GPU if device.type == "cuda" else pb.ModelInstanceGroup.KIND_CPU,
+            gpus=[device.index or 0] if device.type == "cuda" else [],
+        )
+        config = pb.ModelConfig(
+            name=core.model_name,
+            platform=platform,
+            backend=_BACKENDS.get(platform, platform),
+            # What one request may hold; batches the server forms are capped by
+            # preferred_batch_size instead.
+            max_batch_size=s.max_images_per_request,
+            input=[
+                pb.ModelInput(
+                    name=INPUT_NAME,
+                    data_type=pb.TYPE_UINT8,
+                    format=pb.ModelInput.FORMAT_NHWC,
+                    dims=list(IMAGE_SHAPE),
+                )
+            ],
+            output=[pb.ModelOutput(name=OUTPUT_NAME, data_type=pb.TYPE_FP32, dims=[core.num_classes])],
+            instance_group=[group],
+            dynamic_batching=pb.ModelDynamicBatching(
+                preferred_batch_size=[s.max_batch_size],
+                max_queue_delay_microseconds=round(s.max_batch_delay_ms * 1000),
+                preserve_ordering=True,
+            ),
+        )
+        return pb.ModelConfigResponse(config=config)
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        core = self.core
+        if request.name:  # as Triton: no name means every model
+            core.check_model(request.name, request.version)
+        elif request.version:
+            raise InvalidInput("a model version needs a model name")
+        snap = core.stats.snapshot()
+
+        def dur(d: Duration) -> pb.StatisticDuration:
+            return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+        stats = pb.ModelStatistics(
+            name=core.model_name,
+            version=core.model_version,
+            last_inference=snap.last_inference_ms,
+            inference_count=snap.inference_count,
+            execution_count=snap.execution_count,
+            inference_stats=pb.InferStatistics(
+                success=dur(snap.success),
+                fail=dur(snap.fail),
+                queue=dur(snap.queue),
+                compute_input=dur(snap.compute_input),
+                compute_infer=dur(snap.compute_infer),
+                compute_output=dur(snap.compute_output),
+            ),
+            batch_stats=[
+                pb.InferBatchStatistics(
+                    batch_size=size,
+                    compute_input=dur(phases[0]),
+                    compute_infer=dur(phases[1]),
+                    compute_output=dur(phases[2]),
+                )
+                for size, phases in snap.batches.items()
+            ],
+        )
+        return pb.ModelStatisticsResponse(model_stats=[stats])
 
 
 def add_oip_to_server(server: grpc.aio.Server, core: InferenceCore) -> str:

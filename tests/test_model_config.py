@@ -1,0 +1,155 @@
+"""Triton's model-configuration and statistics extensions, read by Triton's own client.
+
+A server of its own (batches of 8), so the statistics hold exactly the requests this module sends.
+tritonclient runs in a subprocess (tests/triton_stats_check.py), as in tests/test_oip.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from cifar_serve.server.stats import BatchTimes, ModelStats, RequestTimes
+from cifar_serve.v1 import classifier_pb2, classifier_pb2_grpc
+from cifar_serve.v1 import open_inference_pb2 as pb
+from cifar_serve.v1 import open_inference_pb2_grpc as pb_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+CHECK = REPO / "tests" / "triton_stats_check.py"
+TIMEOUT_S = 60
+BATCH = 8
+DELAY_MS = 5.0
+
+
+@pytest.fixture(scope="module")
+def stats_server(model_dir: Path, make_settings: Any) -> Iterator[Any]:
+    from cifar_serve.server.app import ServerThread
+
+    with ServerThread(make_settings(model_dir, max_batch_size=BATCH, max_batch_delay_ms=DELAY_MS)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def report(stats_server: Any, sample: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    path = tmp_path_factory.mktemp("stats") / "images.npy"
+    np.save(path, np.ascontiguousarray(sample.images[:64]))
+    model = stats_server.server.core.model_name
+    proc = subprocess.run(
+        [sys.executable, str(CHECK), stats_server.address, model, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def _stats(entry: dict[str, Any]) -> dict[str, Any]:
+    (model,) = entry["model_stats"]
+    return dict(model)
+
+
+def _n(d: dict[str, Any], *keys: str) -> int:
+    """An integer from tritonclient's JSON (uint64 comes as a string; zero fields are left out)."""
+    for k in keys:
+        d = d.get(k, {}) if isinstance(d, dict) else {}
+    return int(d) if not isinstance(d, dict) else 0
+
+
+def test_triton_client_reads_the_config(report: dict[str, Any], stats_server: Any) -> None:
+    core = stats_server.server.core
+    c = report["config"]["config"]
+    assert c["name"] == core.model_name
+    assert c["platform"] in ("pytorch_libtorch", "onnxruntime_onnx")
+    assert c["backend"] == {"pytorch_libtorch": "pytorch", "onnxruntime_onnx": "onnxruntime"}[c["platform"]]
+    assert c["max_batch_size"] == core.settings.max_images_per_request
+    # Dims leave out the batch dimension, as Triton's do when max_batch_size > 0.
+    assert c["input"] == [{"name": "images", "data_type": "TYPE_UINT8", "format": "FORMAT_NHWC",
+                           "dims": ["32", "32", "3"]}]
+    assert c["output"] == [{"name": "logits", "data_type": "TYPE_FP32", "dims": [str(core.num_classes)]}]
+    batching = c["dynamic_batching"]
+    assert batching["preferred_batch_size"] == [BATCH]
+    assert int(batching["max_queue_delay_microseconds"]) == int(DELAY_MS * 1000)
+    (group,) = c["instance_group"]
+    assert group["kind"] == "KIND_CPU" and group["count"] == core.max_inflight
+    extensions = report["server_metadata"]["extensions"]
+    assert {"classification", "model_configuration", "statistics"} <= set(extensions)
+    assert report["unknown_model_config"] == "StatusCode.NOT_FOUND"
+
+
+def test_statistics_count_what_was_sent(report: dict[str, Any]) -> None:
+    before, after = _stats(report["stats_before"]), _stats(report["stats_after"])
+    requests: list[int] = report["requests"]
+    # Nothing ran before the client's requests: warm-up runs the model directly, not through the queue.
+    assert _n(before, "inference_count") == 0 and _n(before, "execution_count") == 0
+    assert _n(after, "inference_count") == sum(requests)
+    s = after["inference_stats"]
+    assert _n(s, "success", "count") == len(requests)
+    assert _n(s, "success", "ns") > 0
+    # The malformed request was rejected before the model, so it is no failed inference.
+    assert report["bad_request"] == "StatusCode.INVALID_ARGUMENT"
+    assert _n(s, "fail", "count") == 0
+    for phase in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert _n(s, phase, "count") == len(requests), phase
+    assert _n(s, "compute_infer", "ns") > 0
+    # Every image ran in exactly one forward pass, none larger than the batch limit.
+    batches = {_n(b, "batch_size"): _n(b, "compute_infer", "count") for b in after["batch_stats"]}
+    assert max(batches) <= BATCH
+    assert sum(size * count for size, count in batches.items()) == sum(requests)
+    assert sum(batches.values()) == _n(after, "execution_count")
+    assert _n(after, "execution_count") >= -(-sum(requests) // BATCH)
+    assert abs(_n(after, "last_inference") - time.time() * 1000) < 600_000
+    assert _stats(report["stats_all"])["name"] == after["name"]
+    assert report["unknown_model"] == "StatusCode.NOT_FOUND"
+
+
+def test_native_requests_count_too(report: dict[str, Any], stats_server: Any, sample: Any) -> None:
+    """Statistics belong to the model, not the API: a native Classify counts as well."""
+    with grpc.insecure_channel(stats_server.address) as ch:
+        oip = pb_grpc.GRPCInferenceServiceStub(ch)
+        name = stats_server.server.core.model_name
+        first = oip.ModelStatistics(pb.ModelStatisticsRequest(name=name), timeout=TIMEOUT_S).model_stats[0]
+        x = np.ascontiguousarray(sample.images[100:103])
+        classifier_pb2_grpc.ClassifierStub(ch).Classify(
+            classifier_pb2.ClassifyRequest(packed=classifier_pb2.PackedImages(data=x.tobytes(), count=3)),
+            timeout=TIMEOUT_S,
+        )
+        then = oip.ModelStatistics(pb.ModelStatisticsRequest(name=name), timeout=TIMEOUT_S).model_stats[0]
+        assert then.inference_count == first.inference_count + 3
+        assert then.inference_stats.success.count == first.inference_stats.success.count + 1
+        with pytest.raises(grpc.RpcError) as err:
+            oip.ModelStatistics(pb.ModelStatisticsRequest(version="1"), timeout=TIMEOUT_S)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "version" in (err.value.details() or "")
+
+
+def test_model_stats_accumulator() -> None:
+    stats = ModelStats()
+    times = RequestTimes(queue_ns=5)
+    phases = BatchTimes(1, 20, 3)
+    stats.batch_ran(4, phases)
+    stats.batch_ran(4, phases)
+    stats.batch_ran(1, BatchTimes(2, 7, 1))
+    times.charge(phases)
+    stats.request_succeeded(4, 100, times)
+    stats.request_failed(30)
+    snap = stats.snapshot()
+    assert (snap.inference_count, snap.execution_count) == (4, 3)
+    assert (snap.success.count, snap.success.ns, snap.fail.count, snap.fail.ns) == (1, 100, 1, 30)
+    assert (snap.queue.ns, snap.compute_input.ns, snap.compute_infer.ns, snap.compute_output.ns) == (5, 1, 20, 3)
+    assert list(snap.batches) == [1, 4]
+    assert [(d.count, d.ns) for d in snap.batches[4]] == [(2, 2), (2, 40), (2, 6)]
+    # A snapshot is a copy: later recording leaves it alone.
+    stats.batch_ran(4, phases)
+    assert snap.batches[4][1].count == 2
