@@ -75,8 +75,9 @@ def test_triton_client_reads_the_config(report: dict[str, Any], stats_server: An
     assert c["backend"] == {"pytorch_libtorch": "pytorch", "onnxruntime_onnx": "onnxruntime"}[c["platform"]]
     assert c["max_batch_size"] == core.settings.max_images_per_request
     # Dims leave out the batch dimension, as Triton's do when max_batch_size > 0.
-    assert c["input"] == [{"name": "images", "data_type": "TYPE_UINT8", "format": "FORMAT_NHWC",
-                           "dims": ["32", "32", "3"]}]
+    assert c["input"] == [
+        {"name": "images", "data_type": "TYPE_UINT8", "format": "FORMAT_NHWC", "dims": ["32", "32", "3"]}
+    ]
     assert c["output"] == [{"name": "logits", "data_type": "TYPE_FP32", "dims": [str(core.num_classes)]}]
     batching = c["dynamic_batching"]
     assert batching["preferred_batch_size"] == [BATCH]
@@ -147,7 +148,8 @@ def test_model_stats_accumulator() -> None:
     snap = stats.snapshot()
     assert (snap.inference_count, snap.execution_count) == (4, 3)
     assert (snap.success.count, snap.success.ns, snap.fail.count, snap.fail.ns) == (1, 100, 1, 30)
-    assert (snap.queue.ns, snap.compute_input.ns, snap.compute_infer.ns, snap.compute_output.ns) == (5, 1, 20, 3)
+    phases_ns = (snap.queue.ns, snap.compute_input.ns, snap.compute_infer.ns, snap.compute_output.ns)
+    assert phases_ns == (5, 1, 20, 3)
     assert list(snap.batches) == [1, 4]
     assert [(d.count, d.ns) for d in snap.batches[4]] == [(2, 2), (2, 40), (2, 6)]
     # A snapshot is a copy: later recording leaves it alone.
