@@ -48,6 +48,7 @@ check-gen: $(STAMP)
 
 bench: artifacts
 	$(PY) benchmarks/run_benchmark.py
+	$(PY) benchmarks/perf_analyzer.py --profile
 
 clean:
 	rm -rf $(MODEL_DIR) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -141,6 +141,7 @@ class InferenceCore:
             "sha256": self.runtime.sha256,
             "test_accuracy": self.runtime.manifest.test_accuracy,
             **self.runtime.describe(),
+            "runtime_table": self.runtime.runtime_table(),
             "max_batch_size": s.max_batch_size,
             "max_batch_delay_ms": s.max_batch_delay_ms,
             "max_queue_images": s.max_queue_images,

@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import queue
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +25,9 @@ __all__ = ["ArtifactError", "Manifest", "ModelRuntime", "load_manifest", "resolv
 logger = logging.getLogger(__name__)
 
 IMAGE_SHAPE = (32, 32, 3)
-# With --backend auto on the CPU, batches up to this size go to ONNX Runtime, larger ones to
-# frozen TorchScript: the crossover measured by benchmarks/runtimes.py.
-SMALL_BATCH = 4
+# Timed runs per runtime and batch bucket at warm-up; the best one counts (the least disturbed
+# by other work on the machine).
+CALIBRATION_RUNS = 5
 
 
 class ArtifactError(RuntimeError):
@@ -118,9 +120,9 @@ class ModelRuntime:
         self.max_batch_size = max_batch_size
         self.device = resolve_device(device)
         if backend == "auto":
-            # Measured on the CPU (BENCHMARKS.md): ONNX Runtime answers one image in ~1 ms against
-            # ~5 ms for frozen TorchScript, which is twice as fast at batch 64. On a GPU, or at
-            # reduced precision, TorchScript alone.
+            # On the CPU, ONNX Runtime wins small batches and frozen TorchScript large ones, with a
+            # crossover that depends on the machine: both load, and warm-up times them at every
+            # batch bucket (calibrate). On a GPU, or at reduced precision, TorchScript alone.
             backend = "auto" if self.device.type == "cpu" and precision == "fp32" else "torchscript"
         self.backend = backend
         self._verify = verify_sha256
@@ -136,7 +138,6 @@ class ModelRuntime:
             self._autocast = torch.float16
         self._ort: Any = None
         self._module: Any = None
-        self.small_batch = 0
         if backend not in ("onnxruntime", "torchscript", "auto"):
             raise ArtifactError(f"unknown backend {backend!r}")
         if backend in ("onnxruntime", "auto"):
@@ -144,8 +145,18 @@ class ModelRuntime:
         if backend in ("torchscript", "auto"):
             artifact = self._artifact("torchscript")
             self._init_torchscript(artifact)
-        if backend == "auto":
-            self.small_batch = SMALL_BATCH
+        # Which runtime runs a batch of each size: the first loaded until warm-up has timed them.
+        self._runners: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+        if self._module is not None:
+            self._runners["torchscript"] = self._run_torchscript
+        if self._ort is not None:
+            self._runners["onnxruntime"] = self._run_onnxruntime
+        first = next(iter(self._runners))
+        self.buckets = graph_buckets(max_batch_size)
+        self.routes: dict[int, str] = dict.fromkeys(self.buckets, first)
+        self.timings: dict[int, dict[str, float]] = {}
+        self._by_size: list[Callable[[np.ndarray], np.ndarray]] = []
+        self._route_sizes()
         self.sha256 = self._sha["torchscript" if self._module is not None else "onnx"]
         self._slots: queue.Queue[_Slot] = queue.Queue()
         for _ in range(max(1, slots)):
@@ -213,14 +224,71 @@ class ModelRuntime:
         """Logits for a uint8 ``[n,32,32,3]`` batch, ``1 <= n <= max_batch_size``."""
         if images.dtype != np.uint8 or images.shape[1:] != IMAGE_SHAPE:
             raise ValueError(f"expected uint8 [N,32,32,3], got {images.dtype} {images.shape}")
-        if self._ort is not None and (self._module is None or len(images) <= self.small_batch):
-            out = self._ort.run([self.manifest.output_name], {self.manifest.input_name: images})[0]
-            return np.asarray(out, dtype=np.float32)
+        n = len(images)
+        run = self._by_size[n] if n < len(self._by_size) else self._by_size[-1]
+        return run(images)
+
+    def _run_onnxruntime(self, images: np.ndarray) -> np.ndarray:
+        out = self._ort.run([self.manifest.output_name], {self.manifest.input_name: images})[0]
+        return np.asarray(out, dtype=np.float32)
+
+    def _run_torchscript(self, images: np.ndarray) -> np.ndarray:
         slot = self._slots.get()
         try:
             return slot.run(self._module, images, self._autocast)
         finally:
             self._slots.put(slot)
+
+    def route(self, n: int) -> str:
+        """The runtime that runs a batch of ``n`` images: the winner of the smallest bucket >= n."""
+        return self.routes[next((b for b in self.buckets if b >= n), self.buckets[-1])]
+
+    def _route_sizes(self) -> None:
+        self._by_size = [self._runners[self.route(max(n, 1))] for n in range(self.max_batch_size + 1)]
+
+    def calibrate(self, runs: int = CALIBRATION_RUNS) -> None:
+        """Time every loaded runtime at every batch bucket; route each bucket to its fastest.
+
+        Each runtime first runs each bucket twice (TorchScript's profiling executor optimises
+        on the second run), then the runtimes take turns, so a burst of other work on the
+        machine hits both alike; the best run of each counts.
+        """
+        if len(self._runners) < 2:
+            return
+        rng = np.random.default_rng(0)
+        for b in self.buckets:
+            x = rng.integers(0, 256, (b, *IMAGE_SHAPE), dtype=np.uint8)
+            for run in self._runners.values():
+                run(x)
+                run(x)
+            best = dict.fromkeys(self._runners, float("inf"))
+            for _ in range(runs):
+                for name, run in self._runners.items():
+                    started = time.perf_counter()
+                    run(x)
+                    best[name] = min(best[name], (time.perf_counter() - started) * 1000)
+            self.timings[b] = best
+            self.routes[b] = min(best, key=best.__getitem__)
+        self._route_sizes()
+        logger.info(
+            "runtime per batch bucket (ms per batch, best of %d; * = serves it):\n%s",
+            runs,
+            "\n".join(
+                f"  {b:5d}: "
+                + "  ".join(
+                    f"{name} {ms:8.2f}{'*' if name == self.routes[b] else ' '}"
+                    for name, ms in self.timings[b].items()
+                )
+                for b in self.buckets
+            ),
+        )
+
+    def runtime_table(self) -> list[dict[str, Any]]:
+        """Per batch bucket: the runtime that serves it and, when timed, each runtime's ms per batch."""
+        return [
+            {"batch_size": b, "runtime": self.routes[b], "ms_per_batch": dict(self.timings.get(b, {}))}
+            for b in self.buckets
+        ]
 
     def warmup(self, batch_sizes: list[int] | None = None) -> None:
         """Run every batch size the batcher can form, so no request pays for a first run.
@@ -234,6 +302,7 @@ class ModelRuntime:
                 slot.capture(self._module, self._autocast)
                 self._slots.put(slot)
             self.cuda_graphs = all(slot.graphs for slot in slots)
+        self.calibrate()
         sizes = batch_sizes or list(range(1, self.max_batch_size + 1))
         rng = np.random.default_rng(0)
         for _ in range(2):  # TorchScript's profiling executor optimises on the second run
@@ -252,7 +321,7 @@ class ModelRuntime:
 
 
 def graph_buckets(max_batch: int) -> list[int]:
-    """Batch sizes that get a CUDA graph: powers of two, and the maximum itself."""
+    """Batch buckets (CUDA graphs, runtime routing): powers of two, and the maximum itself."""
     sizes = [1]
     while sizes[-1] * 2 < max_batch:
         sizes.append(sizes[-1] * 2)

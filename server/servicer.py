@@ -181,6 +181,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                     max_receive_message_bytes=d["max_receive_message_bytes"],
                     max_stream_requests=d["max_stream_requests"],
                 ),
+                runtime_table=[pb.RuntimeBucket(**bucket) for bucket in d["runtime_table"]],
             )
 
         return await guarded(self.core.metrics, "GetModelInfo", context, info())

@@ -155,3 +155,26 @@ def test_model_stats_accumulator() -> None:
     # A snapshot is a copy: later recording leaves it alone.
     stats.batch_ran(4, phases)
     assert snap.batches[4][1].count == 2
+
+
+def test_model_info_shows_the_measured_runtime_table(stats_server: Any, sample: Any) -> None:
+    """backend auto on the CPU: both runtimes timed at every bucket, each bucket served by its faster."""
+    with grpc.insecure_channel(stats_server.address) as ch:
+        info = classifier_pb2_grpc.ClassifierStub(ch).GetModelInfo(
+            classifier_pb2.GetModelInfoRequest(), timeout=TIMEOUT_S
+        )
+    runtime = stats_server.server.core.runtime
+    assert info.backend == "auto"
+    table = {b.batch_size: b for b in info.runtime_table}
+    assert sorted(table) == [1, 2, 4, 8]  # powers of two up to the server's batch of 8
+    for size, bucket in table.items():
+        ms = dict(bucket.ms_per_batch)
+        assert set(ms) == {"torchscript", "onnxruntime"}
+        assert all(v > 0 for v in ms.values())
+        assert bucket.runtime == min(ms, key=ms.__getitem__)
+        assert runtime.route(size) == bucket.runtime
+    # A batch between buckets goes to the next bucket's winner.
+    assert runtime.route(3) == table[4].runtime and runtime.route(5) == table[8].runtime
+    # Whichever runtime serves, the answers are the model's.
+    x = np.ascontiguousarray(sample.images[:8])
+    np.testing.assert_allclose(runtime.infer(x[:1]), runtime.infer(x)[:1], atol=1e-4, rtol=0)

@@ -121,7 +121,7 @@ class Limits(_message.Message):
     def __init__(self, max_images_per_request: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_receive_message_bytes: _Optional[int] = ..., max_stream_requests: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "labels", "input", "output", "artifact_sha256", "test_accuracy", "device", "backend", "precision", "batching", "limits")
+    __slots__ = ("name", "version", "labels", "input", "output", "artifact_sha256", "test_accuracy", "device", "backend", "precision", "batching", "limits", "runtime_table")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,7 @@ class ModelInfo(_message.Message):
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_TABLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     labels: _containers.RepeatedScalarFieldContainer[str]
@@ -146,4 +147,22 @@ class ModelInfo(_message.Message):
     precision: str
     batching: BatchingInfo
     limits: Limits
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., input: _Optional[_Union[TensorSpec, _Mapping]] = ..., output: _Optional[_Union[TensorSpec, _Mapping]] = ..., artifact_sha256: _Optional[str] = ..., test_accuracy: _Optional[float] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+    runtime_table: _containers.RepeatedCompositeFieldContainer[RuntimeBucket]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., input: _Optional[_Union[TensorSpec, _Mapping]] = ..., output: _Optional[_Union[TensorSpec, _Mapping]] = ..., artifact_sha256: _Optional[str] = ..., test_accuracy: _Optional[float] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., batching: _Optional[_Union[BatchingInfo, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., runtime_table: _Optional[_Iterable[_Union[RuntimeBucket, _Mapping]]] = ...) -> None: ...
+
+class RuntimeBucket(_message.Message):
+    __slots__ = ("batch_size", "runtime", "ms_per_batch")
+    class MsPerBatchEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    MS_PER_BATCH_FIELD_NUMBER: _ClassVar[int]
+    batch_size: int
+    runtime: str
+    ms_per_batch: _containers.ScalarMap[str, float]
+    def __init__(self, batch_size: _Optional[int] = ..., runtime: _Optional[str] = ..., ms_per_batch: _Optional[_Mapping[str, float]] = ...) -> None: ...
