@@ -7,6 +7,7 @@ tritonclient runs in a subprocess (tests/triton_stats_check.py), as in tests/tes
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -178,3 +179,77 @@ def test_model_info_shows_the_measured_runtime_table(stats_server: Any, sample: 
     # Whichever runtime serves, the answers are the model's.
     x = np.ascontiguousarray(sample.images[:8])
     np.testing.assert_allclose(runtime.infer(x[:1]), runtime.infer(x)[:1], atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------- benchmarks/perf_analyzer.py
+
+
+def _perf_script() -> Any:
+    import importlib.util
+
+    bench_dir = REPO / "benchmarks"
+    sys.path.insert(0, str(bench_dir))
+    try:
+        spec = importlib.util.spec_from_file_location("_bench_perf_analyzer", bench_dir / "perf_analyzer.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(bench_dir))
+
+
+def test_perf_analyzer_model_share_interpolates_between_measured_sizes() -> None:
+    pa = _perf_script()
+    cpu = {1: 1.0, 2: 1.5, 4: 2.0, 8: 4.0}
+    assert pa.model_cpu_ms(cpu, 4) == 2.0
+    assert pa.model_cpu_ms(cpu, 3) == pytest.approx(1.75)
+    assert pa.model_cpu_ms(cpu, 6) == pytest.approx(3.0)
+    assert pa.model_cpu_ms(cpu, 16) == pytest.approx(8.0)  # beyond the largest: per image as there
+
+
+def test_perf_analyzer_counts_the_cpu_of_child_processes() -> None:
+    """Server CPU covers every process under the server's (the multi-process front end's workers)."""
+    pa = _perf_script()
+    burn = "import time\nwhile time.process_time() < 0.3: pass\nprint('done', flush=True)\ntime.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", burn], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "done"
+        own = time.process_time()
+        assert pa.process_tree_cpu_s(os.getpid()) >= own + 0.25
+        assert pa.process_tree_cpu_s(child.pid) >= 0.25
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_perf_analyzer_csv_and_goals(tmp_path: Path) -> None:
+    pa = _perf_script()
+    path = tmp_path / "c32.csv"
+    # perf_analyzer's -f layout: latencies in microseconds.
+    path.write_text(
+        "Concurrency,Inferences/Second,Client Send,Network+Server Send/Recv,Server Queue,"
+        "Server Compute Input,Server Compute Infer,Server Compute Output,Client Recv,"
+        "p50 latency,p90 latency,p95 latency,p99 latency\n"
+        "32,812.5,8,1778,45,1,4924,51,4,4749,16079,16749,20686\n"
+    )
+    row = pa.parse_csv(path)
+    assert row["Inferences/Second"] == 812.5 and row["p99 latency"] == 20686
+    point = {"server_cpu_ms_per_request": 0.9, "overhead_cpu_ms_per_request": 0.3, "batch": 1}
+    results = {
+        "model": {"raw": {64: {"images_per_s": 4000.0}}},
+        "points": [
+            {**point, "concurrency": 1, "images_per_s": 500.0},
+            {**point, "concurrency": 8, "images_per_s": 450.0},
+            {**point, "concurrency": 32, "images_per_s": 800.0},
+            {**point, "concurrency": 4, "batch": 64, "images_per_s": 3800.0},
+        ],
+    }
+    met = {g["what"]: g["met"] for g in pa.goals(results)}
+    assert met == {
+        "server CPU per 1-image request, c=32": True,
+        "of which above the model's own CPU, c=32": False,
+        "throughput non-decreasing c=1 -> 8 -> 32 -> 128": False,
+        "64-image requests / raw model at batch 64": True,
+    }
