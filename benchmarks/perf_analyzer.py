@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -340,6 +341,22 @@ def model_name(address: str) -> str:
     return str(resp.model_stats[0].name)
 
 
+def runtime_table(address: str) -> list[dict[str, Any]]:
+    """The server's warm-up measurement: which runtime serves each batch bucket (GetModelInfo)."""
+    import grpc
+
+    from cifar_serve.v1 import classifier_pb2, classifier_pb2_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        info = classifier_pb2_grpc.ClassifierStub(ch).GetModelInfo(
+            classifier_pb2.GetModelInfoRequest(), timeout=30
+        )
+    return [
+        {"batch_size": b.batch_size, "runtime": b.runtime, "ms_per_batch": dict(b.ms_per_batch)}
+        for b in info.runtime_table
+    ]
+
+
 # --------------------------------------------------------------------------- one point
 
 
@@ -404,25 +421,10 @@ def run_point(
     env = dict(os.environ, LD_LIBRARY_PATH=f"{libdir}:{os.environ.get('LD_LIBRARY_PATH', '')}")
     log = logdir / f"{point.name}.log"
     before, cpu0, t0 = server_stats(address, model), process_tree_cpu_s(pid), time.perf_counter()
-    profile: dict[str, Any] = {}
-    profiler = None
-    if args.profile and point == Point(32, 1):
-        profiler = rb.profiling(
-            _ProfilePlan(args.out_dir),
-            pid,
-            delay=1.0,
-            seconds=args.profile_seconds,
-            name="perf_analyzer-c32-b1",
-        )
-        profile = profiler.__enter__()
-    try:
-        with log.open("w") as fh:
-            proc = subprocess.run(
-                cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=args.point_timeout
-            )
-    finally:
-        if profiler is not None:
-            profiler.__exit__(None, None, None)
+    spy = start_profile(args, pid, logdir) if args.profile and point == Point(32, 1) else None
+    with log.open("w") as fh:
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=args.point_timeout)
+    profile = finish_profile(args, spy, logdir) if spy is not None else None
     wall = time.perf_counter() - t0
     cpu, after = process_tree_cpu_s(pid) - cpu0, server_stats(address, model)
     if proc.returncode != 0:
@@ -458,8 +460,8 @@ def run_point(
     result["overhead_cpu_ms_per_request"] = (
         result["server_cpu_ms_per_request"] - result["model_cpu_ms_per_request"]
     )
-    if profile.get("path"):
-        result["profile"] = os.path.relpath(profile["path"], REPO)
+    if profile is not None:
+        result["profile"] = os.path.relpath(profile, REPO)
     logger.info(
         "%-9s %8.0f img/s  p50 %6.2f ms  p99 %7.2f ms  server CPU %.3f ms/request (model %.3f, path %.3f), "
         "mean batch %.1f",
@@ -475,13 +477,32 @@ def run_point(
     return result
 
 
-@dataclass
-class _ProfilePlan:
-    """The two fields of run_benchmark's Plan that its profiler reads."""
+def start_profile(args: argparse.Namespace, pid: int, logdir: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy on the server until :func:`finish_profile` (the whole point, its first windows included)."""
+    exe = Path(sys.executable).with_name("py-spy")
+    if not exe.exists():
+        logger.warning("py-spy not installed (pip install py-spy): no profile")
+        return None
+    cmd = [str(exe), "record", "--pid", str(pid), "--duration", str(int(args.point_timeout)), "--format"]
+    cmd += ["raw", "--output", str(logdir / "profile.raw"), "--nonblocking", "--threads"]
+    with (logdir / "py-spy.log").open("wb") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
-    out_dir: Path
-    label: str = ""
-    device: str = "cpu"
+
+def finish_profile(args: argparse.Namespace, spy: subprocess.Popen[bytes], logdir: Path) -> Path | None:
+    spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled, then exits
+    try:
+        rc = spy.wait(60)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        rc = spy.wait()
+    raw = logdir / "profile.raw"
+    if rc != 0 or not raw.exists():
+        logger.warning("py-spy failed (rc %d): %s", rc, rb._tail(logdir / "py-spy.log", 5))
+        return None
+    out = args.out_dir / ("profile-perf_analyzer-c32-b1" + ("-quick" if args.quick else "") + ".txt")
+    out.write_text(rb.summarise_profile(raw))
+    return out
 
 
 # --------------------------------------------------------------------------- report
@@ -588,6 +609,20 @@ def markdown(results: dict[str, Any]) -> str:
         if "detail" in g:
             shown += f" ({g['detail']})"
         lines.append(f"| {g['what']} | {shown} | {g['goal']} | {'yes' if g['met'] else '**no**'} |")
+    table = results.get("runtime_table") or []
+    if table:
+        names = sorted({n for b in table for n in b["ms_per_batch"]})
+        lines += [
+            "",
+            "The server's own warm-up measurement (GetModelInfo `runtime_table`: best of 5 runs per "
+            "runtime and batch bucket while the server starts; the faster serves the bucket):",
+            "",
+            "| bucket | " + " | ".join(f"{n} ms" for n in names) + " | serves |",
+            "| ---: | " + " | ".join("---:" for _ in names) + " | --- |",
+        ]
+        for b in table:
+            ms = " | ".join(f"{b['ms_per_batch'].get(n, float('nan')):.2f}" for n in names)
+            lines.append(f"| {b['batch_size']} | {ms} | {b['runtime']} |")
     if any(p.get("profile") for p in results["points"]):
         prof = next(p["profile"] for p in results["points"] if p.get("profile"))
         lines += ["", f"py-spy profile of the server at c=32, 1-image requests: `{prof}`."]
@@ -617,7 +652,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--async", dest="async_mode", action="store_true", help="perf_analyzer --async")
     p.add_argument("--point-timeout", type=float, default=600.0)
     p.add_argument("--profile", action="store_true", help="py-spy the server at c=32, 1-image requests")
-    p.add_argument("--profile-seconds", type=float, default=10.0)
     p.add_argument("--perf-analyzer", default=None, help="path of the perf_analyzer binary")
     p.add_argument("--server-arg", action="append", default=[], help="extra server flag (repeatable)")
     p.add_argument("--out-dir", default=str(REPO / "benchmarks"))
@@ -653,6 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results_points = []
     with served(args, logdir) as (address, proc):
         name = model_name(address)
+        table = runtime_table(address)
         for point in points:
             results_points.append(
                 run_point(
@@ -679,6 +714,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "loadavg_end": rb.loadavg(),
         "model": model,
         "points": results_points,
+        "runtime_table": table,
         "logs": str(logdir),
     }
     results["goals"] = goals(results)

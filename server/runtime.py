@@ -256,6 +256,7 @@ class ModelRuntime:
         if len(self._runners) < 2:
             return
         rng = np.random.default_rng(0)
+        began = time.perf_counter()
         for b in self.buckets:
             x = rng.integers(0, 256, (b, *IMAGE_SHAPE), dtype=np.uint8)
             for run in self._runners.values():
@@ -271,8 +272,9 @@ class ModelRuntime:
             self.routes[b] = min(best, key=best.__getitem__)
         self._route_sizes()
         logger.info(
-            "runtime per batch bucket (ms per batch, best of %d; * = serves it):\n%s",
+            "runtime per batch bucket (ms per batch, best of %d; * = serves it; timed in %.1f s):\n%s",
             runs,
+            time.perf_counter() - began,
             "\n".join(
                 f"  {b:5d}: "
                 + "  ".join(
