@@ -159,6 +159,7 @@ def model_main(argv: Sequence[str]) -> int:
     p.add_argument("--raw-sizes", type=rb._ints, required=True)
     p.add_argument("--seconds", type=float, default=0.5, help="per batch size, CPU cost")
     p.add_argument("--raw-seconds", type=float, default=4.0, help="per raw throughput size")
+    p.add_argument("--routes", default="", help="JSON {bucket: runtime} to route as the server does")
     a = p.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     from cifar_serve.client.bench import load_images
@@ -175,7 +176,9 @@ def model_main(argv: Sequence[str]) -> int:
         max_batch_size=top,
         threads=a.threads,
     )
-    rt.warmup(sorted(set(a.sizes + a.raw_sizes)))
+    if a.routes:
+        rt.use_routes({int(k): v for k, v in json.loads(a.routes).items()})
+    rt.warmup(sorted(set(a.sizes + a.raw_sizes)), calibrate=not a.routes)
 
     def run(n: int, seconds: float) -> tuple[float, float, int]:
         """CPU ms per batch, wall images/s, batches run."""
@@ -202,7 +205,9 @@ def model_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def measure_model(args: argparse.Namespace, sizes: list[int], raw_sizes: list[int]) -> dict[str, Any]:
+def measure_model(
+    args: argparse.Namespace, sizes: list[int], raw_sizes: list[int], routes: dict[int, str]
+) -> dict[str, Any]:
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -218,6 +223,8 @@ def measure_model(args: argparse.Namespace, sizes: list[int], raw_sizes: list[in
         str(0.2 if args.quick else 0.6),
         "--raw-seconds",
         str(1.0 if args.quick else 5.0),
+        "--routes",
+        json.dumps(routes),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
@@ -225,6 +232,7 @@ def measure_model(args: argparse.Namespace, sizes: list[int], raw_sizes: list[in
     out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     out["cpu_ms_per_batch"] = {int(k): v for k, v in out["cpu_ms_per_batch"].items()}
     out["raw"] = {int(k): v for k, v in out["raw"].items()}
+    out["routes"] = routes
     return out
 
 
@@ -677,17 +685,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     points = [Point(c, 1) for c in concurrency] + [Point(c, 64) for c in batch_concurrency]
     started, t0, load0 = dt.datetime.now().isoformat(timespec="seconds"), time.time(), rb.loadavg()
     sizes = [1 << i for i in range(9)]  # 1..256: every batch the server can form, and the raw sizes
-    logger.info("measuring the model alone at batch sizes %s", sizes)
-    model = measure_model(args, sizes, [64, 256])
-    for n, r in sorted(model["raw"].items()):
-        logger.info(
-            "raw batch %d: %.0f img/s, %.3f CPU ms/image", n, r["images_per_s"], r["cpu_ms_per_image"]
-        )
     logdir = Path(tempfile.mkdtemp(prefix="cifar-perf-analyzer-"))
     results_points = []
     with served(args, logdir) as (address, proc):
         name = model_name(address)
         table = runtime_table(address)
+        # The model alone runs while the server idles, routed as the server's warm-up decided,
+        # so its share is for the same runtime at each batch size.
+        logger.info("measuring the model alone at batch sizes %s", sizes)
+        routes = {b["batch_size"]: b["runtime"] for b in table}
+        model = measure_model(args, sizes, [64, 256], routes)
+        for n, r in sorted(model["raw"].items()):
+            logger.info(
+                "raw batch %d: %.0f img/s, %.3f CPU ms/image", n, r["images_per_s"], r["cpu_ms_per_image"]
+            )
         for point in points:
             results_points.append(
                 run_point(

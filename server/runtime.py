@@ -285,6 +285,20 @@ class ModelRuntime:
             ),
         )
 
+    def use_routes(self, routes: dict[int, str]) -> None:
+        """Route as another runtime's measurement did (benchmarks compare like with like).
+
+        Each of this runtime's buckets takes the route of the smallest given bucket >= it, or of
+        the largest given one.
+        """
+        unknown = set(routes.values()) - set(self._runners)
+        if unknown:
+            raise ValueError(f"routes name runtimes not loaded here: {sorted(unknown)}")
+        given = sorted(routes)
+        for b in self.buckets:
+            self.routes[b] = routes[next((g for g in given if g >= b), given[-1])]
+        self._route_sizes()
+
     def runtime_table(self) -> list[dict[str, Any]]:
         """Per batch bucket: the runtime that serves it and, when timed, each runtime's ms per batch."""
         return [
@@ -292,7 +306,7 @@ class ModelRuntime:
             for b in self.buckets
         ]
 
-    def warmup(self, batch_sizes: list[int] | None = None) -> None:
+    def warmup(self, batch_sizes: list[int] | None = None, *, calibrate: bool = True) -> None:
         """Run every batch size the batcher can form, so no request pays for a first run.
 
         On CUDA with graphs, every size maps to a bucket: capturing the buckets' graphs is the
@@ -304,7 +318,8 @@ class ModelRuntime:
                 slot.capture(self._module, self._autocast)
                 self._slots.put(slot)
             self.cuda_graphs = all(slot.graphs for slot in slots)
-        self.calibrate()
+        if calibrate:
+            self.calibrate()
         sizes = batch_sizes or list(range(1, self.max_batch_size + 1))
         rng = np.random.default_rng(0)
         for _ in range(2):  # TorchScript's profiling executor optimises on the second run
