@@ -181,6 +181,22 @@ def test_model_info_shows_the_measured_runtime_table(stats_server: Any, sample: 
     np.testing.assert_allclose(runtime.infer(x[:1]), runtime.infer(x)[:1], atol=1e-4, rtol=0)
 
 
+def test_runtime_routes_given_by_another_measurement(
+    model_dir: Path, sample: Any, offline_logits: np.ndarray
+) -> None:
+    """The benchmark's model-alone step routes as the server's warm-up decided."""
+    from cifar_serve.server.runtime import ModelRuntime
+
+    rt = ModelRuntime(model_dir, backend="auto", max_batch_size=16)
+    assert rt.buckets == [1, 2, 4, 8, 16]
+    rt.use_routes({2: "onnxruntime", 8: "torchscript"})
+    assert [rt.route(n) for n in (1, 2, 3, 8, 9, 16)] == ["onnxruntime"] * 2 + ["torchscript"] * 4
+    for n in (2, 9):  # one batch on each runtime: the model's answers either way
+        np.testing.assert_allclose(rt.infer(sample.images[:n]), offline_logits[:n], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="tensorrt"):
+        rt.use_routes({1: "tensorrt"})
+
+
 # ---------------------------------------------------------------------------- benchmarks/perf_analyzer.py
 
 
