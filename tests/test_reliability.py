@@ -171,6 +171,7 @@ def small_server(model_dir, make_settings):  # type: ignore[no-untyped-def]
         model_dir,
         max_receive_message_bytes=64 * 1024,
         max_queue_images=64,
+        max_images_per_request=64,
         max_batch_size=8,
         max_batch_delay_ms=0.0,
         metrics_port=-1,
