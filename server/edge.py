@@ -310,8 +310,10 @@ async def ordered_stream(
     ``limit`` requests ends the stream with a status. When the client goes away every task of
     the stream is cancelled.
     """
-    pending: asyncio.Queue[asyncio.Task[Resp] | Exception | None] = asyncio.Queue(maxsize=window)
+    slots = asyncio.Semaphore(window)  # requests read and not yet delivered
+    pending: asyncio.Queue[asyncio.Task[Resp] | Exception | None] = asyncio.Queue()
     tasks: set[asyncio.Task[Resp]] = set()
+    outstanding = 0
 
     async def one(item: Received) -> Resp:
         code = grpc.StatusCode.OK
@@ -327,13 +329,20 @@ async def ordered_stream(
             return error_answer(item.message, err)
         finally:
             item.release()
-            metrics.stream_items.dec()
             metrics.stream_messages.labels(method, code.name).inc()
 
     async def read() -> None:
+        nonlocal outstanding
         count = 0
         try:
-            async for item in requests:
+            iterator = aiter(requests)
+            while True:
+                # A slot first, then the next message: a full window stops reading altogether.
+                await slots.acquire()
+                try:
+                    item = await anext(iterator)
+                except StopAsyncIteration:
+                    break
                 if item.message is None:
                     item.unwrap()  # raises: a malformed message has no id to answer it with
                 count += 1
@@ -342,14 +351,15 @@ async def ordered_stream(
                     raise ResourceExhausted(
                         f"stream exceeded {limit} requests (--max-stream-requests); open a new stream"
                     )
+                outstanding += 1
                 metrics.stream_items.inc()
                 task = asyncio.ensure_future(one(item))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
-                await pending.put(task)
-            await pending.put(None)
+                pending.put_nowait(task)
+            pending.put_nowait(None)
         except Exception as exc:
-            await pending.put(exc)
+            pending.put_nowait(exc)
 
     reader = asyncio.ensure_future(read())
     try:
@@ -359,8 +369,13 @@ async def ordered_stream(
                 return
             if isinstance(got, Exception):
                 raise got
-            yield await got
+            answer = await got
+            yield answer
+            outstanding -= 1
+            metrics.stream_items.dec()
+            slots.release()
     finally:
         reader.cancel()
         for task in list(tasks):
             task.cancel()
+        metrics.stream_items.dec(outstanding)
