@@ -183,11 +183,10 @@ class Edge(grpc.aio.ServerInterceptor):
         self._expected = f"Bearer {auth_token}".encode() if auth_token else b""
         self._open = open_prefixes
         self._ungated = frozenset(ungated)
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
-    def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
-        if not self._expected:
-            return True
-        for key, value in details.invocation_metadata or ():
+    def _authorized(self, context: grpc.aio.ServicerContext) -> bool:
+        for key, value in context.invocation_metadata() or ():
             if key == "authorization":
                 given = value.encode() if isinstance(value, str) else bytes(value)
                 return hmac.compare_digest(given, self._expected)
@@ -221,20 +220,30 @@ class Edge(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
         method: str = details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(details)
         if handler is None or method.startswith(self._open):
             return handler
+        wrapped = self._wrap(method, handler)
+        # The wrapper depends on the method only (auth reads each call's own metadata), so it is
+        # built once per method, not once per call.
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         name = method.rsplit("/", 1)[-1]
-        denied = not self._authorized(details)
         gated = method not in self._ungated
+        checks_token = bool(self._expected)
         kw = {
             "request_deserializer": self._parser(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
 
-        def admit() -> None:
-            if denied:
+        def admit(context: grpc.aio.ServicerContext) -> None:
+            if checks_token and not self._authorized(context):
                 raise Unauthenticated("missing or invalid bearer token")
             if gated:
                 self._readiness.check()
@@ -247,7 +256,7 @@ class Edge(grpc.aio.ServerInterceptor):
             async def unary_unary(request: Received, context: grpc.aio.ServicerContext) -> Any:
                 async with _Call(metrics, name, context) as call:
                     call.held = request
-                    admit()
+                    admit(context)
                     return await inner_uu(request.unwrap(), context)
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, **kw)
@@ -260,7 +269,7 @@ class Edge(grpc.aio.ServerInterceptor):
             ) -> AsyncIterator[Any]:
                 async with _Call(metrics, name, context) as call:
                     call.held = request
-                    admit()
+                    admit(context)
                     async for response in inner_us(request.unwrap(), context):
                         yield response
 
@@ -273,7 +282,7 @@ class Edge(grpc.aio.ServerInterceptor):
                 requests: AsyncIterator[Received], context: grpc.aio.ServicerContext
             ) -> Any:
                 async with _Call(metrics, name, context):
-                    admit()
+                    admit(context)
                     return await inner_su(requests, context)
 
             return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
@@ -284,7 +293,7 @@ class Edge(grpc.aio.ServerInterceptor):
             requests: AsyncIterator[Received], context: grpc.aio.ServicerContext
         ) -> AsyncIterator[Any]:
             async with _Call(metrics, name, context):
-                admit()
+                admit(context)
                 async for response in inner_ss(requests, context):
                     yield response
 
