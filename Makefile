@@ -7,11 +7,15 @@ MODEL_DIR ?= artifacts
 CHECKPOINT ?= models/resnet18_cifar10.pt
 STAMP := $(VENV)/.installed
 
-.PHONY: help install artifacts serve test lint typecheck gen check-gen bench clean
+PYTHON_VERSIONS ?= 3.10 3.13
+
+.PHONY: help install artifacts serve test test-fast test-versions lint typecheck gen check-gen bench clean
 
 help:
 	@echo "make serve   - install into $(VENV), export the shipped model into $(MODEL_DIR)/, start the server on :50051"
 	@echo "make test    - install into $(VENV) and run the whole test suite"
+	@echo "make test-fast - the fast tier only (fake model: server, batcher, edge, settings), in seconds"
+	@echo "make test-versions - the fast tier on Python $(PYTHON_VERSIONS) too"
 	@echo "make gen     - regenerate the gRPC stubs from proto/"
 	@echo "make lint    - ruff and mypy"
 	@echo "make bench   - run the benchmark and update BENCHMARKS.md"
@@ -35,9 +39,15 @@ serve: artifacts
 test: artifacts
 	$(BIN)/pytest
 
+test-fast: $(STAMP)
+	$(BIN)/pytest -m fast -q
+
+test-versions: $(STAMP)
+	tools/test_python_versions.sh $(PYTHON_VERSIONS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check export server client tests benchmarks
-	$(BIN)/ruff format --check export server client tests benchmarks || true
+	$(BIN)/ruff format --check export server client tests benchmarks
 	$(PY) tools/typecheck.py
 
 gen: $(STAMP)
@@ -51,4 +61,4 @@ bench: artifacts
 	$(PY) benchmarks/perf_analyzer.py --profile
 
 clean:
-	rm -rf $(MODEL_DIR) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(MODEL_DIR) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .venv-*

@@ -13,7 +13,6 @@ logger = logging.getLogger("cifar_serve.server")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .runtime import ArtifactError
     from .settings import settings_from_args
 
     settings = settings_from_args(argv)
@@ -22,17 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     # torch.jit is deprecated upstream but TorchScript is the artifact we are asked to serve.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
-    from .app import serve
+    from .app import StartupError, serve
+    from .runtime import ArtifactError
 
     try:
-        asyncio.run(serve(settings))
-    except ArtifactError as exc:
+        return asyncio.run(serve(settings))
+    except (ArtifactError, StartupError) as exc:
         logger.error("cannot start: %s", exc)
         return 2
-    except OSError as exc:
-        logger.error("cannot start: %s", exc)
-        return 2
-    return 0
 
 
 if __name__ == "__main__":

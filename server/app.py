@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,111 +17,38 @@ from grpc_reflection.v1alpha import reflection
 
 from cifar_serve.v1 import classifier_pb2, classifier_pb2_grpc
 
-from .core import InferenceCore
+from .core import InferenceCore, Phase, Runtime
+from .edge import ByteBudget, Edge
 from .metrics import Metrics
+from .oip import add_oip_to_server
 from .servicer import ClassifierServicer
 from .settings import Settings
 
-__all__ = ["CifarServer", "MalformedMessage", "ServerThread", "serve"]
+__all__ = ["CifarServer", "ServerThread", "StartupError", "serve"]
 
 logger = logging.getLogger(__name__)
 
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Liveness and readiness probes answer while warming up and draining (they say "not ready").
+_UNGATED = tuple(
+    f"/inference.GRPCInferenceService/{m}"
+    for m in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata")
+)
 
 
-class _BearerAuth(grpc.aio.ServerInterceptor):
-    """Requires ``authorization: Bearer <token>``; health and reflection stay open."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}"
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(_OPEN_PREFIXES):
-            return handler
-        metadata = dict(details.invocation_metadata or ())
-        if metadata.get("authorization") == self._expected:
-            return handler
-        return _denying(handler)
+class StartupError(RuntimeError):
+    """The server cannot start (a port taken, a file unreadable): one line for the operator."""
 
 
-class MalformedMessage:
-    """Stands in for a request whose bytes did not parse, so the call can say so."""
-
-    def __init__(self, error: str) -> None:
-        self.error = error
-
-
-class _DecodeGuard(grpc.aio.ServerInterceptor):
-    """Turns unparseable request bytes into INVALID_ARGUMENT (grpc's default is UNKNOWN + a traceback).
-
-    It also counts unary calls from the moment they arrive, so a graceful shutdown waits for
-    calls that were accepted but whose handler has not started yet.
-    """
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or handler.request_deserializer is None:
-            return handler
-        parse = handler.request_deserializer
-
-        def safe_parse(data: bytes) -> Any:
-            try:
-                return parse(data)
-            except Exception as exc:
-                return MalformedMessage(f"{type(exc).__name__}: {exc}")
-
-        if not handler.unary_unary:
-            # Our streaming methods take client streams, where grpc reports bad bytes itself.
-            return handler
-        inner = handler.unary_unary
-
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            self._metrics.begin()
-            try:
-                if isinstance(request, MalformedMessage):
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message ({request.error})"
-                    )
-                return await inner(request, context)
-            finally:
-                self._metrics.end()
-
-        return grpc.unary_unary_rpc_method_handler(
-            unary, request_deserializer=safe_parse, response_serializer=handler.response_serializer
-        )
-
-
-def _denying(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
-
-    async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
-        yield  # pragma: no cover
-
-    kw = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(deny, **kw)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(deny_stream, **kw)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(deny, **kw)
-    return grpc.stream_stream_rpc_method_handler(deny_stream, **kw)
+def _bind_problem(host: str, port: int) -> str:
+    """Why ``host:port`` cannot be bound, asked of the OS (grpc only says that it failed)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, port))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return "grpc could not bind it"
 
 
 class _Health(health.aio.HealthServicer):
@@ -145,29 +72,30 @@ class _Health(health.aio.HealthServicer):
 
 
 class CifarServer:
-    """One server instance. ``start()`` loads and warms the model; ``stop()`` drains it."""
+    """One server instance. ``start()`` binds, then warms the model up; ``stop()`` drains it.
 
-    def __init__(self, settings: Settings) -> None:
+    ``runtime`` replaces the model runtime (tests run the whole server on a fake model);
+    by default the settings' artifacts are loaded, and checked, before any port is bound.
+    """
+
+    def __init__(self, settings: Settings, runtime: Runtime | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        # Loading checks the artifact before any port is bound: a bad artifact never serves.
-        self.core = InferenceCore(settings, self.metrics)
+        self.core = InferenceCore(settings, self.metrics, runtime)
+        self.readiness = self.core.readiness
         self.health = _Health()
         self.port = 0
         self.metrics_port = -1
+        self.exit_code = 0
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
+        self._failed = asyncio.Event()
         self.service_names: list[str] = []
 
     def _add_services(self, server: grpc.aio.Server) -> None:
         classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.core), server)
         names = [classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name]
-        try:
-            from .oip import add_oip_to_server
-        except ImportError:  # the Open Inference Protocol module is optional at build time
-            pass
-        else:
-            names.append(add_oip_to_server(server, self.core))
+        names.append(add_oip_to_server(server, self.core))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
@@ -179,13 +107,53 @@ class CifarServer:
             if asyncio.iscoroutine(result):
                 await result
 
-    async def start(self) -> None:
+    def _on_batcher_failure(self, exc: BaseException) -> None:
+        # Waiting callers already have their error; say so everywhere and make the process exit
+        # non-zero, so a supervisor restarts it rather than routing calls to a dead batcher.
+        self.readiness.set(Phase.FAILED, f"batcher died: {type(exc).__name__}: {exc}")
+        self.metrics.ready.set(0)
+        self.exit_code = 1
+        self._failed.set()
+        asyncio.get_running_loop().create_task(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+
+    @property
+    def failed(self) -> asyncio.Event:
+        """Set when the server can no longer serve (its batcher died)."""
+        return self._failed
+
+    def _credentials(self) -> grpc.ServerCredentials:
         s = self.settings
-        interceptors: list[grpc.aio.ServerInterceptor] = [_DecodeGuard(self.metrics)]
-        if s.auth_token:
-            interceptors.insert(0, _BearerAuth(s.auth_token))
+
+        def read(path: str, flag: str) -> bytes:
+            try:
+                return Path(path).read_bytes()
+            except OSError as exc:
+                raise StartupError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+
+        return grpc.ssl_server_credentials(
+            [(read(s.tls_key, "--tls-key"), read(s.tls_cert, "--tls-cert"))],
+            root_certificates=read(s.tls_client_ca, "--tls-client-ca") if s.tls_client_ca else None,
+            require_client_auth=bool(s.tls_client_ca),
+        )
+
+    async def start(self) -> None:
+        await self.bind()
+        await self.warm_up()
+
+    async def bind(self) -> None:
+        """Start the batcher and listen; calls get UNAVAILABLE ("warming up") until :meth:`warm_up`."""
+        s = self.settings
+        self.core.start(on_failure=self._on_batcher_failure)
+        edge = Edge(
+            metrics=self.metrics,
+            readiness=self.readiness,
+            budget=ByteBudget(s.max_inflight_request_bytes, self.metrics),
+            auth_token=s.auth_token,
+            open_prefixes=_OPEN_PREFIXES,
+            ungated=_UNGATED,
+        )
         server = grpc.aio.server(
-            interceptors=interceptors,
+            interceptors=[edge],
             options=[
                 ("grpc.max_receive_message_length", s.max_receive_message_bytes),
                 ("grpc.max_send_message_length", s.max_receive_message_bytes),
@@ -193,34 +161,54 @@ class CifarServer:
             ],
         )
         self._add_services(server)
-        address = f"{s.host}:{s.port}"
-        if s.tls_cert:
-            creds = grpc.ssl_server_credentials(
-                [(Path(s.tls_key).read_bytes(), Path(s.tls_cert).read_bytes())],
-                root_certificates=Path(s.tls_client_ca).read_bytes() if s.tls_client_ca else None,
-                require_client_auth=bool(s.tls_client_ca),
-            )
-            self.port = server.add_secure_port(address, creds)
-        else:
-            self.port = server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot bind {address}")
+        address = f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
+        try:
+            creds = self._credentials() if s.tls_cert else None
+            try:
+                if creds is not None:
+                    self.port = server.add_secure_port(address, creds)
+                else:
+                    self.port = server.add_insecure_port(address)
+            except RuntimeError:
+                self.port = 0
+            if self.port == 0:
+                raise StartupError(
+                    f"cannot listen on {address} (--host/--port): {_bind_problem(s.host, s.port)}"
+                )
+            if s.metrics_port >= 0:
+                try:
+                    self.metrics_port = self.metrics.serve_http(s.host, s.metrics_port)
+                except OSError as exc:
+                    raise StartupError(
+                        f"cannot serve metrics on {s.host}:{s.metrics_port} (--metrics-port): "
+                        f"{exc.strerror or exc}"
+                    ) from None
+        except BaseException:
+            await server.stop(None)
+            await self.core.stop()
+            raise
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
-        if s.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve_http(s.host, s.metrics_port)
-        logger.info("listening on %s:%d (metrics on %d), warming up", s.host, self.port, self.metrics_port)
+        logger.info("listening on %s:%d (metrics on %d); warming up", s.host, self.port, self.metrics_port)
+
+    async def warm_up(self) -> None:
+        """Warm the model up, then turn SERVING."""
+        s = self.settings
         await asyncio.to_thread(self.core.warmup)
-        self.core.start()
+        if self.readiness.phase is not Phase.STARTING:
+            return  # failed or told to stop while warming up
+        self.readiness.set(Phase.SERVING)
+        self.metrics.ready.set(1)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        d = self.core.runtime.describe()
         logger.info(
-            "serving %s v%s on %s:%d (%s)",
+            "serving %s v%s on %s:%d: %s",
             self.core.model_name,
             self.core.model_version,
             s.host,
             self.port,
-            self.core.runtime.describe(),
+            ", ".join(f"{k} {v}" for k, v in d.items()),
         )
 
     async def stop(self, grace: float | None = None) -> None:
@@ -229,6 +217,9 @@ class CifarServer:
             return
         grace = self.settings.grace_period_s if grace is None else grace
         logger.info("shutting down: draining for up to %.1fs", grace)
+        if self.readiness.phase is not Phase.FAILED:
+            self.readiness.set(Phase.DRAINING)
+        self.metrics.ready.set(0)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         started = time.monotonic()
         # stop(grace) refuses new calls at once and waits for every accepted one, up to grace.
@@ -248,44 +239,56 @@ class CifarServer:
         self._server = None
         self._stopped.set()
         # One line a supervisor (or a test) can read: what was answered, and how.
+        answered = self.metrics.answered()
         logger.info(
-            "stopped; answered %s", " ".join(f"{k}={v}" for k, v in sorted(self.metrics.answered().items()))
+            "stopped; answered %s",
+            " ".join(f"{k}={v}" for k, v in sorted(answered.items())) if answered else "no calls",
         )
 
     async def wait(self) -> None:
         await self._stopped.wait()
 
 
-async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT (exit status 0) or a fatal failure (1), shutting down gracefully."""
     server = CifarServer(settings)
-    await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await server.start()
+    stopping = asyncio.ensure_future(stop.wait())
+    failing = asyncio.ensure_future(server.failed.wait())
+    await asyncio.wait({stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (stopping, failing):
+        task.cancel()
     await server.stop()
+    return server.exit_code
 
 
 class ServerThread:
     """A real server on its own event loop in a background thread (tests, benchmarks, embedding)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, runtime: Runtime | None = None) -> None:
         self.settings = settings
+        self._runtime = runtime
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="cifar-serve", daemon=True)
         self.server: CifarServer | None = None
 
-    def start(self) -> ServerThread:
+    def start(self, wait_ready: bool = True) -> ServerThread:
+        """Start serving; with ``wait_ready=False``, return once the port is bound (still warming up)."""
         self._thread.start()
 
         async def boot() -> CifarServer:
-            srv = CifarServer(self.settings)
-            await srv.start()
+            srv = CifarServer(self.settings, self._runtime)
+            await srv.bind()
             return srv
 
         self.server = asyncio.run_coroutine_threadsafe(boot(), self._loop).result()
+        warming = asyncio.run_coroutine_threadsafe(self.server.warm_up(), self._loop)
+        if wait_ready:
+            warming.result()
         return self
 
     @property

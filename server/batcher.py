@@ -6,6 +6,10 @@ images or ``max_delay`` has passed since its oldest image arrived, whichever is 
 request larger than a batch is split across batches, and each caller gets its own rows back
 in order. Forward passes run in worker threads, never on the event loop, and while one
 computes the next one fills. Times are ``time.monotonic()``.
+
+The collector task is supervised: if it ever dies, every waiting caller gets ``UNAVAILABLE``
+at once, new work is refused, and ``on_failure`` tells the server (which turns NOT_SERVING and
+exits non-zero for its supervisor to restart it) instead of leaving callers to hang.
 """
 
 from __future__ import annotations
@@ -74,10 +78,13 @@ class DynamicBatcher:
         idle_dispatch: bool = True,
         num_classes: int = 10,
         metrics: Metrics | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
         stats: ModelStats | None = None,
     ) -> None:
         self._infer = infer
         self._stats = stats
+        self._on_failure = on_failure
+        self.failure: BaseException | None = None
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_images = max_queue_images
@@ -103,6 +110,7 @@ class DynamicBatcher:
 
     def start(self) -> None:
         self._collector = asyncio.get_running_loop().create_task(self._collect(), name="batcher")
+        self._collector.add_done_callback(self._collector_done)
 
     async def submit(
         self, images: np.ndarray, deadline: float | None = None, times: RequestTimes | None = None
@@ -113,6 +121,8 @@ class DynamicBatcher:
         dropped with :class:`DeadlineExceeded` before it is computed. ``times``, when given, is
         filled with the request's queue wait and the phases of the batches that held it.
         """
+        if self.failure is not None:
+            raise Unavailable(f"the batcher failed ({type(self.failure).__name__}); the server is exiting")
         if self._closing:
             raise Unavailable("server is shutting down")
         n = int(images.shape[0])
@@ -146,13 +156,39 @@ class DynamicBatcher:
         """Stop taking work, finish everything already accepted, release the threads."""
         self._closing = True
         self._arrived.set()
-        if self._collector is not None:
-            await self._collector
+        if self._collector is not None and self.failure is None:
+            await asyncio.gather(self._collector, return_exceptions=True)
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
     # ------------------------------------------------------------------ internals
+
+    def _collector_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() and self._closing:
+            return  # cancelled while stopping (the event loop is closing): not a failure
+        if task.cancelled():
+            exc: BaseException = asyncio.CancelledError("the batcher's collector was cancelled")
+        else:
+            found = task.exception()
+            if found is None:
+                return  # a clean stop
+            exc = found
+        self.failure = exc
+        self._closing = True
+        logger.critical(
+            "the batcher's collector died; failing %d waiting calls", len(self._queue), exc_info=exc
+        )
+        err = Unavailable(f"the batcher failed ({type(exc).__name__}); the server is exiting")
+        for work in self._queue:
+            if not work.done:
+                work.failed = True
+                work.future.set_exception(err)
+        self._queue.clear()
+        self._queued = 0
+        self._gauge()
+        if self._on_failure is not None:
+            self._on_failure(exc)
 
     def _gauge(self) -> None:
         if self._metrics is not None:
@@ -216,7 +252,7 @@ class DynamicBatcher:
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), due)
-                except TimeoutError:
+                except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
                     break
             batch = self._take()
             if not batch:

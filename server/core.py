@@ -6,21 +6,22 @@ nothing about protobuf or gRPC.
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from .batcher import DynamicBatcher
-from .errors import InvalidInput, ModelNotFound
+from .errors import InvalidInput, ModelNotFound, Unavailable
 from .metrics import Metrics
-from .runtime import ModelRuntime
 from .settings import Settings
 from .stats import ModelStats, RequestTimes
 
-__all__ = ["InferenceCore", "Ranked", "rank"]
+__all__ = ["InferenceCore", "Phase", "Ranked", "Readiness", "Runtime", "rank"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,29 +48,99 @@ def rank(logits: np.ndarray, k: int) -> Ranked:
     return Ranked(order, np.take_along_axis(probs, order, axis=1).astype(np.float32))
 
 
+class ManifestInfo(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def labels(self) -> Sequence[str]: ...
+    @property
+    def test_accuracy(self) -> float: ...
+
+
+class Runtime(Protocol):
+    """What the core needs of a model runtime (:class:`.runtime.ModelRuntime`, or a test's fake)."""
+
+    @property
+    def manifest(self) -> ManifestInfo: ...
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def backend(self) -> str: ...
+    @property
+    def device(self) -> Any: ...  # has ``.type``: "cpu" or "cuda"
+
+    def infer(self, images: np.ndarray) -> np.ndarray: ...
+    def warmup(self) -> None: ...
+    def describe(self) -> dict[str, Any]: ...
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+class Readiness:
+    """Whether the core takes new work, and why not."""
+
+    def __init__(self) -> None:
+        self.phase = Phase.STARTING
+        self.reason = ""
+
+    @property
+    def serving(self) -> bool:
+        return self.phase is Phase.SERVING
+
+    def set(self, phase: Phase, reason: str = "") -> None:
+        self.phase = phase
+        self.reason = reason
+
+    def check(self) -> None:
+        """Raise :class:`Unavailable` unless new work is taken."""
+        if self.phase is Phase.SERVING:
+            return
+        if self.phase is Phase.STARTING:
+            raise Unavailable("warming up: the model is loading; retry shortly")
+        if self.phase is Phase.DRAINING:
+            raise Unavailable("shutting down: not taking new calls; use another replica")
+        raise Unavailable(f"server failed ({self.reason}); it is exiting")
+
+
+def load_runtime(settings: Settings, slots: int) -> Runtime:
+    """The real runtime for ``settings`` (imported here: torch loads only when a model does)."""
+    from .runtime import ModelRuntime
+
+    runtime: Runtime = ModelRuntime(
+        settings.model_dir,
+        device=settings.device,
+        backend=settings.backend,
+        precision=settings.precision,
+        max_batch_size=settings.max_batch_size,
+        slots=slots,
+        threads=settings.torch_threads,
+        verify_sha256=settings.verify_sha256,
+        cuda_graphs=settings.cuda_graphs,
+    )
+    return runtime
+
+
 class InferenceCore:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, runtime: Runtime | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.readiness = Readiness()
         slots = settings.max_inflight_batches or 0
-        self.runtime = ModelRuntime(
-            settings.model_dir,
-            device=settings.device,
-            backend=settings.backend,
-            precision=settings.precision,
-            max_batch_size=settings.max_batch_size,
-            slots=max(slots, 2),
-            threads=settings.torch_threads,
-            verify_sha256=settings.verify_sha256,
-            cuda_graphs=settings.cuda_graphs,
-        )
+        self.runtime = runtime if runtime is not None else load_runtime(settings, max(slots, 2))
         if not slots:
             slots = 2 if self.runtime.device.type == "cuda" else 1
         self.max_inflight = slots
         m = self.runtime.manifest
         self.model_name = settings.model_name or m.name
         self.model_version = m.version
-        self.labels: tuple[str, ...] = m.labels
+        self.labels: tuple[str, ...] = tuple(m.labels)
         self.num_classes = len(self.labels)
         self.batcher: DynamicBatcher | None = None
         self.stats = ModelStats()
@@ -77,8 +148,9 @@ class InferenceCore:
     def warmup(self) -> None:
         self.runtime.warmup()
 
-    def start(self) -> None:
-        """Create the batcher on the running event loop."""
+    def start(self, on_failure: Callable[[BaseException], None] | None = None) -> None:
+        """Create the batcher on the running event loop (before warm-up: calls meanwhile get
+        UNAVAILABLE from :attr:`readiness`, never an unstarted core)."""
         self.batcher = DynamicBatcher(
             self.runtime.infer,
             max_batch_size=self.settings.max_batch_size,
@@ -88,6 +160,7 @@ class InferenceCore:
             idle_dispatch=self.settings.idle_dispatch,
             num_classes=self.num_classes,
             metrics=self.metrics,
+            on_failure=on_failure,
             stats=self.stats,
         )
         self.batcher.start()
@@ -115,14 +188,16 @@ class InferenceCore:
 
     async def logits(self, images: np.ndarray, deadline: float | None = None) -> np.ndarray:
         """Float32 logits ``[n, classes]`` for uint8 ``[n,32,32,3]`` images."""
+        n = int(images.shape[0])
+        self.check_count(n)
+        if self.batcher is None:
+            raise Unavailable("warming up: the model is loading; retry shortly")
+        # Statistics count the requests that reached the model's queue (as Triton's do).
         started = time.perf_counter_ns()
         times = RequestTimes()
         try:
-            n = int(images.shape[0])
-            self.check_count(n)
-            assert self.batcher is not None, "core not started"
             logits = await self.batcher.submit(images, deadline, times)
-        except BaseException:  # cancelled callers count as failed requests, as in Triton
+        except BaseException:  # refused, expired, cancelled or failed: all failed inferences
             self.stats.request_failed(time.perf_counter_ns() - started)
             raise
         self.stats.request_succeeded(n, time.perf_counter_ns() - started, times)
@@ -141,7 +216,6 @@ class InferenceCore:
             "sha256": self.runtime.sha256,
             "test_accuracy": self.runtime.manifest.test_accuracy,
             **self.runtime.describe(),
-            "runtime_table": self.runtime.runtime_table(),
             "max_batch_size": s.max_batch_size,
             "max_batch_delay_ms": s.max_batch_delay_ms,
             "max_queue_images": s.max_queue_images,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import grpc
 
 __all__ = [
-    "Cancelled",
     "DeadlineExceeded",
     "InferenceError",
     "InternalError",
@@ -51,10 +50,6 @@ class QueueFull(ResourceExhausted):
 
 class DeadlineExceeded(InferenceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-class Cancelled(InferenceError):
-    code = grpc.StatusCode.CANCELLED
 
 
 class Unavailable(InferenceError):

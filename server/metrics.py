@@ -2,18 +2,47 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    make_wsgi_app,
+)
 
 __all__ = ["Metrics"]
 
 logger = logging.getLogger(__name__)
 
+# A `_created` sample per series doubles the page and no dashboard of ours reads it.
+disable_created_metrics()
+
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+_StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _ThreadingWSGIServer6(_ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes every few seconds: not news
+        logger.debug("metrics: " + format, *args)
 
 
 class Metrics:
@@ -32,7 +61,8 @@ class Metrics:
         )
         self.queue_time = Histogram(
             "cifar_serve_queue_time_seconds",
-            "time an image waited in the batcher's queue before its batch ran",
+            "time from a request's arrival in the batcher's queue to the start of its first batch "
+            "(one observation per request)",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
@@ -58,10 +88,28 @@ class Metrics:
         self.batch_failures = Counter(
             "cifar_serve_batch_failures", "batches whose forward pass failed", ["reason"], registry=r
         )
-        self.inflight = Gauge("cifar_serve_inflight_requests", "requests being answered", registry=r)
+        self.inflight = Gauge(
+            "cifar_serve_inflight_requests", "calls being answered (a stream is one)", registry=r
+        )
+        self.inflight_bytes = Gauge(
+            "cifar_serve_inflight_request_bytes",
+            "request bytes held from parsing until answered (bounded by --max-inflight-request-bytes)",
+            registry=r,
+        )
+        self.stream_items = Gauge(
+            "cifar_serve_stream_items",
+            "requests of open streams being computed or awaiting delivery",
+            registry=r,
+        )
+        self.stream_messages = Counter(
+            "cifar_serve_stream_messages",
+            "requests answered inside streams, by method and status code",
+            ["method", "code"],
+            registry=r,
+        )
+        self.ready = Gauge("cifar_serve_ready", "1 when the server takes inference calls", registry=r)
         self._inflight = 0
-        self._idle: asyncio.Event | None = None
-        self._http: Any = None
+        self._http: WSGIServer | None = None
 
     def answered(self) -> dict[str, int]:
         """Calls answered so far, as ``{"Method/CODE": count}``."""
@@ -87,25 +135,25 @@ class Metrics:
     def end(self) -> None:
         self._inflight -= 1
         self.inflight.set(self._inflight)
-        if self._inflight == 0 and self._idle is not None:
-            self._idle.set()
-
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no request is being answered (True) or ``timeout`` passes (False)."""
-        if self._inflight == 0:
-            return True
-        self._idle = asyncio.Event()
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
-        finally:
-            self._idle = None
 
     def serve_http(self, host: str, port: int) -> int:
-        """Expose ``/metrics`` on ``port`` (0: a free one); returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        """Expose ``/metrics`` on ``port`` (0: a free one); returns the bound port.
+
+        Only ``/metrics`` answers (404 elsewhere), so a probe pointed at ``/`` or ``/healthz``
+        by mistake fails loudly instead of reading a metrics page as "healthy".
+        """
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: _StartResponse) -> Iterable[bytes]:
+            if environ.get("PATH_INFO", "") == "/metrics":
+                result: Iterable[bytes] = metrics_app(environ, start_response)
+                return result
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"not found: metrics are at /metrics\n"]
+
+        server_class = _ThreadingWSGIServer6 if ":" in host else _ThreadingWSGIServer
+        server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         self._http = server
         return int(server.server_address[1])
 

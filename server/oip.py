@@ -28,9 +28,10 @@ import numpy as np
 from cifar_serve.v1 import open_inference_pb2 as pb
 from cifar_serve.v1 import open_inference_pb2_grpc as pb_grpc
 
-from ._rpc import abort_with, deadline_of, guarded
 from .core import InferenceCore
-from .errors import InvalidInput, ResourceExhausted, status_for
+from .edge import Received, ordered_stream
+from .errors import InferenceError, InvalidInput
+from .servicer import STREAM_WINDOW, deadline_of
 from .stats import Duration
 
 __all__ = [
@@ -63,7 +64,6 @@ _PLATFORMS = {
 # Triton's backend name for each platform.
 _BACKENDS = {"pytorch_libtorch": "pytorch", "onnxruntime_onnx": "onnxruntime"}
 _INLINE_STRINGS = 2048  # classification strings formatted on the event loop; more go to a thread
-_STREAM_WINDOW = 64  # requests of one stream computing at once; bounds a stream's memory
 _SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
@@ -222,58 +222,43 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     # ------------------------------------------------------------------ health and metadata
 
     def _ready(self) -> bool:
-        return self.core.batcher is not None  # set once the model is loaded and warmed up
+        return self.core.readiness.serving  # the model is loaded, warm, and not draining
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerLiveResponse:
-        async def live() -> pb.ServerLiveResponse:
-            return pb.ServerLiveResponse(live=True)
-
-        return await guarded(self.core.metrics, "ServerLive", context, live())
+        return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerReadyResponse:
-        async def ready() -> pb.ServerReadyResponse:
-            return pb.ServerReadyResponse(ready=self._ready())
-
-        return await guarded(self.core.metrics, "ServerReady", context, ready())
+        return pb.ServerReadyResponse(ready=self._ready())
 
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
-        async def ready() -> pb.ModelReadyResponse:
-            # As Triton: an unknown model or version is "not ready", not an error.
-            known = request.name == self.core.model_name and request.version in ("", self.core.model_version)
-            return pb.ModelReadyResponse(ready=known and self._ready())
-
-        return await guarded(self.core.metrics, "ModelReady", context, ready())
+        # As Triton: an unknown model or version is "not ready", not an error.
+        known = request.name == self.core.model_name and request.version in ("", self.core.model_version)
+        return pb.ModelReadyResponse(ready=known and self._ready())
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        async def meta() -> pb.ServerMetadataResponse:
-            return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=EXTENSIONS)
-
-        return await guarded(self.core.metrics, "ServerMetadata", context, meta())
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=EXTENSIONS)
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        async def meta() -> pb.ModelMetadataResponse:
-            core = self.core
-            core.check_model(request.name, request.version)
-            tensor = pb.ModelMetadataResponse.TensorMetadata
-            return pb.ModelMetadataResponse(
-                name=core.model_name,
-                versions=[core.model_version],
-                platform=_PLATFORMS.get(core.runtime.backend, core.runtime.backend),
-                inputs=[tensor(name=INPUT_NAME, datatype="UINT8", shape=[-1, *IMAGE_SHAPE])],
-                outputs=[tensor(name=OUTPUT_NAME, datatype="FP32", shape=[-1, core.num_classes])],
-            )
-
-        return await guarded(self.core.metrics, "ModelMetadata", context, meta())
+        core = self.core
+        core.check_model(request.name, request.version)
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=core.model_name,
+            versions=[core.model_version],
+            platform=_PLATFORMS.get(core.runtime.backend, core.runtime.backend),
+            inputs=[tensor(name=INPUT_NAME, datatype="UINT8", shape=[-1, *IMAGE_SHAPE])],
+            outputs=[tensor(name=OUTPUT_NAME, datatype="FP32", shape=[-1, core.num_classes])],
+        )
 
     # ------------------------------------------------------------------ inference
 
@@ -314,63 +299,34 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        work = self._infer(request, deadline_of(context))
-        return await guarded(self.core.metrics, "ModelInfer", context, work)
+        return await self._infer(request, deadline_of(context))
 
-    async def _stream_one(
-        self, request: pb.ModelInferRequest, deadline: float | None
-    ) -> pb.ModelStreamInferResponse:
-        code = grpc.StatusCode.OK
-        try:
-            msg = pb.ModelStreamInferResponse(infer_response=await self._infer(request, deadline))
-        except Exception as exc:
-            code, text = status_for(exc)
-            # As Triton: the error travels on the stream, with the id to tell which request failed.
-            msg = pb.ModelStreamInferResponse(
-                error_message=text, infer_response=pb.ModelInferResponse(id=request.id)
-            )
-        self.core.metrics.requests.labels("ModelStreamInfer", code.name).inc()
-        return msg
-
-    async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[Received], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        limit = self.core.settings.max_stream_requests
         deadline = deadline_of(context)
+
+        async def handle(req: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(req, deadline))
+
+        def error_answer(req: pb.ModelInferRequest, exc: InferenceError) -> pb.ModelStreamInferResponse:
+            # As Triton: the error travels on the stream, with the id to tell which request failed.
+            return pb.ModelStreamInferResponse(
+                error_message=exc.message, infer_response=pb.ModelInferResponse(id=req.id)
+            )
+
         # Answers go out in request order (as Triton's non-decoupled streams), while up to
-        # _STREAM_WINDOW requests compute at once and so share batches.
-        pending: asyncio.Queue[asyncio.Future[pb.ModelStreamInferResponse] | BaseException | None] = (
-            asyncio.Queue(maxsize=_STREAM_WINDOW)
+        # STREAM_WINDOW requests compute at once and so share batches.
+        return ordered_stream(
+            request_iterator,
+            handle,
+            error_answer,
+            method="ModelStreamInfer",
+            metrics=self.core.metrics,
+            limit=self.core.settings.max_stream_requests,
+            window=STREAM_WINDOW,
         )
 
-        async def read() -> None:
-            try:
-                count = 0
-                async for req in request_iterator:
-                    count += 1
-                    if count > limit:
-                        raise ResourceExhausted(f"stream exceeded {limit} requests; open a new stream")
-                    await pending.put(asyncio.ensure_future(self._stream_one(req, deadline)))
-                await pending.put(None)
-            except Exception as exc:
-                await pending.put(exc)
-
-        reader = asyncio.ensure_future(read())
-        try:
-            while True:
-                item = await pending.get()
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    await abort_with(context, item)
-                    break  # unreachable: abort_with raises
-                yield await item
-        finally:
-            reader.cancel()
-            while not pending.empty():  # the caller left: drop work nobody will read
-                left = pending.get_nowait()
-                if isinstance(left, asyncio.Future):
-                    left.cancel()
 
     # ------------------------------------------------------------------ configuration and statistics
     # (Triton's extensions; perf_analyzer and model_analyzer read both.)

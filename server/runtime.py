@@ -334,6 +334,7 @@ class ModelRuntime:
             "precision": self.precision,
             "cuda_graphs": self.cuda_graphs,
             "sha256": self.sha256,
+            "runtime_table": self.runtime_table(),
         }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -12,16 +13,24 @@ import numpy as np
 from cifar_serve.v1 import classifier_pb2 as pb
 from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
 
-from ._rpc import deadline_of, guarded
 from .core import InferenceCore, rank
-from .errors import InvalidInput, ResourceExhausted, status_for
+from .edge import Received, ordered_stream
+from .errors import InferenceError, InvalidInput
 from .preprocess import decode_image, packed_to_array, raw_to_array
 
-__all__ = ["ClassifierServicer", "request_images"]
+__all__ = ["ClassifierServicer", "deadline_of", "request_images"]
 
 logger = logging.getLogger(__name__)
 
-_STREAM_WINDOW = 64  # requests of one stream computing at once; bounds a stream's memory
+STREAM_WINDOW = 64  # requests of one stream computing at once; bounds a stream's memory
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The caller's deadline as a ``time.monotonic()`` instant, or None."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    return time.monotonic() + max(0.0, remaining)
 
 
 def request_images(request: pb.ClassifyRequest, max_images: int, max_pixels: int) -> np.ndarray:
@@ -94,94 +103,56 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     async def Classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
-        return await guarded(
-            self.core.metrics, "Classify", context, self._classify(request, deadline_of(context))
-        )
+        return await self._classify(request, deadline_of(context))
 
-    async def ClassifyStream(
-        self, request_iterator: AsyncIterator[pb.ClassifyStreamRequest], context: grpc.aio.ServicerContext
+    def ClassifyStream(
+        self, request_iterator: AsyncIterator[Received], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ClassifyStreamResponse]:
-        metrics = self.core.metrics
-        limit = self.core.settings.max_stream_requests
-        answers: asyncio.Queue[pb.ClassifyStreamResponse | BaseException | None] = asyncio.Queue()
-        window = asyncio.Semaphore(_STREAM_WINDOW)
         deadline = deadline_of(context)
 
-        async def handle(req: pb.ClassifyStreamRequest) -> None:
-            code = grpc.StatusCode.OK
-            try:
-                resp = await self._classify(req.request, deadline)
-                msg = pb.ClassifyStreamResponse(id=req.id, response=resp)
-            except Exception as exc:
-                code, text = status_for(exc)
-                msg = pb.ClassifyStreamResponse(id=req.id, error_code=code.value[0], error_message=text)
-            finally:
-                window.release()
-            metrics.requests.labels("ClassifyStream", code.name).inc()
-            await answers.put(msg)
+        async def handle(req: pb.ClassifyStreamRequest) -> pb.ClassifyStreamResponse:
+            return pb.ClassifyStreamResponse(id=req.id, response=await self._classify(req.request, deadline))
 
-        async def read() -> None:
-            tasks: set[asyncio.Task[None]] = set()
-            try:
-                count = 0
-                async for req in request_iterator:
-                    count += 1
-                    if count > limit:
-                        raise ResourceExhausted(f"stream exceeded {limit} requests; open a new stream")
-                    await window.acquire()
-                    task = asyncio.ensure_future(handle(req))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.gather(*tasks)
-                await answers.put(None)
-            except Exception as exc:
-                await answers.put(exc)
+        def error_answer(req: pb.ClassifyStreamRequest, exc: InferenceError) -> pb.ClassifyStreamResponse:
+            return pb.ClassifyStreamResponse(
+                id=req.id, error_code=exc.code.value[0], error_message=exc.message
+            )
 
-        reader = asyncio.ensure_future(read())
-        metrics.begin()
-        try:
-            while True:
-                item = await answers.get()
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    code, text = status_for(item)
-                    await context.abort(code, text)
-                else:
-                    yield item
-        finally:
-            metrics.end()
-            reader.cancel()
+        return ordered_stream(
+            request_iterator,
+            handle,
+            error_answer,
+            method="ClassifyStream",
+            metrics=self.core.metrics,
+            limit=self.core.settings.max_stream_requests,
+            window=STREAM_WINDOW,
+        )
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
-        async def info() -> pb.ModelInfo:
-            d = self.core.info()
-            return pb.ModelInfo(
-                name=d["name"],
-                version=d["version"],
-                labels=d["labels"],
-                input=pb.TensorSpec(name="images", datatype="UINT8", shape=[-1, 32, 32, 3], layout="NHWC"),
-                output=pb.TensorSpec(name="logits", datatype="FP32", shape=[-1, len(d["labels"])]),
-                artifact_sha256=d["sha256"],
-                test_accuracy=d["test_accuracy"],
-                device=d["device"],
-                backend=d["backend"],
-                precision=d["precision"],
-                batching=pb.BatchingInfo(
-                    max_batch_size=d["max_batch_size"],
-                    max_batch_delay_ms=d["max_batch_delay_ms"],
-                    max_queue_images=d["max_queue_images"],
-                ),
-                limits=pb.Limits(
-                    max_images_per_request=d["max_images_per_request"],
-                    max_image_pixels=d["max_image_pixels"],
-                    max_receive_message_bytes=d["max_receive_message_bytes"],
-                    max_stream_requests=d["max_stream_requests"],
-                ),
-                runtime_table=[pb.RuntimeBucket(**bucket) for bucket in d["runtime_table"]],
-            )
-
-        return await guarded(self.core.metrics, "GetModelInfo", context, info())
+        d = self.core.info()
+        return pb.ModelInfo(
+            name=d["name"],
+            version=d["version"],
+            labels=d["labels"],
+            input=pb.TensorSpec(name="images", datatype="UINT8", shape=[-1, 32, 32, 3], layout="NHWC"),
+            output=pb.TensorSpec(name="logits", datatype="FP32", shape=[-1, len(d["labels"])]),
+            artifact_sha256=d["sha256"],
+            test_accuracy=d["test_accuracy"],
+            device=d["device"],
+            backend=d["backend"],
+            precision=d["precision"],
+            batching=pb.BatchingInfo(
+                max_batch_size=d["max_batch_size"],
+                max_batch_delay_ms=d["max_batch_delay_ms"],
+                max_queue_images=d["max_queue_images"],
+            ),
+            limits=pb.Limits(
+                max_images_per_request=d["max_images_per_request"],
+                max_image_pixels=d["max_image_pixels"],
+                max_receive_message_bytes=d["max_receive_message_bytes"],
+                max_stream_requests=d["max_stream_requests"],
+            ),
+            runtime_table=[pb.RuntimeBucket(**bucket) for bucket in d.get("runtime_table", [])],
+        )

@@ -7,20 +7,27 @@ is documented once, in its metadata, and that text feeds both ``--help`` and the
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["ENV_PREFIX", "Settings", "build_parser", "settings_from_args"]
+__all__ = ["ENV_PREFIX", "Settings", "SettingsError", "build_parser", "settings_from_args"]
 
 ENV_PREFIX = "CIFAR_SERVE_"
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
+
+
+class SettingsError(ValueError):
+    """Settings that cannot work: the message names every flag involved."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -59,14 +66,21 @@ class Settings:
     tls_key: str = _opt("", "server private key (PEM)")
     tls_client_ca: str = _opt("", "CA (PEM) that client certificates must chain to (mutual TLS)")
     auth_token: str = _opt("", "if set, callers must send 'authorization: Bearer <token>'")
-    log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
+    max_inflight_request_bytes: int = _opt(
+        256 * 1024 * 1024,
+        "most request bytes held at once before their images are queued (being parsed, decoded or "
+        "waiting); beyond it new requests get RESOURCE_EXHAUSTED",
+    )
+    log_level: str = _opt(
+        "INFO", "DEBUG, INFO, WARNING or ERROR", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
 
-    @property
-    def env(self) -> dict[str, str]:
-        return {f.name: ENV_PREFIX + f.name.upper() for f in fields(self)}
-
-    def replace(self, **changes: Any) -> Settings:
-        return dataclasses.replace(self, **changes)
+    def __post_init__(self) -> None:
+        # Validated here, not in the CLI, so settings built from the environment, from flags or
+        # in code are held to the same rules.
+        problems = list(_problems(self))
+        if problems:
+            raise SettingsError("; ".join(problems))
 
 
 def _parse_bool(text: str) -> bool:
@@ -121,23 +135,62 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
 def settings_from_args(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> Settings:
-    args = build_parser(environ).parse_args(argv)
-    s = Settings(**vars(args))
-    _validate(s)
-    return s
+    """Flags over ``CIFAR_SERVE_*`` variables over defaults; exits 2 with one line if invalid."""
+    parser = build_parser(environ)
+    args = parser.parse_args(argv)
+    try:
+        return Settings(**vars(args))
+    except SettingsError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
 
 
-def _validate(s: Settings) -> None:
-    problems = []
-    if s.max_batch_size < 1:
-        problems.append("--max-batch-size must be at least 1")
-    if s.max_batch_delay_ms < 0:
-        problems.append("--max-batch-delay-ms must not be negative")
+def _problems(s: Settings) -> Sequence[str]:
+    out: list[str] = []
+    for f in fields(s):
+        choices = f.metadata.get("choices")
+        value = getattr(s, f.name)
+        if choices and value not in choices:
+            out.append(
+                f"{_flag(f.name)} (env {ENV_PREFIX}{f.name.upper()}) is {value!r}; "
+                f"choose one of {', '.join(choices)}"
+            )
+    positive = (
+        "max_batch_size",
+        "max_queue_images",
+        "max_images_per_request",
+        "max_image_pixels",
+        "max_receive_message_bytes",
+        "max_stream_requests",
+        "max_inflight_request_bytes",
+    )
+    for name in positive:
+        if getattr(s, name) < 1:
+            out.append(f"{_flag(name)} must be at least 1, got {getattr(s, name)}")
+    for name in ("max_batch_delay_ms", "grace_period_s", "max_inflight_batches", "torch_threads"):
+        if getattr(s, name) < 0:
+            out.append(f"{_flag(name)} must not be negative, got {getattr(s, name)}")
+    for name in ("port", "metrics_port"):
+        low = -1 if name == "metrics_port" else 0
+        if not low <= getattr(s, name) <= 65535:
+            out.append(f"{_flag(name)} must be a port number (0-65535), got {getattr(s, name)}")
     if s.max_queue_images < s.max_batch_size:
-        problems.append("--max-queue-images must be at least --max-batch-size")
+        out.append(
+            f"--max-queue-images ({s.max_queue_images}) must be at least "
+            f"--max-batch-size ({s.max_batch_size})"
+        )
+    if s.max_images_per_request > s.max_queue_images:
+        out.append(
+            f"--max-images-per-request ({s.max_images_per_request}) must not exceed --max-queue-images "
+            f"({s.max_queue_images}): a request that large could never be queued"
+        )
+    if s.max_inflight_request_bytes < s.max_receive_message_bytes:
+        out.append(
+            f"--max-inflight-request-bytes ({s.max_inflight_request_bytes}) must be at least "
+            f"--max-receive-message-bytes ({s.max_receive_message_bytes}): "
+            "the largest request could never run"
+        )
     if bool(s.tls_cert) != bool(s.tls_key):
-        problems.append("--tls-cert and --tls-key go together")
+        out.append("--tls-cert and --tls-key go together")
     if s.tls_client_ca and not s.tls_cert:
-        problems.append("--tls-client-ca needs --tls-cert and --tls-key")
-    if problems:
-        raise SystemExit("cifar-serve: " + "; ".join(problems))
+        out.append("--tls-client-ca needs --tls-cert and --tls-key")
+    return out

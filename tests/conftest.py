@@ -108,3 +108,74 @@ def channel(server):  # type: ignore[no-untyped-def]
     ch = grpc.insecure_channel(server.address)
     yield ch
     ch.close()
+
+
+# --------------------------------------------------------------------------- the fast tier
+# A fake model (numpy in, numpy out, no torch) under the real server, batcher and edge, so the
+# serving logic is tested in seconds, and on Python versions the real model's stack is not
+# installed on. The real-model tests above stay.
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+class FakeRuntime:
+    """Logits are each image's first ten pixel bytes, so every caller's rows are checkable.
+
+    ``gate`` (set by default) holds forward passes while cleared; ``warm_gate`` holds warm-up.
+    """
+
+    backend = "fake"
+    sha256 = "0" * 64
+
+    def __init__(self) -> None:
+        import threading
+        from types import SimpleNamespace
+
+        self.device = SimpleNamespace(type="cpu")
+        self.manifest = SimpleNamespace(name="cifar10_resnet18", version="1", labels=CLASSES, test_accuracy=0.0)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.warm_gate = threading.Event()
+        self.warm_gate.set()
+        self.entered = threading.Event()
+        self.batches: list[int] = []
+
+    @staticmethod
+    def expected(images: np.ndarray) -> np.ndarray:
+        return images.reshape(len(images), -1)[:, :10].astype(np.float32)
+
+    def infer(self, images: np.ndarray) -> np.ndarray:
+        self.batches.append(len(images))
+        self.entered.set()
+        assert self.gate.wait(60), "test never opened the gate"
+        return self.expected(images)
+
+    def warmup(self) -> None:
+        assert self.warm_gate.wait(60), "test never finished the warm-up"
+
+    def describe(self) -> dict[str, object]:
+        return {"device": "cpu", "backend": "fake", "precision": "fp32"}
+
+
+@pytest.fixture
+def fake_runtime() -> FakeRuntime:
+    return FakeRuntime()
+
+
+@pytest.fixture
+def fake_server(fake_runtime: FakeRuntime, tmp_path: Path) -> Iterator[object]:
+    """``fake_server(**settings)``: a real server on a free port over :class:`FakeRuntime`."""
+    from cifar_serve.server.app import ServerThread
+
+    started: list[ServerThread] = []
+
+    def start(wait_ready: bool = True, **overrides: object) -> ServerThread:
+        srv = ServerThread(_make_settings(tmp_path, **overrides), runtime=fake_runtime)
+        started.append(srv)
+        return srv.start(wait_ready=wait_ready)
+
+    yield start
+    fake_runtime.gate.set()
+    fake_runtime.warm_gate.set()
+    for srv in started:
+        srv.stop(grace=1.0)

@@ -115,7 +115,7 @@ def test_errors_are_counted_by_status_code(model_dir, make_settings) -> None:  #
     from cifar_serve.server.app import ServerThread
 
     # A queue that holds one 4-image request: concurrent callers beyond it are turned away.
-    settings = make_settings(model_dir, metrics_port=-1, max_batch_size=4, max_queue_images=4,
+    settings = make_settings(model_dir, metrics_port=-1, max_batch_size=4, max_queue_images=4, max_images_per_request=4,
                              max_batch_delay_ms=20.0)
     with ServerThread(settings) as srv:
         r = run_bench(BenchConfig(address=srv.address, requests=64, batch_size=4, concurrency=32, warmup=0))

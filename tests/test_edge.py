@@ -1,0 +1,336 @@
+"""The RPC edge over a fake model (fast tier): readiness, auth, accounting, bounds, errors, streams."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cifar_serve.v1 import classifier_pb2 as pb
+from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
+from cifar_serve.v1 import open_inference_pb2 as oip
+from cifar_serve.v1 import open_inference_pb2_grpc as oip_grpc
+
+pytestmark = pytest.mark.fast
+
+RNG = np.random.default_rng(0)
+IMAGES = RNG.integers(0, 256, size=(256, 32, 32, 3), dtype=np.uint8)
+
+
+def _classify(n: int = 1, offset: int = 0) -> pb.ClassifyRequest:
+    x = IMAGES[offset : offset + n]
+    return pb.ClassifyRequest(packed=pb.PackedImages(data=x.tobytes(), count=n), include_logits=True)
+
+
+def _logits(resp: pb.ClassifyResponse) -> np.ndarray:
+    return np.array([list(r.logits) for r in resp.results], np.float32)
+
+
+def _infer(n: int = 1, offset: int = 0, id: str = "") -> oip.ModelInferRequest:
+    req = oip.ModelInferRequest(model_name="cifar10_resnet18", id=id)
+    req.inputs.add(name="images", datatype="UINT8", shape=[n, 32, 32, 3])
+    req.raw_input_contents.append(IMAGES[offset : offset + n].tobytes())
+    return req
+
+
+def _metric(srv: Any, name: str, labels: dict[str, str] | None = None) -> float:
+    value = srv.server.metrics.registry.get_sample_value(name, labels or {})
+    return 0.0 if value is None else float(value)
+
+
+def _wait_for(predicate: Any, what: str, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def channel_to() -> Iterator[Any]:
+    opened: list[grpc.Channel] = []
+
+    def open_(srv: Any) -> grpc.Channel:
+        ch = grpc.insecure_channel(srv.address)
+        opened.append(ch)
+        return ch
+
+    yield open_
+    for ch in opened:
+        ch.close()
+
+
+# --------------------------------------------------------------------------- readiness (defect 2)
+
+
+def test_warming_up_answers_unavailable_then_the_client_retry_gets_an_answer(
+    fake_server: Any, fake_runtime: Any, channel_to: Any
+) -> None:
+    from cifar_serve.client import Client
+
+    fake_runtime.warm_gate.clear()
+    srv = fake_server(wait_ready=False)
+    ch = channel_to(srv)
+    with pytest.raises(grpc.RpcError) as info:
+        pb_grpc.ClassifierStub(ch).Classify(_classify(), timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "warming up" in (info.value.details() or "")
+    v2 = oip_grpc.GRPCInferenceServiceStub(ch)
+    with pytest.raises(grpc.RpcError) as info:
+        v2.ModelInfer(_infer(), timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    # Probes answer while warming up, and say "not ready".
+    assert v2.ServerLive(oip.ServerLiveRequest(), timeout=10).live
+    assert not v2.ServerReady(oip.ServerReadyRequest(), timeout=10).ready
+    health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+    answers: list[Any] = []
+    with Client(srv.address, timeout=30, retries=8, backoff=0.05) as client:
+        caller = threading.Thread(target=lambda: answers.append(client.classify(IMAGES[:2], top_k=1)))
+        caller.start()
+        time.sleep(0.3)  # let the first attempts meet the warm-up (the outcome does not depend on it)
+        fake_runtime.warm_gate.set()
+        caller.join(30)
+    assert len(answers) == 1 and len(answers[0]) == 2
+    assert [r.class_index for r in answers[0]] == list(np.argmax(fake_runtime.expected(IMAGES[:2]), axis=1))
+    assert v2.ServerReady(oip.ServerReadyRequest(), timeout=10).ready
+
+
+# --------------------------------------------------------------------------- accounting (defect 4)
+
+
+def test_inflight_counts_each_call_once_for_every_handler_kind(
+    fake_server: Any, fake_runtime: Any, channel_to: Any
+) -> None:
+    srv = fake_server()
+    ch = channel_to(srv)
+    fake_runtime.gate.clear()
+    fake_runtime.entered.clear()
+    unary = pb_grpc.ClassifierStub(ch).Classify.future(_classify(), timeout=30)
+    assert fake_runtime.entered.wait(10)
+    assert _metric(srv, "cifar_serve_inflight_requests") == 1
+    fake_runtime.gate.set()
+    assert len(unary.result().results) == 1
+    _wait_for(lambda: _metric(srv, "cifar_serve_inflight_requests") == 0, "the unary call to end")
+
+    fake_runtime.gate.clear()
+    fake_runtime.entered.clear()
+    release = threading.Event()
+
+    def requests() -> Iterator[oip.ModelInferRequest]:
+        yield _infer(id="a")
+        release.wait(30)
+
+    stream = oip_grpc.GRPCInferenceServiceStub(ch).ModelStreamInfer(requests(), timeout=30)
+    assert fake_runtime.entered.wait(10)
+    assert _metric(srv, "cifar_serve_inflight_requests") == 1
+    fake_runtime.gate.set()
+    release.set()
+    assert [r.infer_response.id for r in stream] == ["a"]
+    _wait_for(lambda: _metric(srv, "cifar_serve_inflight_requests") == 0, "the stream to end")
+    assert _metric(srv, "cifar_serve_requests_total", {"method": "ModelStreamInfer", "code": "OK"}) == 1
+    assert (
+        _metric(srv, "cifar_serve_stream_messages_total", {"method": "ModelStreamInfer", "code": "OK"}) == 1
+    )
+
+
+# --------------------------------------------------------------------------- memory bound (defect 6)
+
+
+def test_request_bytes_in_flight_are_bounded(fake_server: Any, fake_runtime: Any, channel_to: Any) -> None:
+    srv = fake_server(max_receive_message_bytes=64 * 1024, max_inflight_request_bytes=100 * 1024)
+    stub = pb_grpc.ClassifierStub(channel_to(srv))
+    fake_runtime.gate.clear()
+    fake_runtime.entered.clear()
+    held = stub.Classify.future(_classify(18), timeout=30)  # ~55 KB, held while the model is gated
+    assert fake_runtime.entered.wait(10)
+    assert _metric(srv, "cifar_serve_inflight_request_bytes") > 50_000
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Classify(_classify(18, offset=18), timeout=10)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--max-inflight-request-bytes" in (info.value.details() or "")
+    fake_runtime.gate.set()
+    np.testing.assert_array_equal(_logits(held.result()), fake_runtime.expected(IMAGES[:18]))
+    _wait_for(lambda: _metric(srv, "cifar_serve_inflight_request_bytes") == 0, "the bytes to be released")
+    np.testing.assert_array_equal(
+        _logits(stub.Classify(_classify(18, offset=18), timeout=10)), fake_runtime.expected(IMAGES[18:36])
+    )
+
+
+# --------------------------------------------------------------------------- errors (defect 7)
+
+
+def test_unexpected_error_is_logged_with_traceback_and_answered_internal(
+    fake_server: Any, fake_runtime: Any, channel_to: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    srv = fake_server()
+
+    def broken() -> dict[str, object]:
+        raise KeyError("a bug in describe()")
+
+    fake_runtime.describe = broken
+    caplog.set_level(logging.ERROR, logger="cifar_serve.server.edge")
+    stub = pb_grpc.ClassifierStub(channel_to(srv))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert "KeyError" in (info.value.details() or "")
+    logged = [r for r in caplog.records if "GetModelInfo" in r.getMessage()]
+    assert logged and logged[0].exc_info is not None and "a bug in describe()" in str(logged[0].exc_info[1])
+    assert len(stub.Classify(_classify(), timeout=10).results) == 1  # and the server carries on
+
+
+def test_malformed_bytes_are_invalid_argument_for_unary_and_stream(fake_server: Any, channel_to: Any) -> None:
+    srv = fake_server()
+    ch = channel_to(srv)
+    garbage = b"\xff\xff\xff\xff"
+    with pytest.raises(grpc.RpcError) as info:
+        ch.unary_unary("/cifar_serve.v1.Classifier/Classify")(garbage, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as info:
+        list(
+            ch.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")(iter([garbage]), timeout=10)
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed request message" in (info.value.details() or "")
+
+
+# --------------------------------------------------------------------------- auth (defect 8)
+
+
+def test_bearer_token_is_compared_in_constant_time(
+    fake_server: Any, channel_to: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hmac
+
+    from cifar_serve.server import edge
+
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(edge.hmac, "compare_digest", spy)
+    srv = fake_server(auth_token="s3cret")
+    stub = pb_grpc.ClassifierStub(channel_to(srv))
+    for metadata in ([], [("authorization", "Bearer wrong")], [("authorization", "Bearer s3cret-and-more")]):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Classify(_classify(), timeout=10, metadata=metadata)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert (
+        len(stub.Classify(_classify(), timeout=10, metadata=[("authorization", "Bearer s3cret")]).results)
+        == 1
+    )
+    assert (b"Bearer s3cret", b"Bearer s3cret") in compared
+    assert len(compared) == 3  # every presented token went through compare_digest, never ==
+    # Health stays open for load balancers.
+    health = health_pb2_grpc.HealthStub(channel_to(srv)).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# --------------------------------------------------------------------------- streams (defect 3)
+
+
+def test_stream_stops_reading_when_the_client_stops_reading_and_cleans_up_on_disconnect(
+    fake_server: Any, channel_to: Any
+) -> None:
+    from cifar_serve.server.servicer import STREAM_WINDOW
+
+    srv = fake_server(metrics_port=0)
+    # Without BDP probing the HTTP/2 window stays at 64 KiB, so the transport holds only a few
+    # hundred answers and the server's own bound shows at once (with it, grpc grows the window to
+    # megabytes of small answers first).
+    ch = grpc.insecure_channel(srv.address, options=[("grpc.http2.bdp_probe", 0)])
+    sent = 0
+
+    def requests() -> Iterator[pb.ClassifyStreamRequest]:
+        nonlocal sent
+        for i in range(50_000):
+            sent += 1
+            yield pb.ClassifyStreamRequest(id=str(i), request=_classify(1, offset=i % 256))
+
+    call = pb_grpc.ClassifierStub(ch).ClassifyStream(requests(), timeout=60)
+    # Never read the answers: the server must stop taking requests, not buffer answers.
+    _wait_for(lambda: _metric(srv, "cifar_serve_stream_items") > 0, "the stream to start")
+    last = -1
+    while sent != last:  # until the client is held back by flow control
+        last = sent
+        time.sleep(0.5)
+        assert _metric(srv, "cifar_serve_stream_items") <= STREAM_WINDOW
+    assert sent < 50_000, "the server read the whole stream although nobody read its answers"
+    assert _metric(srv, "cifar_serve_stream_items") <= STREAM_WINDOW
+    # Others are still answered.
+    other = pb_grpc.ClassifierStub(channel_to(srv)).Classify(_classify(3), timeout=10)
+    assert len(other.results) == 3
+    call.cancel()
+    _wait_for(lambda: _metric(srv, "cifar_serve_stream_items") == 0, "the stream's tasks to be cancelled")
+    _wait_for(lambda: _metric(srv, "cifar_serve_inflight_requests") == 0, "the stream call to end")
+    body = urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read().decode()
+    assert "cifar_serve_stream_items 0.0" in body
+    ch.close()
+
+
+def test_streams_answer_in_order_with_errors_in_band(fake_server: Any, channel_to: Any) -> None:
+    srv = fake_server()
+    reqs = [pb.ClassifyStreamRequest(id=str(i), request=_classify(1, offset=i)) for i in range(100)]
+    reqs[7] = pb.ClassifyStreamRequest(id="7", request=pb.ClassifyRequest())  # no images
+    answers = list(pb_grpc.ClassifierStub(channel_to(srv)).ClassifyStream(iter(reqs), timeout=30))
+    assert [a.id for a in answers] == [str(i) for i in range(100)]
+    assert answers[7].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "no images" in answers[7].error_message
+    for i in (0, 50, 99):
+        np.testing.assert_array_equal(
+            np.array(answers[i].response.results[0].logits, np.float32), IMAGES[i].reshape(-1)[:10]
+        )
+
+
+# --------------------------------------------------------------------------- the batcher's supervision
+
+
+def test_a_dead_batcher_fails_waiting_callers_at_once_and_turns_not_serving(
+    fake_server: Any, fake_runtime: Any, channel_to: Any
+) -> None:
+    srv = fake_server()
+    ch = channel_to(srv)
+    batcher = srv.server.core.batcher
+    fake_runtime.gate.clear()
+    fake_runtime.entered.clear()
+    stub = pb_grpc.ClassifierStub(ch)
+    first = stub.Classify.future(_classify(1), timeout=30)
+    assert fake_runtime.entered.wait(10)
+    waiting = stub.Classify.future(_classify(2, offset=1), timeout=30)
+    _wait_for(lambda: batcher.queued_images == 2, "the second call to queue")
+
+    def bug() -> None:
+        raise RuntimeError("a bug in the collector")
+
+    batcher._take = bug  # the collector's next step raises: the task dies
+    fake_runtime.gate.set()
+    with pytest.raises(grpc.RpcError) as info:
+        waiting.result(timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "batcher failed" in (info.value.details() or "")
+    assert len(first.result(timeout=10).results) == 1  # the batch that was computing still answers
+    assert srv.server.failed.is_set() and srv.server.exit_code == 1
+    health = health_pb2_grpc.HealthStub(ch)
+    _wait_for(
+        lambda: (
+            health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            == health_pb2.HealthCheckResponse.NOT_SERVING
+        ),
+        "health to turn NOT_SERVING",
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Classify(_classify(), timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE

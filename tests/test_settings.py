@@ -1,0 +1,53 @@
+"""Settings are validated at construction, from flags, environment and code alike (fast tier)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cifar_serve.server.settings import Settings, SettingsError, settings_from_args
+
+pytestmark = pytest.mark.fast
+
+
+def test_environment_values_are_held_to_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        settings_from_args([], environ={"CIFAR_SERVE_PRECISION": "int8"})
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert "--precision" in err and "CIFAR_SERVE_PRECISION" in err and "int8" in err and "fp32" in err
+
+
+def test_contradictory_limits_are_refused_naming_both() -> None:
+    with pytest.raises(
+        SettingsError, match=r"--max-images-per-request \(5000\).*--max-queue-images \(4096\)"
+    ):
+        Settings(max_images_per_request=5000)
+    with pytest.raises(SettingsError, match=r"--max-queue-images.*--max-batch-size"):
+        Settings(max_batch_size=128, max_queue_images=64, max_images_per_request=64)
+    with pytest.raises(SettingsError, match=r"--max-inflight-request-bytes.*--max-receive-message-bytes"):
+        Settings(max_inflight_request_bytes=1024)
+    with pytest.raises(SettingsError, match="--log-level"):
+        Settings(log_level="LOUD")
+
+
+def test_flags_beat_environment_beat_defaults() -> None:
+    s = settings_from_args(
+        ["--max-batch-size", "32"], environ={"CIFAR_SERVE_MAX_BATCH_SIZE": "16", "CIFAR_SERVE_PORT": "6000"}
+    )
+    assert (s.max_batch_size, s.port, s.host) == (32, 6000, "127.0.0.1")
+
+
+def test_cifar_serve_with_a_bad_environment_exits_at_once_with_one_line() -> None:
+    env = {**os.environ, "CIFAR_SERVE_PRECISION": "int8"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cifar_serve.server"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "CIFAR_SERVE_PRECISION" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
