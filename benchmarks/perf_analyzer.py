@@ -485,6 +485,10 @@ def run_point(
     return result
 
 
+def _suffix(args: argparse.Namespace) -> str:
+    return (f"-{args.label}" if args.label else "") + ("-quick" if args.quick else "")
+
+
 def start_profile(args: argparse.Namespace, pid: int, logdir: Path) -> subprocess.Popen[bytes] | None:
     """py-spy on the server until :func:`finish_profile` (the whole point, its first windows included)."""
     exe = Path(sys.executable).with_name("py-spy")
@@ -508,7 +512,7 @@ def finish_profile(args: argparse.Namespace, spy: subprocess.Popen[bytes], logdi
     if rc != 0 or not raw.exists():
         logger.warning("py-spy failed (rc %d): %s", rc, rb._tail(logdir / "py-spy.log", 5))
         return None
-    out = args.out_dir / ("profile-perf_analyzer-c32-b1" + ("-quick" if args.quick else "") + ".txt")
+    out = args.out_dir / f"profile-perf_analyzer-c32-b1{_suffix(args)}.txt"
     out.write_text(rb.summarise_profile(raw))
     return out
 
@@ -571,7 +575,9 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
 def markdown(results: dict[str, Any]) -> str:
     m = results["model"]
     lines = [
-        "### perf_analyzer" + (" (--quick smoke run: numbers meaningless)" if results["quick"] else ""),
+        "### perf_analyzer"
+        + (f" ({results['label']})" if results["label"] else "")
+        + (" (--quick smoke run: numbers meaningless)" if results["quick"] else ""),
         "",
         f"Command: `{results['command']}` — started {results['started']}, took {results['wall_s']:.0f} s; "
         f"perf_analyzer from tritonclient {results['tritonclient']}, "
@@ -662,6 +668,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="py-spy the server at c=32, 1-image requests")
     p.add_argument("--perf-analyzer", default=None, help="path of the perf_analyzer binary")
     p.add_argument("--server-arg", action="append", default=[], help="extra server flag (repeatable)")
+    p.add_argument(
+        "--label",
+        default="",
+        help="suffix for output files and the markdown section (workers2, with --server-arg=--workers=2)",
+    )
     p.add_argument("--out-dir", default=str(REPO / "benchmarks"))
     p.add_argument("--markdown", default=str(REPO / "BENCHMARKS.md"), help="'' to skip")
     p.add_argument("--log-level", default="INFO")
@@ -714,6 +725,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "started": started,
         "wall_s": time.time() - t0,
         "quick": args.quick,
+        "label": args.label,
         "async": args.async_mode,
         "windows": (
             f" (stability {args.stability:g}%, at most {args.max_trials} windows)"
@@ -730,10 +742,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     results["goals"] = goals(results)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    out = args.out_dir / ("perf_analyzer-quick.json" if args.quick else "perf_analyzer.json")
+    out = args.out_dir / f"perf_analyzer{_suffix(args)}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     if args.markdown and not args.quick:
-        rb.update_markdown(Path(args.markdown), markdown(results), "perf_analyzer")
+        rb.update_markdown(
+            Path(args.markdown), markdown(results), "perf_analyzer" + (f"-{args.label}" if args.label else "")
+        )
     elif args.markdown:
         sys.stdout.write(markdown(results))
     for g in results["goals"]:
