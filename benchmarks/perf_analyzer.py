@@ -686,6 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args.out_dir = Path(args.out_dir)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     if not (Path(args.model_dir) / "manifest.json").is_file():
         logger.error("no model in %s: run `make artifacts` first", args.model_dir)
         return 2
@@ -741,7 +742,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "logs": str(logdir),
     }
     results["goals"] = goals(results)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"perf_analyzer{_suffix(args)}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     if args.markdown and not args.quick:
