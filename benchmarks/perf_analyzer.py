@@ -33,6 +33,7 @@ import datetime as dt
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -430,10 +431,14 @@ def run_point(
     log = logdir / f"{point.name}.log"
     before, cpu0, t0 = server_stats(address, model), process_tree_cpu_s(pid), time.perf_counter()
     spy = start_profile(args, pid, logdir) if args.profile and point == Point(32, 1) else None
+    # perf_analyzer is the only child that ends during the point (the server lives on).
+    client0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     with log.open("w") as fh:
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=args.point_timeout)
     profile = finish_profile(args, spy, logdir) if spy is not None else None
     wall = time.perf_counter() - t0
+    client1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_cpu = (client1.ru_utime + client1.ru_stime) - (client0.ru_utime + client0.ru_stime)
     cpu, after = process_tree_cpu_s(pid) - cpu0, server_stats(address, model)
     if proc.returncode != 0:
         raise RuntimeError(f"perf_analyzer failed at {point.name} (rc {proc.returncode}):\n{rb._tail(log)}")
@@ -463,6 +468,7 @@ def run_point(
         "server_cpu_s": cpu,
         "server_cpu_ms_per_request": 1000 * cpu / max(1, requests),
         "model_cpu_ms_per_request": 1000 * model_cpu_s / max(1, requests),
+        "client_cpu_ms_per_request": 1000 * client_cpu / max(1, requests),
         "csv": row,
     }
     result["overhead_cpu_ms_per_request"] = (
@@ -591,11 +597,12 @@ def markdown(results: dict[str, Any]) -> str:
         "Server CPU = user+system time of the server process(es) over the point, divided by the "
         "requests it answered (its own statistics); *model* = the CPU the model alone needs for the "
         "batch sizes that actually ran (measured in-process, interpolated between powers of two); "
-        "*path* = the difference (gRPC, protobuf, asyncio, batcher).",
+        "*path* = the difference (gRPC, protobuf, asyncio, batcher). The load generator's own CPU "
+        "(perf_analyzer, same cores) is in the last column.",
         "",
         "| images/request | concurrency | img/s | p50 ms | p99 ms | mean batch | server CPU ms/request "
-        "| model ms | path ms | server CPU ms/image |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model ms | path ms | server CPU ms/image | perf_analyzer CPU ms/request |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for p in results["points"]:
         lines.append(
@@ -603,7 +610,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {p['p99_ms']:.2f} "
             f"| {p['mean_batch']:.1f} | **{p['server_cpu_ms_per_request']:.3f}** | "
             f"{p['model_cpu_ms_per_request']:.3f} | {p['overhead_cpu_ms_per_request']:+.3f} | "
-            f"{p['server_cpu_ms_per_request'] / p['batch']:.3f} |"
+            f"{p['server_cpu_ms_per_request'] / p['batch']:.3f} | "
+            f"{p.get('client_cpu_ms_per_request', 0):.3f} |"
         )
     lines += ["", "The model alone (same runtime, in-process, no gRPC):", ""]
     lines += ["| batch | img/s | CPU ms/image |", "| ---: | ---: | ---: |"]
