@@ -327,7 +327,6 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             window=STREAM_WINDOW,
         )
 
-
     # ------------------------------------------------------------------ configuration and statistics
     # (Triton's extensions; perf_analyzer and model_analyzer read both.)
 
