@@ -328,14 +328,15 @@ def server_stats(address: str, model: str) -> dict[str, Any]:
         resp = pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(
             pb.ModelStatisticsRequest(name=model), timeout=30
         )
-    (s,) = resp.model_stats
-    return {
-        "requests": s.inference_stats.success.count,
-        "failed": s.inference_stats.fail.count,
-        "images": s.inference_count,
-        "executions": s.execution_count,
-        "batches": {b.batch_size: b.compute_infer.count for b in s.batch_stats},
-    }
+    out: dict[str, Any] = {"requests": 0, "failed": 0, "images": 0, "executions": 0, "batches": {}}
+    for s in resp.model_stats:  # one entry per version that has served: summed
+        out["requests"] += s.inference_stats.success.count
+        out["failed"] += s.inference_stats.fail.count
+        out["images"] += s.inference_count
+        out["executions"] += s.execution_count
+        for b in s.batch_stats:
+            out["batches"][b.batch_size] = out["batches"].get(b.batch_size, 0) + b.compute_infer.count
+    return out
 
 
 def model_name(address: str) -> str:
