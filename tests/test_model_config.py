@@ -136,6 +136,53 @@ def test_native_requests_count_too(report: dict[str, Any], stats_server: Any, sa
         assert "version" in (err.value.details() or "")
 
 
+def test_statistics_per_model_version(
+    model_dir: Path, make_settings: Any, sample: Any, tmp_path: Path
+) -> None:
+    """After a new version is loaded, each version keeps its own counts; a version can be asked for."""
+    import shutil
+
+    from cifar_serve.server.app import ServerThread
+
+    v2 = tmp_path / "v2"
+    shutil.copytree(model_dir, v2)
+    manifest = json.loads((v2 / "manifest.json").read_text())
+    old_version, manifest["model"]["version"] = manifest["model"]["version"], "2"
+    (v2 / "manifest.json").write_text(json.dumps(manifest))
+    x = np.ascontiguousarray(sample.images[:3])
+
+    def infer(oip: Any, name: str, n: int) -> None:
+        tensor = pb.ModelInferRequest.InferInputTensor(name="images", datatype="UINT8", shape=[n, 32, 32, 3])
+        oip.ModelInfer(
+            pb.ModelInferRequest(model_name=name, inputs=[tensor], raw_input_contents=[x[:n].tobytes()]),
+            timeout=TIMEOUT_S,
+        )
+
+    with (
+        ServerThread(make_settings(model_dir, max_batch_size=4)) as srv,
+        grpc.insecure_channel(srv.address) as ch,
+    ):
+        oip = pb_grpc.GRPCInferenceServiceStub(ch)
+        name = srv.server.core.model_name
+        infer(oip, name, 1)
+        infer(oip, name, 2)
+        load = pb.ModelRepositoryParameter(string_param=str(v2))
+        oip.RepositoryModelLoad(
+            pb.RepositoryModelLoadRequest(model_name=name, parameters={"model_dir": load}), timeout=TIMEOUT_S
+        )
+        infer(oip, name, 3)
+        every = oip.ModelStatistics(pb.ModelStatisticsRequest(name=name), timeout=TIMEOUT_S).model_stats
+        counts = {s.version: (s.inference_stats.success.count, s.inference_count) for s in every}
+        assert counts == {old_version: (2, 3), "2": (1, 3)}
+        (only,) = oip.ModelStatistics(
+            pb.ModelStatisticsRequest(name=name, version="2"), timeout=TIMEOUT_S
+        ).model_stats
+        assert (only.version, only.inference_count) == ("2", 3)
+        with pytest.raises(grpc.RpcError) as err:
+            oip.ModelStatistics(pb.ModelStatisticsRequest(name=name, version="9"), timeout=TIMEOUT_S)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 def test_model_stats_accumulator() -> None:
     stats = ModelStats()
     times = RequestTimes(queue_ns=5)
