@@ -77,7 +77,7 @@ class StatsSnapshot:
 
 
 class ModelStats:
-    """The accumulator: one per served model."""
+    """The accumulator: one per served model version."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
