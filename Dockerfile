@@ -51,8 +51,11 @@ FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="cifar-serve" \
       org.opencontainers.image.description="gRPC inference server for a CIFAR-10 ResNet18 (dynamic batching, Open Inference Protocol)" \
       org.opencontainers.image.licenses="Apache-2.0"
-RUN groupadd --system --gid 10001 app \
- && useradd --system --uid 10001 --gid app --create-home --home-dir /home/app app \
+# A regular (not --system) account: uid 10001 lies in useradd's UID_MIN..UID_MAX, so no
+# "above SYS_UID_MAX" warning; --no-log-init keeps a huge sparse lastlog out of the layer.
+RUN groupadd --gid 10001 app \
+ && useradd --no-log-init --uid 10001 --gid app --create-home --home-dir /home/app \
+        --shell /usr/sbin/nologin app \
  && mkdir -p /artifacts /runs /data \
  && chown app:app /artifacts /runs /data
 COPY --from=build /opt/venv /opt/venv
@@ -66,13 +69,17 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     CIFAR_SERVE_HOST=0.0.0.0 \
-    CIFAR_SERVE_MODEL_DIR=/app/artifacts
+    CIFAR_SERVE_MODEL_DIR=/app/artifacts \
+    CIFAR_SERVE_GRACE_PERIOD_S=8
 WORKDIR /app
 USER app:app
 EXPOSE 50051 9090
 # Asks the server's own grpc.health.v1 service (no grpc_health_probe binary needed).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "/app/deploy/healthcheck.py"]
+# SIGTERM starts the server's drain. The image drains for 8 s (CIFAR_SERVE_GRACE_PERIOD_S), less
+# than `docker stop`'s default 10 s before SIGKILL, so a plain `docker stop` ends in exit 0; a
+# longer --grace-period-s needs `docker stop -t` (or `docker run --stop-timeout`) above it.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["cifar-serve"]
 CMD []
