@@ -1089,6 +1089,67 @@ def test_healthcheck_follows_the_servers_own_command_line(
     assert gone.returncode != 0 and "unhealthy" in gone.stderr
 
 
+def _self_signed(tmp_path: Path, dns_name: str) -> tuple[Path, Path]:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "server.crt", tmp_path / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+def test_healthcheck_speaks_tls_to_a_tls_server(
+    tmp_path: Path, docker: Dockerfile, model_dir: Path, make_settings: Any
+) -> None:
+    pytest.importorskip("cryptography")
+    from cifar_serve.server.app import ServerThread
+
+    _, cmd = docker.healthcheck()
+    argv = ContainerFS(docker, {}).argv(cmd)
+    cert, key = _self_signed(tmp_path, "cifar-serve.internal")
+    srv = ServerThread(make_settings(model_dir, port=0, tls_cert=str(cert), tls_key=str(key))).start()
+    env = {
+        "CIFAR_SERVE_HOST": "0.0.0.0",
+        "CIFAR_SERVE_PORT": str(srv.port),
+        "CIFAR_SERVE_TLS_CERT": str(cert),
+        "CIFAR_SERVE_HEALTHCHECK_PROC": str(tmp_path / "no-proc"),
+    }
+    try:
+        # The certificate names cifar-serve.internal, not 127.0.0.1: verified, so refused ...
+        wrong_name = _run(argv, env, cwd=tmp_path, timeout=60)
+        assert wrong_name.returncode == 2 and "unhealthy" in wrong_name.stderr
+        # ... until the check is told the name the certificate carries.
+        ok = _run(argv, {**env, "CIFAR_SERVE_HEALTHCHECK_TLS_NAME": "cifar-serve.internal"}, cwd=tmp_path)
+        assert ok.returncode == 0, ok.stderr
+        assert "SERVING" in ok.stdout
+    finally:
+        srv.stop()
+
+
 def test_healthcheck_reads_proc_entries(tmp_path: Path) -> None:
     module = _healthcheck_module()
 
