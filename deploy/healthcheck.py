@@ -15,7 +15,9 @@ A wildcard bind address is checked on loopback. ``CIFAR_SERVE_HEALTHCHECK_PROC``
 Exit codes: 0 SERVING; 1 reachable but not serving (starting, draining); 2 unreachable or error.
 Health stays open under ``--auth-token``; a server serving TLS is checked over TLS, trusting
 ``CIFAR_SERVE_HEALTHCHECK_TLS_CA`` (default: the server's own certificate, right for a
-self-signed one) with the certificate's name given by ``CIFAR_SERVE_HEALTHCHECK_TLS_NAME``.
+self-signed one) with the certificate's name given by ``CIFAR_SERVE_HEALTHCHECK_TLS_NAME``
+(default: the address). Under mutual TLS the check presents ``CIFAR_SERVE_HEALTHCHECK_TLS_CERT``
+and ``CIFAR_SERVE_HEALTHCHECK_TLS_KEY``.
 """
 
 from __future__ import annotations
@@ -148,7 +150,13 @@ def _channel(target: Target) -> grpc.Channel:
     ca = os.environ.get("CIFAR_SERVE_HEALTHCHECK_TLS_CA") or target.tls_cert
     name = os.environ.get("CIFAR_SERVE_HEALTHCHECK_TLS_NAME", "")
     options = [("grpc.ssl_target_name_override", name)] if name else []
-    creds = grpc.ssl_channel_credentials(root_certificates=Path(ca).read_bytes())
+    cert = os.environ.get("CIFAR_SERVE_HEALTHCHECK_TLS_CERT", "")
+    key = os.environ.get("CIFAR_SERVE_HEALTHCHECK_TLS_KEY", "")
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=Path(ca).read_bytes(),
+        private_key=Path(key).read_bytes() if key else None,
+        certificate_chain=Path(cert).read_bytes() if cert else None,
+    )
     return grpc.secure_channel(target.address, creds, options=options)
 
 

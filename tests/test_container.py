@@ -211,8 +211,13 @@ def test_image_is_built_as_documented(image: Image) -> None:
     assert '"User":"app:app"' in config
     assert '"StopSignal":"SIGTERM"' in config
     assert '"/app/deploy/healthcheck.py"' in config
-    uid = _docker("run", "--rm", "--entrypoint", "id", image.tag, "-u").stdout.strip()
-    assert uid == "10001"
+    # The user is a regular account whose uid lies in the image's own UID_MIN..UID_MAX, so useradd
+    # had nothing to warn about even where the build log above came from the layer cache.
+    script = "id -u; grep -E '^UID_(MIN|MAX)\\s' /etc/login.defs"
+    out = _docker("run", "--rm", "--entrypoint", "sh", image.tag, "-c", script).stdout.split()
+    uid, limits = int(out[0]), dict(zip(out[1::2], map(int, out[2::2]), strict=True))
+    assert uid == 10001
+    assert limits["UID_MIN"] <= uid <= limits["UID_MAX"], limits
 
 
 def test_container_serves_the_sample_and_stops_with_exit_0(

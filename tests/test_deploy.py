@@ -1112,7 +1112,8 @@ def _self_signed(tmp_path: Path, dns_name: str) -> tuple[Path, Path]:
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
         .sign(key, hashes.SHA256())
     )
-    cert_path, key_path = tmp_path / "server.crt", tmp_path / "server.key"
+    tmp_path.mkdir(exist_ok=True)
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
         key.private_bytes(
@@ -1146,6 +1147,28 @@ def test_healthcheck_speaks_tls_to_a_tls_server(
         ok = _run(argv, {**env, "CIFAR_SERVE_HEALTHCHECK_TLS_NAME": "cifar-serve.internal"}, cwd=tmp_path)
         assert ok.returncode == 0, ok.stderr
         assert "SERVING" in ok.stdout
+    finally:
+        srv.stop()
+    # Mutual TLS: the server asks for a client certificate, which the check presents when given one.
+    client_cert, client_key = _self_signed(tmp_path / "client", "healthcheck")
+    settings = make_settings(
+        model_dir, port=0, tls_cert=str(cert), tls_key=str(key), tls_client_ca=str(client_cert)
+    )
+    srv = ServerThread(settings).start()
+    env = {
+        **env,
+        "CIFAR_SERVE_PORT": str(srv.port),
+        "CIFAR_SERVE_HEALTHCHECK_TLS_NAME": "cifar-serve.internal",
+    }
+    try:
+        anonymous = _run(argv, env, cwd=tmp_path, timeout=60)
+        assert anonymous.returncode == 2 and "unhealthy" in anonymous.stderr
+        client = {
+            "CIFAR_SERVE_HEALTHCHECK_TLS_CERT": str(client_cert),
+            "CIFAR_SERVE_HEALTHCHECK_TLS_KEY": str(client_key),
+        }
+        ok = _run(argv, {**env, **client}, cwd=tmp_path, timeout=60)
+        assert ok.returncode == 0, ok.stderr
     finally:
         srv.stop()
 
