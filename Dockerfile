@@ -2,10 +2,12 @@
 #
 #   docker build -t cifar-serve:cpu .                                  # CPU-only torch (small)
 #   docker build -t cifar-serve:cuda --build-arg TORCH_VARIANT=cuda .  # CUDA torch from PyPI
-#   docker run --rm -p 50051:50051 -p 9090:9090 cifar-serve:cpu
+#   docker run --rm -p 127.0.0.1:50051:50051 -p 127.0.0.1:9090:9090 cifar-serve:cpu
+#   docker run --rm -p 127.0.0.1:50061:50061 cifar-serve:cpu --port 50061   # stays healthy
 #
-# TORCH_VARIANT: cpu (the CPU wheel index), cuda (PyPI's Linux wheels, which bundle CUDA), or a
-# PyTorch wheel index tag such as cu126. Versions come from pyproject.toml (torch, torchvision)
+# TORCH_VARIANT: cpu (the CPU wheel index, download.pytorch.org), cuda (PyPI's Linux wheels,
+# which bundle CUDA and also run on CPU), or a PyTorch wheel index tag such as cu126.
+# PYTHON_IMAGE: the base image, for a mirror where Docker Hub is out of reach. Versions come from pyproject.toml (torch, torchvision)
 # and deploy/constraints.txt (everything else), so every build resolves the tested versions.
 # tests/test_deploy.py checks this file against docker-compose.yml and the project.
 
