@@ -116,7 +116,8 @@ def _raw_compose() -> dict[str, Any]:
 
 
 def load_compose(env: dict[str, str] | None = None) -> dict[str, Any]:
-    return interpolate(copy.deepcopy(_raw_compose()), env or {})
+    doc: dict[str, Any] = interpolate(copy.deepcopy(_raw_compose()), env or {})
+    return doc
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,8 @@ def compose() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return compose["services"]
+    found: dict[str, dict[str, Any]] = compose["services"]
+    return found
 
 
 def _list(value: Any) -> list[Any]:
