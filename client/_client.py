@@ -19,6 +19,7 @@ from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
 
 from ._errors import CifarServeError, DeadlineExceededError, error_from_rpc
 from ._inputs import DEFAULT_MAX_REQUEST_BYTES, Inputs, Part, build_request, chunk_parts, to_parts
+from ._targets import Servers, channel_options, resolve_target
 from ._types import Classification, ModelInfo
 
 __all__ = ["DEFAULT_ADDRESS", "AsyncClient", "Client", "Credential"]
@@ -52,7 +53,7 @@ class _Config:
 
     def __init__(
         self,
-        address: str,
+        address: Servers,
         *,
         timeout: float | None,
         retries: int,
@@ -77,7 +78,8 @@ class _Config:
             raise ValueError("max_concurrent_requests must be at least 1")
         if (client_cert is None) != (client_key is None):
             raise ValueError("client_cert and client_key go together")
-        self.address = address
+        self.target = resolve_target(address)
+        self.address = str(self.target)
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
@@ -100,6 +102,7 @@ class _Config:
         ]
         if server_name:
             opts.append(("grpc.ssl_target_name_override", server_name))
+        opts.extend(channel_options(self.target))
         self.options = [*opts, *options]
 
     def deadline(self, timeout: float | None) -> float | None:
@@ -145,12 +148,22 @@ class _Config:
 
 
 class Client:
-    """A blocking client of a cifar-serve server.
+    """A blocking client of one cifar-serve server or several replicas.
+
+    ``address`` is one server (``host[:port]``, port 50051 when left out), several (a list, or
+    comma-separated: ``"10.0.0.1:50051,10.0.0.2:50051"``), or a ``dns:///name[:port]`` that
+    resolves to several. Requests are spread over the healthy servers by gRPC itself
+    (``round_robin`` with client-side health checking: a server reporting NOT_SERVING, or not
+    reachable, gets no new requests until it is back); see :mod:`cifar_serve.client._targets`.
 
     ``timeout`` is the default deadline, in seconds, of each method call (every request and retry
-    it makes); ``retries`` is how many times a call that failed with UNAVAILABLE is tried again,
-    waiting ``backoff * 2**n`` seconds before retry ``n``. Any other failure is raised at once as
-    a :class:`CifarServeError`. TLS is on when ``tls`` is true or any certificate is given;
+    it makes); ``retries`` is how many times a request that failed with UNAVAILABLE is tried again,
+    waiting ``backoff * 2**n`` seconds before retry ``n``. UNAVAILABLE means the request was not
+    answered: the server was unreachable, went away mid-call (killed, connection reset) or was
+    refusing work (warming up, draining); the retry goes to the next healthy replica. Retrying is
+    safe because classification is idempotent: it changes nothing on the server, so a request
+    that a vanished replica may have computed but never answered can be computed again elsewhere.
+    Any other failure is raised at once as a :class:`CifarServeError`. TLS is on when ``tls`` is true or any certificate is given;
     ``token`` is sent as ``authorization: Bearer <token>``. Inputs larger than
     ``max_images_per_request`` are sent as several requests, up to ``max_concurrent_requests`` at a
     time. Thread-safe; use as a context manager, or call :meth:`close`.
@@ -158,7 +171,7 @@ class Client:
 
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: Servers = DEFAULT_ADDRESS,
         *,
         timeout: float | None = None,
         retries: int = 3,
@@ -180,9 +193,9 @@ class Client:
             max_concurrent_requests=max_concurrent_requests, options=options,
         )
         if self._cfg.credentials is not None:
-            self._channel = grpc.secure_channel(address, self._cfg.credentials, options=self._cfg.options)
+            self._channel = grpc.secure_channel(self._cfg.target.target, self._cfg.credentials, options=self._cfg.options)
         else:
-            self._channel = grpc.insecure_channel(address, options=self._cfg.options)
+            self._channel = grpc.insecure_channel(self._cfg.target.target, options=self._cfg.options)
         self._stub = pb_grpc.ClassifierStub(self._channel)
 
     @property
@@ -264,7 +277,7 @@ class AsyncClient:
 
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: Servers = DEFAULT_ADDRESS,
         *,
         timeout: float | None = None,
         retries: int = 3,
@@ -298,10 +311,10 @@ class AsyncClient:
     def _get_stub(self) -> pb_grpc.ClassifierStub:
         if self._stub is None:
             if self._cfg.credentials is not None:
-                self._channel = grpc.aio.secure_channel(self._cfg.address, self._cfg.credentials,
+                self._channel = grpc.aio.secure_channel(self._cfg.target.target, self._cfg.credentials,
                                                         options=self._cfg.options)
             else:
-                self._channel = grpc.aio.insecure_channel(self._cfg.address, options=self._cfg.options)
+                self._channel = grpc.aio.insecure_channel(self._cfg.target.target, options=self._cfg.options)
             self._stub = pb_grpc.ClassifierStub(self._channel)
         return self._stub
 

@@ -82,7 +82,7 @@ def test_payloads_hold_real_images_in_both_apis(sample) -> None:  # type: ignore
 
 @pytest.mark.parametrize("api", ["native", "v2"])
 def test_cli_requests_json_against_real_server(server, api: str) -> None:  # type: ignore[no-untyped-def]
-    proc = _cli("--address", server.address, "--api", api, "--requests", "24", "--concurrency", "4",
+    proc = _cli("--server", server.address, "--api", api, "--requests", "24", "--concurrency", "4",
                 "--batch-size", "3", "--warmup", "0", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
@@ -102,7 +102,7 @@ def test_every_answer_checked_matches_offline_accuracy(server, sample, offline_l
 
 
 def test_duration_mode_and_multiple_processes(server) -> None:  # type: ignore[no-untyped-def]
-    proc = _cli("--address", server.address, "--duration", "1", "--warmup", "0.3", "--concurrency", "4",
+    proc = _cli("--server", server.address, "--duration", "1", "--warmup", "0.3", "--concurrency", "4",
                 "--processes", "2", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
@@ -125,7 +125,7 @@ def test_errors_are_counted_by_status_code(model_dir, make_settings) -> None:  #
 
 
 def test_cli_reports_a_server_that_refuses_the_first_call(server) -> None:  # type: ignore[no-untyped-def]
-    proc = _cli("--address", server.address, "--api", "v2", "--model-name", "no-such-model",
+    proc = _cli("--server", server.address, "--api", "v2", "--model-name", "no-such-model",
                 "--requests", "2")
     assert proc.returncode == 2
     assert "cannot run against" in proc.stderr and "no-such-model" in proc.stderr
@@ -155,7 +155,7 @@ def echo_address() -> Iterator[str]:
 
 @pytest.mark.parametrize("api", ["native", "v2"])
 def test_generator_against_echo_server(echo_address: str, api: str) -> None:
-    proc = _cli("--address", echo_address, "--api", api, "--requests", "50", "--concurrency", "8",
+    proc = _cli("--server", echo_address, "--api", api, "--requests", "50", "--concurrency", "8",
                 "--batch-size", "5", "--warmup", "0", "--json")
     assert proc.returncode == 0, proc.stderr
     _check_counts(json.loads(proc.stdout), 50, 5)
