@@ -111,8 +111,10 @@ class _Config:
 
     def plan(self, inputs: Inputs, top_k: int, include_logits: bool) -> list[pb.ClassifyRequest]:
         parts: list[Part] = to_parts(inputs)
-        return [build_request(chunk, top_k, include_logits)
-                for chunk in chunk_parts(parts, self.max_images_per_request, DEFAULT_MAX_REQUEST_BYTES)]
+        return [
+            build_request(chunk, top_k, include_logits)
+            for chunk in chunk_parts(parts, self.max_images_per_request, DEFAULT_MAX_REQUEST_BYTES)
+        ]
 
     def next_attempt(self, err: CifarServeError, attempt: int, deadline: float | None, method: str) -> float:
         """Seconds to wait before retrying ``err``; raises ``err`` when it is not to be retried."""
@@ -121,8 +123,15 @@ class _Config:
         delay = min(self.backoff * 2.0**attempt, _MAX_BACKOFF_S)
         if deadline is not None and time.monotonic() + delay >= deadline:
             raise err
-        logger.warning("%s on %s: %s; retry %d of %d in %.2fs", method, self.address, err.message,
-                       attempt + 1, self.retries, delay)
+        logger.warning(
+            "%s on %s: %s; retry %d of %d in %.2fs",
+            method,
+            self.address,
+            err.message,
+            attempt + 1,
+            self.retries,
+            delay,
+        )
         return delay
 
     @staticmethod
@@ -135,14 +144,17 @@ class _Config:
         return left
 
     @staticmethod
-    def results(responses: Sequence[pb.ClassifyResponse], requests: Sequence[pb.ClassifyRequest]
-                ) -> list[Classification]:
+    def results(
+        responses: Sequence[pb.ClassifyResponse], requests: Sequence[pb.ClassifyRequest]
+    ) -> list[Classification]:
         out: list[Classification] = []
         for req, resp in zip(requests, responses, strict=True):
             expected = req.packed.count if req.HasField("packed") else len(req.images)
             if len(resp.results) != expected:
-                raise CifarServeError(grpc.StatusCode.INTERNAL,
-                                      f"server answered {len(resp.results)} results for {expected} images")
+                raise CifarServeError(
+                    grpc.StatusCode.INTERNAL,
+                    f"server answered {len(resp.results)} results for {expected} images",
+                )
             out.extend(Classification.from_proto(r) for r in resp.results)
         return out
 
@@ -163,10 +175,12 @@ class Client:
     refusing work (warming up, draining); the retry goes to the next healthy replica. Retrying is
     safe because classification is idempotent: it changes nothing on the server, so a request
     that a vanished replica may have computed but never answered can be computed again elsewhere.
-    Any other failure is raised at once as a :class:`CifarServeError`. TLS is on when ``tls`` is true or any certificate is given;
-    ``token`` is sent as ``authorization: Bearer <token>``. Inputs larger than
-    ``max_images_per_request`` are sent as several requests, up to ``max_concurrent_requests`` at a
-    time. Thread-safe; use as a context manager, or call :meth:`close`.
+    Any other failure is raised at once as a :class:`CifarServeError`.
+
+    TLS is on when ``tls`` is true or any certificate is given; ``token`` is sent as
+    ``authorization: Bearer <token>``. Inputs larger than ``max_images_per_request`` are sent as
+    several requests, up to ``max_concurrent_requests`` at a time. Thread-safe; use as a context
+    manager, or call :meth:`close`.
     """
 
     def __init__(
@@ -187,13 +201,24 @@ class Client:
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self._cfg = _Config(
-            address, timeout=timeout, retries=retries, backoff=backoff, tls=tls,
-            root_certificates=root_certificates, client_cert=client_cert, client_key=client_key,
-            server_name=server_name, token=token, max_images_per_request=max_images_per_request,
-            max_concurrent_requests=max_concurrent_requests, options=options,
+            address,
+            timeout=timeout,
+            retries=retries,
+            backoff=backoff,
+            tls=tls,
+            root_certificates=root_certificates,
+            client_cert=client_cert,
+            client_key=client_key,
+            server_name=server_name,
+            token=token,
+            max_images_per_request=max_images_per_request,
+            max_concurrent_requests=max_concurrent_requests,
+            options=options,
         )
         if self._cfg.credentials is not None:
-            self._channel = grpc.secure_channel(self._cfg.target.target, self._cfg.credentials, options=self._cfg.options)
+            self._channel = grpc.secure_channel(
+                self._cfg.target.target, self._cfg.credentials, options=self._cfg.options
+            )
         else:
             self._channel = grpc.insecure_channel(self._cfg.target.target, options=self._cfg.options)
         self._stub = pb_grpc.ClassifierStub(self._channel)
@@ -252,8 +277,9 @@ class Client:
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """What the server serves: name, version, labels, input spec, device, batching and limits."""
-        msg = self._call("GetModelInfo", self._stub.GetModelInfo, pb.GetModelInfoRequest(),
-                         self._cfg.deadline(timeout))
+        msg = self._call(
+            "GetModelInfo", self._stub.GetModelInfo, pb.GetModelInfoRequest(), self._cfg.deadline(timeout)
+        )
         return ModelInfo.from_proto(msg)
 
     def close(self) -> None:
@@ -262,8 +288,9 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 
@@ -293,10 +320,19 @@ class AsyncClient:
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self._cfg = _Config(
-            address, timeout=timeout, retries=retries, backoff=backoff, tls=tls,
-            root_certificates=root_certificates, client_cert=client_cert, client_key=client_key,
-            server_name=server_name, token=token, max_images_per_request=max_images_per_request,
-            max_concurrent_requests=max_concurrent_requests, options=options,
+            address,
+            timeout=timeout,
+            retries=retries,
+            backoff=backoff,
+            tls=tls,
+            root_certificates=root_certificates,
+            client_cert=client_cert,
+            client_key=client_key,
+            server_name=server_name,
+            token=token,
+            max_images_per_request=max_images_per_request,
+            max_concurrent_requests=max_concurrent_requests,
+            options=options,
         )
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.ClassifierStub | None = None
@@ -311,15 +347,17 @@ class AsyncClient:
     def _get_stub(self) -> pb_grpc.ClassifierStub:
         if self._stub is None:
             if self._cfg.credentials is not None:
-                self._channel = grpc.aio.secure_channel(self._cfg.target.target, self._cfg.credentials,
-                                                        options=self._cfg.options)
+                self._channel = grpc.aio.secure_channel(
+                    self._cfg.target.target, self._cfg.credentials, options=self._cfg.options
+                )
             else:
                 self._channel = grpc.aio.insecure_channel(self._cfg.target.target, options=self._cfg.options)
             self._stub = pb_grpc.ClassifierStub(self._channel)
         return self._stub
 
-    async def _call(self, method: str, fn: Callable[..., Awaitable[Resp]], request: Any,
-                    deadline: float | None) -> Resp:
+    async def _call(
+        self, method: str, fn: Callable[..., Awaitable[Resp]], request: Any, deadline: float | None
+    ) -> Resp:
         attempt = 0
         while True:
             try:
@@ -365,8 +403,9 @@ class AsyncClient:
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """What the server serves; see :meth:`Client.model_info`."""
         stub = self._get_stub()
-        msg = await self._call("GetModelInfo", stub.GetModelInfo, pb.GetModelInfoRequest(),
-                               self._cfg.deadline(timeout))
+        msg = await self._call(
+            "GetModelInfo", stub.GetModelInfo, pb.GetModelInfoRequest(), self._cfg.deadline(timeout)
+        )
         return ModelInfo.from_proto(msg)
 
     async def close(self) -> None:
@@ -378,6 +417,7 @@ class AsyncClient:
     async def __aenter__(self) -> AsyncClient:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()

@@ -56,6 +56,7 @@ Part = np.ndarray | bytes
 # default 256 images (768 KiB) are never split by size.
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
+
 def load_image_file(path: str | os.PathLike[str], *, max_pixels: int = 16_000_000) -> np.ndarray:
     """Read and decode one image file into uint8 ``[32,32,3]``, exactly as the server would.
 
@@ -155,8 +156,9 @@ def count_images(parts: Sequence[Part]) -> int:
     return sum(1 if isinstance(p, bytes) else len(p) for p in parts)
 
 
-def chunk_parts(parts: Iterable[Part], max_images: int, max_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-                ) -> Iterator[list[Part]]:
+def chunk_parts(
+    parts: Iterable[Part], max_images: int, max_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+) -> Iterator[list[Part]]:
     """Group parts into requests of at most ``max_images`` images and about ``max_bytes`` bytes, in order.
 
     An encoded file larger than ``max_bytes`` still travels, alone in its request.
@@ -197,8 +199,9 @@ def build_request(chunk: Sequence[Part], top_k: int, include_logits: bool) -> pb
         blocks = [p for p in chunk if isinstance(p, np.ndarray)]
         data = blocks[0].tobytes() if len(blocks) == 1 else np.concatenate(blocks).tobytes()
         count = sum(len(b) for b in blocks)
-        return pb.ClassifyRequest(packed=pb.PackedImages(data=data, count=count), top_k=top_k,
-                                  include_logits=include_logits)
+        return pb.ClassifyRequest(
+            packed=pb.PackedImages(data=data, count=count), top_k=top_k, include_logits=include_logits
+        )
     images: list[pb.Image] = []
     for p in chunk:
         if isinstance(p, bytes):

@@ -29,7 +29,17 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_PORT", "HEALTH_SERVICE", "Servers", "Target", "parse_servers", "resolve_target", "service_config"]
+__all__ = [
+    "DEFAULT_PORT",
+    "HEALTH_SERVICE",
+    "Servers",
+    "Target",
+    "channel_options",
+    "parse_servers",
+    "resolve_target",
+    "service_config",
+    "split_host_port",
+]
 
 DEFAULT_PORT = 50051
 HEALTH_SERVICE = ""

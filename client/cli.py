@@ -88,31 +88,73 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders to classify")
     p.add_argument("-r", "--recursive", action="store_true", help="also search the subfolders of folders")
-    p.add_argument("-k", "--top-k", type=_top_k, default=1, metavar="K",
-                   help="ranked classes to report per image, 1..10 (default: 1)")
-    p.add_argument("-f", "--format", choices=("table", "json", "csv"), default="table",
-                   help="output format on stdout (default: table)")
+    p.add_argument(
+        "-k",
+        "--top-k",
+        type=_top_k,
+        default=1,
+        metavar="K",
+        help="ranked classes to report per image, 1..10 (default: 1)",
+    )
+    p.add_argument(
+        "-f",
+        "--format",
+        choices=("table", "json", "csv"),
+        default="table",
+        help="output format on stdout (default: table)",
+    )
     p.add_argument("--logits", action="store_true", help="also output the 10 raw logits (json and csv)")
-    p.add_argument("-s", "--server", default=os.environ.get("CIFAR_SERVE_ADDRESS") or DEFAULT_ADDRESS,
-                   metavar="HOST:PORT", help="server address (default: $CIFAR_SERVE_ADDRESS or %(default)s)")
-    p.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S",
-                   help="deadline of each batch request in seconds, retries included (default: %(default)s)")
-    p.add_argument("--retries", type=int, default=3, metavar="N",
-                   help="retries of a batch when the server is unavailable (default: %(default)s)")
-    p.add_argument("-b", "--batch-size", type=_positive_int, default=256, metavar="N",
-                   help="images per request (default: %(default)s; the server allows up to 1024)")
+    p.add_argument(
+        "-s",
+        "--server",
+        default=os.environ.get("CIFAR_SERVE_ADDRESS") or DEFAULT_ADDRESS,
+        metavar="HOST:PORT",
+        help="server address (default: $CIFAR_SERVE_ADDRESS or %(default)s)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="S",
+        help="deadline of each batch request in seconds, retries included (default: %(default)s)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        metavar="N",
+        help="retries of a batch when the server is unavailable (default: %(default)s)",
+    )
+    p.add_argument(
+        "-b",
+        "--batch-size",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="images per request (default: %(default)s; the server allows up to 1024)",
+    )
     tls = p.add_argument_group("security")
     tls.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
-    tls.add_argument("--tls-ca", metavar="FILE",
-                     help="CA certificate (PEM) to verify the server with; implies TLS")
+    tls.add_argument(
+        "--tls-ca", metavar="FILE", help="CA certificate (PEM) to verify the server with; implies TLS"
+    )
     tls.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM) for mutual TLS")
     tls.add_argument("--tls-key", metavar="FILE", help="client private key (PEM) for mutual TLS")
-    tls.add_argument("--tls-server-name", metavar="NAME",
-                     help="name to expect in the server's certificate, when it differs from HOST")
-    tls.add_argument("--token", default=os.environ.get("CIFAR_SERVE_TOKEN") or None,
-                     help="bearer token sent as 'authorization: Bearer TOKEN' (default: $CIFAR_SERVE_TOKEN)")
-    p.add_argument("--no-progress", action="store_true",
-                   help=f"no progress bar (it shows on a terminal for {_PROGRESS_MIN_FILES} files or more)")
+    tls.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="name to expect in the server's certificate, when it differs from HOST",
+    )
+    tls.add_argument(
+        "--token",
+        default=os.environ.get("CIFAR_SERVE_TOKEN") or None,
+        help="bearer token sent as 'authorization: Bearer TOKEN' (default: $CIFAR_SERVE_TOKEN)",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help=f"no progress bar (it shows on a terminal for {_PROGRESS_MIN_FILES} files or more)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log requests and retries on stderr")
     return p
 
@@ -168,8 +210,10 @@ def _row(path: Path, result: Classification, logits: bool) -> dict[str, Any]:
         "label": result.label,
         "class_index": result.class_index,
         "probability": result.probability,
-        "predictions": [{"label": p.label, "class_index": p.class_index, "probability": p.probability}
-                        for p in result.predictions],
+        "predictions": [
+            {"label": p.label, "class_index": p.class_index, "probability": p.probability}
+            for p in result.predictions
+        ],
     }
     if logits and result.logits is not None:
         row["logits"] = [float(v) for v in result.logits]
@@ -229,8 +273,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="cifar-classify: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="cifar-classify: %(message)s",
+    )
 
     files, missing = find_images(args.paths, args.recursive)
     for arg, reason in missing:
@@ -243,15 +290,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     skipped = len(missing)
     show_bar = not args.no_progress and sys.stderr.isatty() and len(files) >= _PROGRESS_MIN_FILES
     try:
-        client = Client(args.server, timeout=args.timeout, retries=args.retries, tls=args.tls,
-                        root_certificates=args.tls_ca, client_cert=args.tls_cert, client_key=args.tls_key,
-                        server_name=args.tls_server_name, token=args.token,
-                        max_images_per_request=args.batch_size)
+        client = Client(
+            args.server,
+            timeout=args.timeout,
+            retries=args.retries,
+            tls=args.tls,
+            root_certificates=args.tls_ca,
+            client_cert=args.tls_cert,
+            client_key=args.tls_key,
+            server_name=args.tls_server_name,
+            token=args.token,
+            max_images_per_request=args.batch_size,
+        )
     except (OSError, ValueError) as exc:
         _say(f"error: {exc}")
         return EXIT_USAGE
-    bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=not show_bar,
-               **(_bar_size() if show_bar else {}))
+    size: dict[str, Any] = _bar_size() if show_bar else {}
+    bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=not show_bar, **size)
     with client, ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool, bar:
         for batch in _batches(files, args.batch_size, pool):
             good = [d for d in batch if d.image is not None]
@@ -261,8 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     _say(f"skipped {d.path}: {d.error}")
             if good:
                 try:
-                    results = client.classify(np.stack([d.image for d in good if d.image is not None]),
-                                              top_k=args.top_k, include_logits=args.logits)
+                    results = client.classify(
+                        np.stack([d.image for d in good if d.image is not None]),
+                        top_k=args.top_k,
+                        include_logits=args.logits,
+                    )
                 except CifarServeError as exc:
                     bar.close()
                     _say(f"error: {args.server}: {exc}")

@@ -44,8 +44,9 @@ def ok_classify_calls(metrics_port: int) -> int:
     """``cifar_serve_requests_total{method="Classify",code="OK"}`` from a server's /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
-    m = re.search(r'^cifar_serve_requests_total\{(?=[^}]*code="OK")(?=[^}]*method="Classify")[^}]*\} (\S+)$',
-                  text, re.M)
+    m = re.search(
+        r'^cifar_serve_requests_total\{(?=[^}]*code="OK")(?=[^}]*method="Classify")[^}]*\} (\S+)$', text, re.M
+    )
     return int(float(m.group(1))) if m else 0
 
 
@@ -55,7 +56,7 @@ def _set_health(srv: Any, serving: bool) -> None:
 
 
 class Replica:
-    """One ``cifar-serve`` subprocess on fixed loopback ports (so a restart comes back at the same address)."""
+    """One ``cifar-serve`` subprocess on fixed loopback ports: a restart comes back at the same address."""
 
     def __init__(self, model_dir: Path, log: Path) -> None:
         self.model_dir = model_dir
@@ -70,9 +71,23 @@ class Replica:
 
     def start(self) -> Replica:
         cmd = [
-            str(BIN / "cifar-serve"), "--host", "127.0.0.1", "--port", str(self.port),
-            "--metrics-port", str(self.metrics_port), "--model-dir", str(self.model_dir),
-            "--max-batch-size", "16", "--torch-threads", "1", "--grace-period-s", "5", "--log-level", "INFO",
+            str(BIN / "cifar-serve"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--metrics-port",
+            str(self.metrics_port),
+            "--model-dir",
+            str(self.model_dir),
+            "--max-batch-size",
+            "16",
+            "--torch-threads",
+            "1",
+            "--grace-period-s",
+            "5",
+            "--log-level",
+            "INFO",
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("CIFAR_SERVE_")}
         with self.log.open("ab") as out:
@@ -255,7 +270,7 @@ def test_a_not_serving_server_gets_no_requests_until_it_is_back(pair: list[Any],
                 client.classify(sample.images[:2])
                 if ok_classify_calls(first.metrics_port) > before[0]:
                     break
-            assert ok_classify_calls(first.metrics_port) > before[0], "the server that came back is never used"
+            assert ok_classify_calls(first.metrics_port) > before[0], "the server that is back is never used"
     finally:
         _set_health(first, serving=True)
 
@@ -281,8 +296,9 @@ def test_all_servers_gone_is_unavailable(sample: Any) -> None:
 # ------------------------------------------------------------------------------ replicas lost under load
 
 
-def test_three_replicas_lose_two_under_load(replicas: list[Replica], sample: Any,
-                                            offline_logits: np.ndarray) -> None:
+def test_three_replicas_lose_two_under_load(
+    replicas: list[Replica], sample: Any, offline_logits: np.ndarray
+) -> None:
     a, b, c = replicas
     expected = offline_logits.argmax(1)
     with Client([r.address for r in replicas], timeout=30) as client:
