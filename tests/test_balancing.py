@@ -7,6 +7,9 @@ another stopped with SIGTERM while 16 callers keep classifying through one balan
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
+import logging
 import os
 import re
 import signal
@@ -29,6 +32,7 @@ from cifar_serve.client import AsyncClient, CifarServeError, Client
 from cifar_serve.client._targets import DEFAULT_PORT, parse_servers, resolve_target, split_host_port
 
 BIN = Path(sys.executable).parent
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -119,17 +123,31 @@ class Replica:
             self.proc.kill()
             self.proc.wait(timeout=30)
 
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
-@pytest.fixture
-def replicas(model_dir: Path, tmp_path: Path) -> Iterator[list[Replica]]:
-    reps = [Replica(model_dir, tmp_path / f"replica-{i}.log").start() for i in range(3)]
+
+@pytest.fixture(scope="module")
+def replica_set(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Replica]]:
+    logs = tmp_path_factory.mktemp("replicas")
+    reps = [Replica(model_dir, logs / f"replica-{i}.log") for i in range(3)]
     try:
-        for r in reps:
-            r.wait_serving()
         yield reps
     finally:
         for r in reps:
             r.stop()
+
+
+@pytest.fixture
+def replicas(replica_set: list[Replica]) -> list[Replica]:
+    """Three serving replicas; the ones an earlier test took down are started again (in parallel)."""
+    for r in replica_set:
+        if not r.running:
+            r.start()
+    for r in replica_set:
+        r.wait_serving()
+    return replica_set
 
 
 class Callers:
@@ -327,6 +345,15 @@ def test_three_replicas_lose_two_under_load(
             restarted = a.calls()
         finally:
             callers.stop()
+    logger.info(
+        "answered before the kill %s; B, C after it %s; C alone %d of %d; restarted A %d; callers %d",
+        before_kill,
+        after_kill,
+        c_alone_end - c_alone,
+        done_alone_end - done_alone,
+        restarted,
+        callers.done,
+    )
     assert callers.failures == [], callers.failures[:5]
     assert callers.wrong == 0
     # Load shifted: B and C took A's share, then C took everything while it was alone.
@@ -334,3 +361,52 @@ def test_three_replicas_lose_two_under_load(
     # Up to 16 calls at the phase edges may be in flight when the count is read.
     assert c_alone_end - c_alone >= (done_alone_end - done_alone) - 16
     assert restarted > 0
+
+
+def test_cifar_classify_over_three_servers_loses_none_of_10000_images(
+    replicas: list[Replica], sample: Any, offline_logits: np.ndarray, tmp_path: Path
+) -> None:
+    """The issue's done-when: 10,000 image files, one server killed mid-run, every row written and right."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    expected: dict[str, int] = {}
+    top1 = offline_logits.argmax(1)
+    for n in range(10_000):
+        i = n % len(sample.images)
+        path = folder / f"{n:05d}-{i:03d}.png"
+        Image.fromarray(sample.images[i]).save(path, compress_level=1)
+        expected[str(path)] = int(top1[i])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CIFAR_SERVE_")}
+    cmd = [
+        str(BIN / "cifar-classify"),
+        str(folder),
+        "--server",
+        ",".join(r.address for r in replicas),
+        "--format",
+        "csv",
+        "--batch-size",
+        "50",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        victim = replicas[0]
+        # Mid-run: the 200 requests are under way once the servers have answered some 40 of them.
+        for _ in range(100_000):
+            if sum(r.calls() for r in replicas) >= 40 or proc.poll() is not None:
+                break
+        assert proc.poll() is None, "cifar-classify finished before a server could be killed"
+        victim.signal(signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == 10_000
+    assert {row["path"] for row in rows} == set(expected)
+    wrong = [row["path"] for row in rows if int(row["class_index"]) != expected[row["path"]]]
+    assert wrong == []
+    logger.info("10,000 rows, none wrong; %s", err.strip().splitlines()[-3:])
