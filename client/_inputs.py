@@ -30,7 +30,7 @@ from cifar_serve.server.errors import InvalidInput
 from cifar_serve.server.preprocess import IMAGE_BYTES, IMAGE_SHAPE, decode_image, pil_to_array
 from cifar_serve.v1 import classifier_pb2 as pb
 
-from ._errors import invalid_argument
+from ._errors import invalid_argument, readable_message
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
@@ -61,13 +61,13 @@ def load_image_file(path: str | os.PathLike[str], *, max_pixels: int = 16_000_00
     """Read and decode one image file into uint8 ``[32,32,3]``, exactly as the server would.
 
     Raises ``OSError`` when the file cannot be read and ``InvalidArgumentError`` when it is
-    not a decodable image.
+    not a decodable image (the message names the file).
     """
     data = Path(path).read_bytes()
     try:
         image: np.ndarray = decode_image(data, max_pixels=max_pixels, what=os.fspath(path))
     except InvalidInput as exc:
-        raise invalid_argument(exc.message) from None
+        raise invalid_argument(readable_message(exc.message)) from None
     return image
 
 
@@ -129,7 +129,11 @@ def _part(item: object, what: str) -> Part:
     if isinstance(item, (bytes, bytearray, memoryview)):
         return bytes(item)
     if isinstance(item, (str, os.PathLike)):
-        return load_image_file(item)[None]
+        try:
+            return load_image_file(item)[None]
+        except OSError as exc:  # the library's errors are all CifarServeError, a missing file too
+            reason = exc.strerror or str(exc)
+            raise invalid_argument(f"{what}: cannot read {os.fspath(item)}: {reason}") from exc
     raise TypeError(
         f"{what}: cannot classify a {type(item).__name__}; pass file paths, encoded bytes, PIL images "
         "or uint8 numpy arrays"

@@ -304,6 +304,19 @@ def test_dns_name_is_balanced_over_its_addresses(pair: list[Any], sample: Any) -
     assert ok_classify_calls(pair[0].metrics_port) == before + 10
 
 
+def test_cifar_bench_spreads_over_servers(pair: list[Any]) -> None:
+    from cifar_serve.client.bench import BenchConfig, run_bench
+
+    before = [ok_classify_calls(s.metrics_port) for s in pair]
+    address = ",".join(s.address for s in pair)
+    cfg = BenchConfig(address=address, requests=40, concurrency=4, batch_size=2, warmup=0, verify="all")
+    r = run_bench(cfg)
+    assert r.error_count == 0 and r.requests == 40 and r.accuracy is not None and r.accuracy > 0.7
+    counts = [ok_classify_calls(s.metrics_port) - b for s, b in zip(pair, before, strict=True)]
+    assert sum(counts) == 41  # and the one checked call before the measured ones
+    assert min(counts) >= 10, counts
+
+
 def test_all_servers_gone_is_unavailable(sample: Any) -> None:
     dead = [f"127.0.0.1:{_free_port()}" for _ in range(2)]
     with Client(dead, timeout=10, retries=1, backoff=0.01) as client, pytest.raises(CifarServeError) as err:

@@ -330,3 +330,12 @@ def test_gpu_check_reexports_an_unreadable_artifact(tmp_path: Path, model_dir: P
 
     rt = ModelRuntime(fixed, device="cpu", max_batch_size=2)
     assert rt.infer(np.zeros((2, 32, 32, 3), np.uint8)).shape == (2, 10)
+
+
+def test_address_is_a_deprecated_alias_of_server(server) -> None:  # type: ignore[no-untyped-def]
+    proc = _cli("--address", server.address, "--requests", "4", "--warmup", "0", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["address"] == server.address
+    assert "--address is deprecated, use --server" in proc.stderr
+    both = _cli("--address", server.address, "--server", server.address, "--requests", "4")
+    assert both.returncode == 2 and "give one of them" in both.stderr

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -258,3 +259,39 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
         "--token",
     ):
         assert flag in help_text
+
+
+def test_folder_of_subfolders_suggests_recursive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "cats").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "cats" / "a.png")
+    assert main([str(tmp_path), "--server", "127.0.0.1:1"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "no image files to classify" in err and f"{tmp_path} has subfolders: add --recursive" in err
+    # Where --recursive is given, or there are no subfolders, there is nothing to suggest.
+    (tmp_path / "cats" / "a.png").unlink()
+    assert main([str(tmp_path), "--recursive", "--server", "127.0.0.1:1"]) == EXIT_USAGE
+    assert "--recursive" not in capsys.readouterr().err
+
+
+def test_rows_are_written_as_they_arrive_and_kept_on_interrupt(
+    server: Any, sample: Any, offline_logits: np.ndarray, tmp_path: Path
+) -> None:
+    for i in range(600):
+        Image.fromarray(sample.images[i]).save(tmp_path / f"{i:03d}.png")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CIFAR_SERVE_")}
+    args = [str(tmp_path), "--format", "json", "--batch-size", "4", "--server", server.address]
+    with (tmp_path / "stderr").open("w") as stderr:
+        proc = subprocess.Popen([*_cli(), *args], stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+    assert proc.stdout is not None
+    first = [proc.stdout.readline() for _ in range(3)]  # "[", "  {", '    "path": ...'
+    # Rows come out while 150 requests are still to go: interrupt it as Ctrl-C would.
+    assert first[0] == "[\n" and str(tmp_path / "000.png") in first[2]
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stdout.read()  # what the pipe's buffer holds beyond those lines, then the rest
+    assert proc.wait(timeout=120) == 130
+    err = (tmp_path / "stderr").read_text()
+    rows = json.loads("".join(first) + rest)  # the array was closed: valid JSON
+    assert 1 <= len(rows) < 600
+    assert "interrupted" in err and f"{len(rows)} of 600" in err and "Traceback" not in err
+    for row in rows:
+        assert row["class_index"] == int(offline_logits[int(Path(row["path"]).stem)].argmax())

@@ -368,14 +368,19 @@ def test_undecodable_inputs(client: Client, server: Any, sample_jpegs: Jpegs, tm
         with pytest.raises(InvalidArgumentError) as info:
             client.classify([jpeg, bad])
         assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert "BytesIO" not in str(info.value) and "0x" not in str(info.value)
     # Files are decoded here: refused before anything is sent, naming the file.
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     before = _ok_classify_calls(server.metrics_port)
-    with pytest.raises(InvalidArgumentError, match=r"broken\.png"):
+    with pytest.raises(InvalidArgumentError, match=r"broken\.png") as info:
         client.classify([jpeg, broken])
-    with pytest.raises(FileNotFoundError):
-        client.classify(tmp_path / "missing.png")
+    assert str(info.value) == f"INVALID_ARGUMENT: {broken}: corrupt or truncated image (Truncated File Read)"
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"definitely not an image")
+    with pytest.raises(InvalidArgumentError) as info:
+        client.classify(garbage)
+    assert str(info.value) == f"INVALID_ARGUMENT: {garbage}: not a decodable image"  # no <_io.BytesIO ...>
     # Arrays that are not uint8 images, and things that are not images at all.
     with pytest.raises(InvalidArgumentError, match="uint8"):
         client.classify(np.zeros((32, 32, 3), np.float32))
@@ -390,6 +395,29 @@ def test_undecodable_inputs(client: Client, server: Any, sample_jpegs: Jpegs, tm
     with pytest.raises(TypeError):
         client.classify([sample_jpegs[0][1], None])  # type: ignore[list-item]
     assert _ok_classify_calls(server.metrics_port) == before
+
+
+def test_missing_file_is_a_cifar_serve_error(client: Client, sample_jpegs: Jpegs, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.png"
+    with pytest.raises(CifarServeError) as info:
+        client.classify([sample_jpegs[0][1], missing])
+    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert str(info.value) == f"INVALID_ARGUMENT: inputs[1]: cannot read {missing}: No such file or directory"
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+
+
+def test_a_server_without_a_port_is_on_50051(model_dir: Path, make_settings: Any, sample: Any) -> None:
+    """``127.0.0.1`` means port 50051 (gRPC's own default would be 443)."""
+    from cifar_serve.server.app import ServerThread
+
+    assert Client("127.0.0.1").address == "127.0.0.1:50051"
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", 50051))
+        except OSError:
+            pytest.skip("port 50051 is in use here: cannot start a server on the default port")
+    with ServerThread(make_settings(model_dir, port=50051)), Client("127.0.0.1", timeout=30) as c:
+        assert len(c.classify(sample.images[:2])) == 2
 
 
 def test_deadline_exceeded_is_not_retried(
