@@ -380,7 +380,8 @@ def test_undecodable_inputs(client: Client, server: Any, sample_jpegs: Jpegs, tm
     garbage.write_bytes(b"definitely not an image")
     with pytest.raises(InvalidArgumentError) as info:
         client.classify(garbage)
-    assert str(info.value) == f"INVALID_ARGUMENT: {garbage}: not a decodable image"  # no <_io.BytesIO ...>
+    assert str(info.value).startswith(f"INVALID_ARGUMENT: {garbage}: not a decodable image (")
+    assert "BytesIO" not in str(info.value)
     # Arrays that are not uint8 images, and things that are not images at all.
     with pytest.raises(InvalidArgumentError, match="uint8"):
         client.classify(np.zeros((32, 32, 3), np.float32))
