@@ -30,6 +30,7 @@ __all__ = [
     "cache_dir",
     "load_cifar10",
     "load_split",
+    "split_validation",
 ]
 
 logger = logging.getLogger(__name__)
@@ -318,3 +319,25 @@ def load_split(source: str | os.PathLike[str], split: str, **kwargs: Any) -> Cif
     if split not in splits:
         raise DatasetError(f"{source}: has no {split!r} split (found {sorted(splits)})")
     return splits[split]
+
+
+def split_validation(labels: np.ndarray, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_idx, val_idx)``: ``size`` indices held out for validation, the same number per class.
+
+    Depends only on ``labels``, ``size`` and ``seed`` (never on the training seed), so every run
+    of a comparison is tuned on the same images; both index arrays are sorted.
+    """
+    classes = np.unique(labels)
+    if size <= 0 or size % len(classes):
+        raise ValueError(f"validation split of {size}: must be a positive multiple of {len(classes)} classes")
+    per_class = size // len(classes)
+    rng = np.random.default_rng(seed)
+    val: list[np.ndarray] = []
+    for cls in classes:
+        idx = np.flatnonzero(labels == cls)
+        if len(idx) <= per_class:
+            raise ValueError(f"validation split of {size} needs more than {per_class} images of class {cls}")
+        val.append(rng.permutation(idx)[:per_class])
+    val_idx = np.sort(np.concatenate(val))
+    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+    return train_idx, val_idx
