@@ -26,7 +26,9 @@ from PIL import Image
 __all__ = [
     "CIFAR10_CLASSES",
     "CifarSplit",
+    "WHERE_TO_GET",
     "DatasetError",
+    "DatasetNotFound",
     "cache_dir",
     "load_cifar10",
     "load_split",
@@ -55,6 +57,16 @@ _CACHE_VERSION = "1"
 
 class DatasetError(RuntimeError):
     """The dataset is missing, unreadable or not CIFAR-10 shaped."""
+
+
+class DatasetNotFound(DatasetError):
+    """No CIFAR-10 at the given location (as opposed to a damaged copy)."""
+
+
+WHERE_TO_GET = (
+    f"get CIFAR-10 with --download (torchvision fetches the official {_OFFICIAL_URL.rsplit('/', 1)[-1]}), "
+    f"or download {_OFFICIAL_URL} (md5 {_OFFICIAL_MD5}) yourself and pass its path to --data"
+)
 
 
 @dataclass(frozen=True)
@@ -254,7 +266,7 @@ def _load_uncached(source: Path, download: bool) -> dict[str, CifarSplit]:
         if download:
             _download(source)
             return _load_official_tar(source / "cifar-10-python.tar.gz")
-        raise DatasetError(
+        raise DatasetNotFound(
             f"{source}: no CIFAR-10 found (expected cifar-10-batches-py/, cifar-10-python.tar.gz, "
             "*.zip or train/<class>/*.jpg trees)"
         )
@@ -266,7 +278,7 @@ def _load_uncached(source: Path, download: bool) -> dict[str, CifarSplit]:
         source.mkdir(parents=True, exist_ok=True)
         _download(source)
         return _load_official_tar(source / "cifar-10-python.tar.gz")
-    raise DatasetError(f"{source}: no such file or directory")
+    raise DatasetNotFound(f"{source}: no such file or directory")
 
 
 def _download(root: Path) -> None:
@@ -287,6 +299,9 @@ def load_cifar10(
     ``source`` is a directory (official ``cifar-10-batches-py/``, ``cifar-10-python.tar.gz``,
     zips of image trees, or an image tree itself) or one file (tarball or zip).
     """
+    if not str(source).strip():
+        # Path("") is the current folder: an unset variable must not train on whatever is there.
+        raise DatasetNotFound("no CIFAR-10 location given (--data or CIFAR_SERVE_DATA is empty)")
     src = Path(source).expanduser()
     cache_file = None
     if use_cache and src.exists():

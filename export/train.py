@@ -25,7 +25,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, TrainConfig, load_checkpoint, save_checkpoint, shipping_payload
-from .data import CifarSplit, DatasetError, load_cifar10, split_validation
+from .data import WHERE_TO_GET, CifarSplit, DatasetError, DatasetNotFound, load_cifar10, split_validation
 from .model import CIFAR10_MEAN, CIFAR10_STD, ServingModel
 from .teacher import STUDENT_ARCH, TEACHER_ARCH, build_net, load_teacher
 
@@ -142,8 +142,29 @@ def _check_config(cfg: TrainConfig) -> None:
 _SCHEDULE_FIELDS = ("arch", "epochs", "batch_size", "limit_train", "val_split", "val_seed", "ema", "teacher")
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Run training; returns the shipping checkpoint payload (also written to ``out``)."""
+# A training step of the student at batch 256 on a 2-core Xeon (MODEL_CARD.md, fp32); the
+# teacher is several times slower still.
+CPU_IMAGES_PER_S = 346
+
+
+def cpu_time_warning(device: torch.device, epochs: int, images: int) -> str | None:
+    """The warning for a CPU run expected to take an hour or more, else None."""
+    if device.type != "cpu":
+        return None
+    hours = epochs * images / CPU_IMAGES_PER_S / 3600
+    if hours < 1:
+        return None
+    return (
+        f"training {epochs} epochs of {images} images on the CPU: expect roughly {hours:.0f} hours "
+        f"(about {CPU_IMAGES_PER_S} images/s measured on 2 cores); a GPU takes minutes"
+    )
+
+
+def train(cfg: TrainConfig, resume: bool = False, *, download: bool = False) -> dict[str, Any]:
+    """Run training; returns the shipping checkpoint payload (also written to ``out``).
+
+    ``out`` is created only once the data has loaded, so a bad ``--data`` leaves nothing behind.
+    """
     _check_config(cfg)
     device = select_device(cfg.device)
     if cfg.threads:
@@ -152,7 +173,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     np.random.seed(cfg.seed)
     out = Path(cfg.out)
 
-    splits = load_cifar10(cfg.data)
+    splits = load_cifar10(cfg.data, download=download)
     if "train" not in splits:
         raise DatasetError(f"{cfg.data}: has no training split (found {sorted(splits)})")
     train_x, train_y = splits["train"].images, splits["train"].labels
@@ -212,6 +233,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         nesterov=True,
     )
     steps_per_epoch = math.ceil(len(train_y) / cfg.batch_size)
+    if warning := cpu_time_warning(device, cfg.epochs, len(train_y)):
+        logger.warning("%s", warning)
     # OneCycleLR divides by the warm-up length in steps (pct_start * total - 1), so it must be
     # positive: a tiny run (e.g. 4 steps at pct_start 0.25) would raise ZeroDivisionError.
     # Long runs are unaffected (1.5 / total_steps is far below any sensible pct_start).
@@ -311,19 +334,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             rec[f"ema_{monitor_name}_acc"] = evaluate(ema.module, monitor.images, monitor.labels, device)
             ema_note = f" ema_{monitor_name}_acc {rec[f'ema_{monitor_name}_acc']:.4f}"
         history.append(rec)
-        # The line format (up to the img/s figure) is what export/report.py parses.
-        logger.info(
-            "epoch %d/%d loss %.4f train_acc %.4f %s_acc %.4f %.1fs (%.0f img/s)%s",
-            epoch + 1,
-            cfg.epochs,
-            rec["train_loss"],
-            rec["train_acc"],
-            monitor_name,
-            monitor_acc,
-            epoch_time,
-            rec["images_per_s"],
-            ema_note,
-        )
         state = {
             "model": net.state_dict(),
             "optimizer": opt.state_dict(),
@@ -337,6 +347,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         if ema is not None:
             state["ema"] = ema.state_dict()
         save_checkpoint(last, state)
+        # Logged once the checkpoint is on disk (Ctrl-C after this line keeps the epoch).
+        # The line format, up to the img/s figure, is what export/report.py parses.
+        logger.info(
+            "epoch %d/%d loss %.4f train_acc %.4f %s_acc %.4f %.1fs (%.0f img/s)%s",
+            epoch + 1,
+            cfg.epochs,
+            rec["train_loss"],
+            rec["train_acc"],
+            monitor_name,
+            monitor_acc,
+            epoch_time,
+            rec["images_per_s"],
+            ema_note,
+        )
 
     model.eval()
     accuracy: dict[str, dict[str, float | None]] = {}
@@ -450,7 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cutout", type=int, default=d.cutout, help="cutout square side (0: off)")
     p.add_argument(
-        "--teacher", default=d.teacher, help="distil from this checkpoint (e.g. an --arch teacher run)"
+        "--teacher",
+        default=d.teacher,
+        help="distil from this checkpoint, e.g. an --arch teacher run (empty: plain training)",
     )
     p.add_argument(
         "--kd-temperature",
@@ -491,6 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--limit-train", type=int, default=d.limit_train, help="use only N training images (0: all)"
     )
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="if --data holds no CIFAR-10, download the official tarball into it (torchvision, md5-checked)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--ship", default=None, help="also copy the final model.pt here")
     p.add_argument(
@@ -503,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_NOT_CONFIG = ("resume", "ship", "evaluate")
+_NOT_CONFIG = ("resume", "ship", "evaluate", "download")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -514,16 +545,31 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.data == TrainConfig.data and os.environ.get("CIFAR_SERVE_DATA"):
         args.data = os.environ["CIFAR_SERVE_DATA"]
+    last = Path(args.out) / "last.pt"
     try:
         if args.evaluate:
             result = evaluate_checkpoint(args.evaluate, args.data, args.device)
             sys.stdout.write(json.dumps(result) + "\n")
             return 0
         cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k not in _NOT_CONFIG})
-        train(cfg, resume=args.resume)
+        train(cfg, resume=args.resume, download=args.download)
+    except DatasetNotFound as exc:
+        logger.error("%s; %s", exc, WHERE_TO_GET)
+        return 2
     except (DatasetError, CheckpointError, ValueError) as exc:
         logger.error("%s", exc)
         return 2
+    except KeyboardInterrupt:
+        # One line, no traceback: what survives and how to go on.
+        if last.is_file() and not args.evaluate:
+            sys.stderr.write(f"\ninterrupted; the last checkpoint is {last} (continue with --resume)\n")
+        else:
+            sys.stderr.write("\ninterrupted before the first epoch ended; no checkpoint written\n")
+        return 130
     if args.ship:
         shutil.copyfile(Path(cfg.out) / "model.pt", args.ship)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -130,6 +130,10 @@ def _write_model(
         (staging / version).mkdir()
         for src, dest_name in files:
             shutil.copyfile(src, staging / version / dest_name)  # a copy: the repo must stand alone
+        # mkdtemp makes 0700 folders: a Triton container running as another user could not read
+        # them. The repository is meant to be shipped and read by others: 0755 / 0644.
+        for path in [staging, *staging.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
