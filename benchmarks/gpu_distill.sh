@@ -33,7 +33,7 @@ T0=$(date +%s)
 say() { echo "[gpu_distill +$(( $(date +%s) - T0 ))s] $*"; }
 DATA=${DATA:-.devdata}
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-30}; STUDENT_EPOCHS=${STUDENT_EPOCHS:-120}
-TEACHER_SECONDS=${TEACHER_SECONDS:-220}; STUDENT_SECONDS=${STUDENT_SECONDS:-360}
+TEACHER_SECONDS=${TEACHER_SECONDS:-200}; STUDENT_SECONDS=${STUDENT_SECONDS:-400}
 VAL=(--val-split 5000 --val-seed 0)
 EXTRA=()
 if [ "${1:-}" = "--dry-run" ]; then
