@@ -73,6 +73,7 @@ def _make_settings(model_dir: Path, **overrides: object):  # type: ignore[no-unt
         host="127.0.0.1",
         port=0,
         metrics_port=0,
+        http_port=0,
         model_dir=str(model_dir),
         max_batch_size=32,
         max_batch_delay_ms=5.0,
