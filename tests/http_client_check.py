@@ -56,28 +56,44 @@ def sync_checks(address: str, model: str, images: np.ndarray) -> dict[str, Any]:
         out["stats"] = client.get_inference_statistics(model)
 
         # Binary tensor data both ways (Inference-Header-Content-Length).
-        res = client.infer(model, [_input(images)], outputs=[httpclient.InferRequestedOutput("logits")],
-                           request_id="req-1")
+        res = client.infer(
+            model, [_input(images)], outputs=[httpclient.InferRequestedOutput("logits")], request_id="req-1"
+        )
         logits = res.as_numpy("logits")
-        out["infer_binary"] = {"dtype": str(logits.dtype), "shape": list(logits.shape),
-                               "logits": logits.tolist(), "id": res.get_response().get("id"),
-                               "model_name": res.get_response()["model_name"]}
+        out["infer_binary"] = {
+            "dtype": str(logits.dtype),
+            "shape": list(logits.shape),
+            "logits": logits.tolist(),
+            "id": res.get_response().get("id"),
+            "model_name": res.get_response()["model_name"],
+        }
         # JSON tensors both ways.
-        res = client.infer(model, [_input(images, binary=False)],
-                           outputs=[httpclient.InferRequestedOutput("logits", binary_data=False)])
-        out["infer_json"] = {"logits": res.as_numpy("logits").tolist(),
-                             "has_data": "data" in res.get_output("logits")}
+        res = client.infer(
+            model,
+            [_input(images, binary=False)],
+            outputs=[httpclient.InferRequestedOutput("logits", binary_data=False)],
+        )
+        out["infer_json"] = {
+            "logits": res.as_numpy("logits").tolist(),
+            "has_data": "data" in res.get_output("logits"),
+        }
         # No outputs named: tritonclient asks for binary_data_output.
         res = client.infer(model, [_input(images)])
         out["infer_default_outputs"] = res.as_numpy("logits").tolist()
 
-        res = client.infer(model, [_input(images)],
-                           outputs=[httpclient.InferRequestedOutput("logits", class_count=3)])
-        out["classification"] = {"shape": list(res.as_numpy("logits").shape),
-                                 "dtype": res.get_output("logits")["datatype"],
-                                 "strings": _strings(res.as_numpy("logits"))}
-        res = client.infer(model, [_input(images, binary=False)],
-                           outputs=[httpclient.InferRequestedOutput("logits", binary_data=False, class_count=2)])
+        res = client.infer(
+            model, [_input(images)], outputs=[httpclient.InferRequestedOutput("logits", class_count=3)]
+        )
+        out["classification"] = {
+            "shape": list(res.as_numpy("logits").shape),
+            "dtype": res.get_output("logits")["datatype"],
+            "strings": _strings(res.as_numpy("logits")),
+        }
+        res = client.infer(
+            model,
+            [_input(images, binary=False)],
+            outputs=[httpclient.InferRequestedOutput("logits", binary_data=False, class_count=2)],
+        )
         out["classification_json"] = _strings(res.as_numpy("logits"))
 
         errors: dict[str, Any] = {}
@@ -85,8 +101,9 @@ def sync_checks(address: str, model: str, images: np.ndarray) -> dict[str, Any]:
             "unknown_model": lambda: client.infer("no_such_model", [_input(images)]),
             "unknown_model_metadata": lambda: client.get_model_metadata("no_such_model"),
             "wrong_datatype": lambda: client.infer(model, [_input(images.astype(np.float32), "FP32")]),
-            "unknown_output": lambda: client.infer(model, [_input(images)],
-                                                   outputs=[httpclient.InferRequestedOutput("probs")]),
+            "unknown_output": lambda: client.infer(
+                model, [_input(images)], outputs=[httpclient.InferRequestedOutput("probs")]
+            ),
             "wrong_shape": lambda: client.infer(model, [_input(images.reshape(len(images), 32, 96))]),
         }.items():
             try:
@@ -116,8 +133,9 @@ async def aio_checks(address: str, model: str, images: np.ndarray) -> dict[str, 
             client.infer(model, [_input(images[half:])]),
         )
         out["logits"] = np.concatenate([r.as_numpy("logits") for r in results]).tolist()
-        res = await client.infer(model, [_input(images)],
-                                 outputs=[aioclient.InferRequestedOutput("logits", class_count=3)])
+        res = await client.infer(
+            model, [_input(images)], outputs=[aioclient.InferRequestedOutput("logits", class_count=3)]
+        )
         out["classification"] = _strings(res.as_numpy("logits"))
         try:
             await client.infer("no_such_model", [_input(images)])
@@ -142,10 +160,13 @@ def shm_checks(client: Any, lib: Any, model: str, images: np.ndarray, tag: str) 
         client.register_system_shared_memory(f"{tag}_out", key_out, out_size)
         status = client.get_system_shared_memory_status()
         if tag == "grpc":
-            status = [{"name": r.name, "key": r.key, "byte_size": int(r.byte_size)}
-                      for r in status.regions.values()]
-        out["status"] = sorted([{"name": r["name"], "key": r["key"], "byte_size": int(r["byte_size"])}
-                                for r in status], key=lambda r: r["name"])
+            status = [
+                {"name": r.name, "key": r.key, "byte_size": int(r.byte_size)} for r in status.regions.values()
+            ]
+        out["status"] = sorted(
+            [{"name": r["name"], "key": r["key"], "byte_size": int(r["byte_size"])} for r in status],
+            key=lambda r: r["name"],
+        )
         inp = lib.InferInput("images", list(images.shape), "UINT8")
         inp.set_shared_memory(f"{tag}_in", in_size)
         req_out = lib.InferRequestedOutput("logits")
