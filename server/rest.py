@@ -165,6 +165,8 @@ def _parameter(value: Any, target: pb.InferParameter, what: str) -> None:
     if isinstance(value, bool):
         target.bool_param = value
     elif isinstance(value, int):
+        if not -(2**63) <= value < 2**64:
+            raise InvalidInput(f"{what} is out of the 64-bit integer range")
         if value >= 2**63:
             target.uint64_param = value
         else:
@@ -197,8 +199,8 @@ def _shape(tensor: Mapping[str, Any], what: str) -> list[int]:
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise InvalidInput(f"{what}: 'shape' must be a list of integers, got {json.dumps(shape)}")
-    if any(d < 0 for d in shape):
-        raise InvalidInput(f"{what}: shape {shape} has a negative dimension")
+    if any(not 0 <= d < 2**63 for d in shape):
+        raise InvalidInput(f"{what}: shape {shape} has a dimension out of range")
     return shape
 
 
@@ -225,7 +227,7 @@ class _Decoded:
     deadline: float | None
 
 
-def decode_infer(doc: Any, binary: memoryview, model: str, version: str) -> _Decoded:
+def decode_infer(doc: Any, binary: memoryview, model: str, version: str, max_images: int) -> _Decoded:
     """A v2 JSON inference request (and its binary tail) as a gRPC ModelInferRequest."""
     if not isinstance(doc, dict):
         raise InvalidInput("the inference request must be a JSON object")
@@ -275,9 +277,9 @@ def decode_infer(doc: Any, binary: memoryview, model: str, version: str) -> _Dec
                 f"{what}: set exactly one of 'data', 'binary_data_size' or 'shared_memory_region' "
                 f"(in 'parameters'); got {', '.join(kinds) or 'none'}"
             )
-        # Counts are checked here, in REST's words, only for a well-formed image shape: for any
-        # other shape parse_request's message about the shape is the useful one.
-        image_shape = len(shape) == 4 and tuple(shape[1:]) == IMAGE_SHAPE
+        # Counts are checked here, in REST's words, only for a well-formed image shape within the
+        # limit: otherwise parse_request's message about the shape or the limit is the useful one.
+        image_shape = len(shape) == 4 and tuple(shape[1:]) == IMAGE_SHAPE and 1 <= shape[0] <= max_images
         count = int(np.prod(shape)) if image_shape else None
         if "binary_data_size" in tparams:
             size = tparams["binary_data_size"]
@@ -512,10 +514,9 @@ class _Api:
             doc = json.loads(view[:split].tobytes())
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidInput(f"malformed JSON in the request body: {exc}") from None
-        decoded = decode_infer(doc, view[split:], p["model"], p.get("version", ""))
-        plan = parse_request(
-            decoded.request, core.num_classes, self.settings.max_images_per_request, self.shm
-        )
+        max_images = self.settings.max_images_per_request
+        decoded = decode_infer(doc, view[split:], p["model"], p.get("version", ""), max_images)
+        plan = parse_request(decoded.request, core.num_classes, max_images, self.shm)
         if decoded.deadline is not None and time.monotonic() >= decoded.deadline:
             raise DeadlineExceeded("the request's timeout passed before it was queued")
         logits = await core.logits(plan.images, decoded.deadline)
