@@ -124,7 +124,7 @@ def _shm_ref(params: Any, what: str) -> ShmRef | None:
     if region.WhichOneof("parameter_choice") != "string_param":
         raise InvalidInput(f"{what}: parameter 'shared_memory_region' must be a string_param")
     if "shared_memory_byte_size" not in params:
-        raise InvalidInput(f"{what}: shared_memory_region needs shared_memory_byte_size")
+        raise InvalidInput(f"{what}: shared memory needs shared_memory_byte_size with shared_memory_region")
     size = _int_param(params["shared_memory_byte_size"], f"{what}: parameter 'shared_memory_byte_size'")
     offset = 0
     if "shared_memory_offset" in params:
