@@ -6,6 +6,7 @@ The exported graphs take uint8 ``[N,32,32,3]`` RGB pixels and return float32 log
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import hashlib
 import json
@@ -49,6 +50,10 @@ ONNX_NAME = "model.onnx"
 DEFAULT_OPSET = 18
 PARITY_ATOL = 1e-4
 PARITY_BATCH_SIZES = (1, 7, 256)
+# Images, with the eager model's logits for them, that a server re-checks a new version on
+# before swapping it in (see the server's model reload).
+CHECK_SAMPLE_SIZE = 8
+CHECK_SAMPLE_ATOL = 1e-3
 
 
 class ExportError(RuntimeError):
@@ -204,6 +209,22 @@ def export_torchscript(model: ServingModel, path: Path) -> None:
     traced.save(str(path))
 
 
+def check_sample(model: torch.nn.Module, images: np.ndarray | None) -> dict[str, Any]:
+    """A few images (the first parity images, else seeded noise) and the eager model's logits."""
+    if images is not None and len(images):
+        x = np.ascontiguousarray(images[:CHECK_SAMPLE_SIZE], dtype=np.uint8)
+    else:
+        x = np.random.default_rng(0).integers(0, 256, (CHECK_SAMPLE_SIZE, 32, 32, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        logits = model.eval()(torch.from_numpy(x)).numpy()
+    return {
+        "count": len(x),
+        "images_b64": base64.b64encode(x.tobytes()).decode("ascii"),
+        "logits": [[float(v) for v in row] for row in logits],
+        "atol": CHECK_SAMPLE_ATOL,
+    }
+
+
 def export_model(
     checkpoint: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -257,6 +278,7 @@ def export_model(
             "checkpoint": {"file": ckpt_path.name, "sha256": sha256_file(ckpt_path)},
             "test_accuracy": meta.get("test_accuracy"),
             "parity": parity,
+            "check_sample": check_sample(model, parity_images),
             "versions": _versions(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }

@@ -19,6 +19,7 @@ from cifar_serve.v1 import classifier_pb2, classifier_pb2_grpc
 
 from .core import InferenceCore, Phase, Runtime
 from .edge import ByteBudget, Edge
+from .errors import InferenceError
 from .metrics import Metrics
 from .oip import add_oip_to_server
 from .servicer import ClassifierServicer
@@ -33,7 +34,15 @@ _OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 # Liveness and readiness probes answer while warming up and draining (they say "not ready").
 _UNGATED = tuple(
     f"/inference.GRPCInferenceService/{m}"
-    for m in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata")
+    for m in (
+        "ServerLive",
+        "ServerReady",
+        "ModelReady",
+        "ServerMetadata",
+        "RepositoryIndex",
+        "RepositoryModelLoad",
+        "RepositoryModelUnload",
+    )
 )
 
 
@@ -275,6 +284,17 @@ class CifarServer:
             " ".join(f"{k}={v}" for k, v in sorted(answered.items())) if answered else "no calls",
         )
 
+    async def reload(self) -> None:
+        """SIGHUP: load ``--model-dir`` again as a new version (a failure is logged; the old one stays)."""
+        if not self.readiness.serving:
+            logger.warning("SIGHUP ignored: not serving yet (or draining)")
+            return
+        logger.info("SIGHUP: loading %s", self.settings.model_dir)
+        try:
+            await self.core.load()
+        except InferenceError:
+            pass  # already logged with its reason by the core
+
     async def wait(self) -> None:
         await self._stopped.wait()
 
@@ -286,6 +306,14 @@ async def serve(settings: Settings) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(server.reload())
+        loads.add(task)
+        task.add_done_callback(loads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await server.start()
     stopping = asyncio.ensure_future(stop.wait())
     failing = asyncio.ensure_future(server.failed.wait())

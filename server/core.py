@@ -6,6 +6,9 @@ nothing about protobuf or gRPC.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import dataclasses
 import enum
 import logging
 from collections.abc import Callable, Sequence
@@ -15,11 +18,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from .batcher import DynamicBatcher
-from .errors import InvalidInput, ModelNotFound, Unavailable
+from .errors import InvalidInput, ModelLoadFailed, ModelNotFound, Unavailable
 from .metrics import Metrics
 from .settings import Settings
 
-__all__ = ["InferenceCore", "Phase", "Ranked", "Readiness", "Runtime", "rank"]
+__all__ = ["InferenceCore", "Phase", "Ranked", "Readiness", "Runtime", "check_sample", "rank"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,31 +128,98 @@ def load_runtime(settings: Settings, slots: int) -> Runtime:
     return runtime
 
 
+def check_sample(runtime: Runtime) -> str:
+    """Run the images stored in the runtime's manifest and compare with the logits stored there.
+
+    Raises :class:`ModelLoadFailed` on a mismatch; returns what was checked, for the log.
+    """
+    raw = getattr(runtime.manifest, "raw", None) or {}
+    sample = raw.get("check_sample")
+    if not sample:
+        return "no check sample in the manifest (exported by an older cifar-export): not checked"
+    n = int(sample["count"])
+    images = np.frombuffer(base64.b64decode(sample["images_b64"]), np.uint8).reshape(n, 32, 32, 3)
+    expected = np.asarray(sample["logits"], np.float32)
+    got = runtime.infer(images)
+    precision = str(runtime.describe().get("precision", "fp32"))
+    if precision == "fp32":
+        diff = float(np.abs(got - expected).max())
+        if diff > float(sample["atol"]):
+            raise ModelLoadFailed(
+                f"check sample: logits differ from the manifest's by {diff:.2e} (tolerance {sample['atol']})"
+            )
+        return f"{n} sample images match the manifest's logits (max diff {diff:.1e})"
+    agree = float((got.argmax(1) == expected.argmax(1)).mean())
+    if agree < 1.0:
+        raise ModelLoadFailed(f"check sample: top-1 agrees with the manifest's on {agree:.0%} of {n} images")
+    return f"{n} sample images: same top-1 as the manifest's ({precision})"
+
+
+@dataclass
+class _Loaded:
+    """One model version: its runtime, its batcher, where it came from."""
+
+    runtime: Runtime
+    version: str
+    source: str
+    batcher: DynamicBatcher | None = None
+
+
 class InferenceCore:
-    def __init__(self, settings: Settings, metrics: Metrics, runtime: Runtime | None = None) -> None:
+    """Runtime + batcher behind one API; a new model version can be swapped in while serving.
+
+    ``loader`` builds a runtime from settings (default: the exported artifacts of
+    ``settings.model_dir``); ``runtime`` is the first one, when given (tests pass fakes).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        runtime: Runtime | None = None,
+        loader: Callable[[Settings], Runtime] | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.readiness = Readiness()
         slots = settings.max_inflight_batches or 0
-        self.runtime = runtime if runtime is not None else load_runtime(settings, max(slots, 2))
+        self._loader = loader or (lambda s: load_runtime(s, max(slots, 2)))
+        first = runtime if runtime is not None else self._loader(settings)
         if not slots:
-            slots = 2 if self.runtime.device.type == "cuda" else 1
+            slots = 2 if first.device.type == "cuda" else 1
         self.max_inflight = slots
-        m = self.runtime.manifest
+        m = first.manifest
         self.model_name = settings.model_name or m.name
-        self.model_version = m.version
         self.labels: tuple[str, ...] = tuple(m.labels)
         self.num_classes = len(self.labels)
-        self.batcher: DynamicBatcher | None = None
+        self._active = _Loaded(first, m.version, settings.model_dir)
+        self._on_failure: Callable[[BaseException], None] | None = None
+        self._load_lock: asyncio.Lock | None = None
+        self.unloaded = False
+        self.loading = False
+        self.last_load_error = ""
+        self._set_version_metric(None, m.version)
 
-    def warmup(self) -> None:
-        self.runtime.warmup()
+    @property
+    def runtime(self) -> Runtime:
+        return self._active.runtime
 
-    def start(self, on_failure: Callable[[BaseException], None] | None = None) -> None:
-        """Create the batcher on the running event loop (before warm-up: calls meanwhile get
-        UNAVAILABLE from :attr:`readiness`, never an unstarted core)."""
-        self.batcher = DynamicBatcher(
-            self.runtime.infer,
+    @property
+    def batcher(self) -> DynamicBatcher | None:
+        return self._active.batcher
+
+    @property
+    def model_version(self) -> str:
+        return self._active.version
+
+    def _set_version_metric(self, old: str | None, new: str) -> None:
+        if old is not None and old != new:
+            self.metrics.model_version.remove(self.model_name, old)
+        self.metrics.model_version.labels(self.model_name, new).set(1)
+
+    def _new_batcher(self, runtime: Runtime) -> DynamicBatcher:
+        batcher = DynamicBatcher(
+            runtime.infer,
             max_batch_size=self.settings.max_batch_size,
             max_delay_s=self.settings.max_batch_delay_ms / 1000.0,
             max_queue_images=self.settings.max_queue_images,
@@ -157,13 +227,23 @@ class InferenceCore:
             idle_dispatch=self.settings.idle_dispatch,
             num_classes=self.num_classes,
             metrics=self.metrics,
-            on_failure=on_failure,
+            on_failure=self._on_failure,
         )
-        self.batcher.start()
+        batcher.start()
+        return batcher
+
+    def warmup(self) -> None:
+        self.runtime.warmup()
+
+    def start(self, on_failure: Callable[[BaseException], None] | None = None) -> None:
+        """Create the batcher on the running event loop (before warm-up: calls meanwhile get
+        UNAVAILABLE from :attr:`readiness`, never an unstarted core)."""
+        self._on_failure = on_failure
+        self._active.batcher = self._new_batcher(self._active.runtime)
 
     async def stop(self) -> None:
-        if self.batcher is not None:
-            await self.batcher.stop()
+        if self._active.batcher is not None:
+            await self._active.batcher.stop()
 
     def check_model(self, name: str, version: str = "") -> None:
         if name != self.model_name:
@@ -184,10 +264,98 @@ class InferenceCore:
 
     async def logits(self, images: np.ndarray, deadline: float | None = None) -> np.ndarray:
         """Float32 logits ``[n, classes]`` for uint8 ``[n,32,32,3]`` images."""
+        return (await self.infer(images, deadline))[0]
+
+    async def infer(self, images: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, str]:
+        """Logits for uint8 ``[n,32,32,3]`` images, and the model version that computed them.
+
+        A request runs wholly on the version serving when it arrives, even if a new one is
+        swapped in meanwhile: the old version's batcher finishes what it accepted.
+        """
         self.check_count(int(images.shape[0]))
-        if self.batcher is None:
+        active = self._active
+        if active.batcher is None:
             raise Unavailable("warming up: the model is loading; retry shortly")
-        return await self.batcher.submit(images, deadline)
+        if self.unloaded:
+            raise Unavailable(
+                f"model {self.model_name!r} is unloaded; load it again with RepositoryModelLoad"
+            )
+        return await active.batcher.submit(images, deadline), active.version
+
+    async def load(self, model_dir: str = "") -> str:
+        """Load the artifacts in ``model_dir`` (default ``--model-dir``) as the serving version.
+
+        The new version is loaded (its sha256 checked), warmed up and checked against the
+        sample logits stored in its manifest beside the serving one, then swapped in at one
+        instant. On any failure the serving version stays and :class:`ModelLoadFailed` says why.
+        """
+        if self._load_lock is None:
+            self._load_lock = asyncio.Lock()
+        async with self._load_lock:
+            source = model_dir or self.settings.model_dir
+            self.loading = True
+            try:
+                runtime, checked = await asyncio.to_thread(self._prepare, source)
+            except ModelLoadFailed as exc:
+                self.last_load_error = exc.message
+                logger.error(
+                    "model load from %s refused, still serving version %s: %s",
+                    source,
+                    self.model_version,
+                    exc.message,
+                )
+                raise
+            finally:
+                self.loading = False
+            old = self._active
+            new = _Loaded(runtime, runtime.manifest.version, source)
+            new.batcher = self._new_batcher(runtime)
+            self._active = new  # the swap: requests arriving from here on run on the new version
+            self.unloaded = False
+            self.last_load_error = ""
+            self._set_version_metric(old.version, new.version)
+            logger.warning(
+                "model %s: now serving version %s from %s (was version %s from %s); %s",
+                self.model_name,
+                new.version,
+                source,
+                old.version,
+                old.source,
+                checked,
+            )
+            if old.batcher is not None:
+                await old.batcher.stop()  # finishes what the old version accepted
+            return new.version
+
+    def _prepare(self, source: str) -> tuple[Runtime, str]:
+        try:
+            settings = dataclasses.replace(self.settings, model_dir=source)
+            runtime = self._loader(settings)
+        except Exception as exc:
+            raise ModelLoadFailed(f"cannot load {source}: {exc}") from exc
+        m = runtime.manifest
+        if self.settings.model_name == "" and m.name != self.model_name:
+            raise ModelLoadFailed(f"{source} holds model {m.name!r}, this server serves {self.model_name!r}")
+        if tuple(m.labels) != self.labels:
+            raise ModelLoadFailed(
+                f"{source}: labels {list(m.labels)} differ from the served {list(self.labels)}"
+            )
+        try:
+            runtime.warmup()
+            checked = check_sample(runtime)
+        except ModelLoadFailed:
+            raise
+        except Exception as exc:
+            raise ModelLoadFailed(f"{source}: warm-up or check failed: {type(exc).__name__}: {exc}") from exc
+        return runtime, checked
+
+    def unload(self) -> None:
+        self.unloaded = True
+        logger.warning(
+            "model %s version %s unloaded: inference answers UNAVAILABLE until a load",
+            self.model_name,
+            self.model_version,
+        )
 
     def check_top_k(self, k: int) -> None:
         if not 1 <= k <= self.num_classes:

@@ -14,6 +14,7 @@ __all__ = [
     "InferenceError",
     "InternalError",
     "InvalidInput",
+    "ModelLoadFailed",
     "ModelNotFound",
     "NotFound",
     "QueueFull",
@@ -40,6 +41,12 @@ class InvalidInput(InferenceError):
 
 class ModelNotFound(InferenceError):
     code = grpc.StatusCode.NOT_FOUND
+
+
+class ModelLoadFailed(InferenceError):
+    """A new model version failed to load or its checks; the serving version stays."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class ResourceExhausted(InferenceError):

@@ -107,6 +107,9 @@ class Metrics:
             ["method", "code"],
             registry=r,
         )
+        self.model_version = Gauge(
+            "cifar_serve_model_version", "1 for the model version serving", ["model", "version"], registry=r
+        )
         self.ready = Gauge("cifar_serve_ready", "1 when the server takes inference calls", registry=r)
         self._inflight = 0
         self._http: WSGIServer | None = None

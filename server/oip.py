@@ -31,7 +31,7 @@ from cifar_serve.v1 import open_inference_pb2_grpc as pb_grpc
 
 from .core import InferenceCore
 from .edge import Received, ordered_stream
-from .errors import InferenceError, InvalidInput
+from .errors import InferenceError, InvalidInput, ModelNotFound
 from .servicer import STREAM_WINDOW, deadline_of
 from .shm import SharedMemoryRegistry
 
@@ -326,6 +326,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelReadyResponse:
         # As Triton: an unknown model or version is "not ready", not an error.
         known = request.name == self.core.model_name and request.version in ("", self.core.model_version)
+        known = known and not self.core.unloaded
         return pb.ModelReadyResponse(ready=known and self._ready())
 
     async def ServerMetadata(
@@ -353,19 +354,19 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         core = self.core
         core.check_model(request.model_name, request.model_version)
         plan = parse_request(request, core.num_classes, core.settings.max_images_per_request, self.shm)
-        logits = await core.logits(plan.images, deadline)
+        logits, version = await core.infer(plan.images, deadline)
         if plan.shm_outputs:
             write_shm_outputs(self.shm, plan, logits)
         if len(logits) * sum(plan.outputs) > _INLINE_STRINGS:
             # Thousands of classification strings take milliseconds: keep them off the event loop.
-            return await asyncio.to_thread(self._response, request.id, plan, logits)
-        return self._response(request.id, plan, logits)
+            return await asyncio.to_thread(self._response, request.id, plan, logits, version)
+        return self._response(request.id, plan, logits, version)
 
-    def _response(self, request_id: str, plan: InferPlan, logits: np.ndarray) -> pb.ModelInferResponse:
+    def _response(
+        self, request_id: str, plan: InferPlan, logits: np.ndarray, version: str
+    ) -> pb.ModelInferResponse:
         core = self.core
-        resp = pb.ModelInferResponse(
-            model_name=core.model_name, model_version=core.model_version, id=request_id
-        )
+        resp = pb.ModelInferResponse(model_name=core.model_name, model_version=version, id=request_id)
         shm_outputs = plan.shm_outputs or (None,) * len(plan.outputs)
         for classes, ref in zip(plan.outputs, shm_outputs, strict=True):
             tensor = resp.outputs.add(name=OUTPUT_NAME)
@@ -421,6 +422,50 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             limit=self.core.settings.max_stream_requests,
             window=STREAM_WINDOW,
         )
+
+    # ------------------------------------------------------------------ model repository
+
+    def _repository_model(self, name: str) -> None:
+        if name != self.core.model_name:
+            raise ModelNotFound(f"unknown model {name!r}; this server serves {self.core.model_name!r}")
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        core = self.core
+        if core.loading:
+            state, reason = "LOADING", "a new version is loading beside the serving one"
+        elif core.unloaded:
+            state, reason = "UNAVAILABLE", "unloaded"
+        else:
+            state, reason = ("READY", core.last_load_error) if self._ready() else ("UNAVAILABLE", "not ready")
+        if request.ready and state != "READY":
+            return pb.RepositoryIndexResponse()
+        index = pb.RepositoryIndexResponse.ModelIndex(
+            name=core.model_name, version=core.model_version, state=state, reason=reason
+        )
+        return pb.RepositoryIndexResponse(models=[index])
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        self._repository_model(request.model_name)
+        model_dir = ""
+        for key, param in request.parameters.items():
+            if key != "model_dir":
+                raise InvalidInput(f"parameter {key!r}: unknown; RepositoryModelLoad takes 'model_dir'")
+            if param.WhichOneof("parameter_choice") != "string_param":
+                raise InvalidInput("parameter 'model_dir' must be a string_param")
+            model_dir = param.string_param
+        await self.core.load(model_dir)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        self._repository_model(request.model_name)
+        self.core.unload()
+        return pb.RepositoryModelUnloadResponse()
 
     # ------------------------------------------------------------------ system shared memory
 

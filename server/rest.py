@@ -317,10 +317,15 @@ def decode_infer(doc: Any, binary: memoryview, model: str, version: str, max_ima
 
 
 def encode_infer(
-    core: InferenceCore, request_id: str, plan: InferPlan, binary: tuple[bool, ...], logits: np.ndarray
+    core: InferenceCore,
+    request_id: str,
+    plan: InferPlan,
+    binary: tuple[bool, ...],
+    logits: np.ndarray,
+    version: str,
 ) -> Response:
     """The v2 JSON response; binary outputs follow the JSON, as Triton's binary data extension."""
-    doc: dict[str, Any] = {"model_name": core.model_name, "model_version": core.model_version}
+    doc: dict[str, Any] = {"model_name": core.model_name, "model_version": version}
     if request_id:
         doc["id"] = request_id
     outputs: list[dict[str, Any]] = []
@@ -446,7 +451,7 @@ class _Api:
         p = request.path_params
         core = self.core
         known = p["model"] == core.model_name and p.get("version", "") in ("", core.model_version)
-        ready = known and core.readiness.serving
+        ready = known and core.readiness.serving and not core.unloaded
         return JSONResponse({"name": p["model"], "ready": ready}, status_code=200 if ready else 400)
 
     async def model_config(self, request: Request) -> Response:
@@ -519,7 +524,7 @@ class _Api:
         plan = parse_request(decoded.request, core.num_classes, max_images, self.shm)
         if decoded.deadline is not None and time.monotonic() >= decoded.deadline:
             raise DeadlineExceeded("the request's timeout passed before it was queued")
-        logits = await core.logits(plan.images, decoded.deadline)
+        logits, version = await core.infer(plan.images, decoded.deadline)  # the version that computed them
         if plan.shm_outputs:
             write_shm_outputs(self.shm, plan, logits)
         binary = decoded.binary_outputs
@@ -528,8 +533,8 @@ class _Api:
         rid = decoded.request.id
         if len(logits) * sum(plan.outputs) > _INLINE_STRINGS:
             # Thousands of classification strings take milliseconds: keep them off the event loop.
-            return await asyncio.to_thread(encode_infer, core, rid, plan, binary, logits)
-        return encode_infer(core, rid, plan, binary, logits)
+            return await asyncio.to_thread(encode_infer, core, rid, plan, binary, logits, version)
+        return encode_infer(core, rid, plan, binary, logits, version)
 
     # ------------------------------------------------------------------ system shared memory
 

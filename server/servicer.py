@@ -80,10 +80,12 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         k = request.top_k if request.HasField("top_k") else 1
         self.core.check_top_k(k)
         images = await self._decode(request)
-        logits = await self.core.logits(images, deadline)
-        return self._response(logits, k, request.include_logits)
+        logits, version = await self.core.infer(images, deadline)
+        return self._response(logits, k, request.include_logits, version)
 
-    def _response(self, logits: np.ndarray, k: int, include_logits: bool) -> pb.ClassifyResponse:
+    def _response(
+        self, logits: np.ndarray, k: int, include_logits: bool, version: str
+    ) -> pb.ClassifyResponse:
         ranked = rank(logits, k)
         labels = self.core.labels
         idx = ranked.indices.tolist()
@@ -96,9 +98,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 for c, p in zip(idx[i], probs[i], strict=False)
             ]
             results.append(pb.Classification(predictions=preds, logits=rows[i] if rows else ()))
-        return pb.ClassifyResponse(
-            results=results, model_name=self.core.model_name, model_version=self.core.model_version
-        )
+        return pb.ClassifyResponse(results=results, model_name=self.core.model_name, model_version=version)
 
     async def Classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
