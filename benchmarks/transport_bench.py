@@ -139,8 +139,13 @@ class Transports:
         self.channel.close()
 
     def _post(self, body: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
-        self.http.request("POST", f"/v2/models/{MODEL}/infer", body=body, headers=headers)
-        resp = self.http.getresponse()
+        try:
+            self.http.request("POST", f"/v2/models/{MODEL}/infer", body=body, headers=headers)
+            resp = self.http.getresponse()
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            self.http.close()  # the server closed an idle keep-alive connection: reconnect once
+            self.http.request("POST", f"/v2/models/{MODEL}/infer", body=body, headers=headers)
+            resp = self.http.getresponse()
         data = resp.read()
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {data[:300]!r}")

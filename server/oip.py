@@ -45,6 +45,7 @@ __all__ = [
     "add_oip_to_server",
     "classification_strings",
     "parse_request",
+    "repository_state",
     "serialize_bytes_tensor",
     "write_shm_outputs",
 ]
@@ -300,6 +301,15 @@ def serialize_bytes_tensor(elements: Iterable[bytes]) -> bytes:
     return b"".join(len(e).to_bytes(4, "little") + e for e in elements)
 
 
+def repository_state(core: InferenceCore) -> tuple[str, str]:
+    """The model's state in the repository extension (READY, UNAVAILABLE, LOADING) and why."""
+    if core.loading:
+        return "LOADING", "a new version is loading beside the serving one"
+    if core.unloaded:
+        return "UNAVAILABLE", "unloaded"
+    return ("READY", core.last_load_error) if core.readiness.serving else ("UNAVAILABLE", "not ready")
+
+
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, core: InferenceCore, shm: SharedMemoryRegistry | None = None) -> None:
         self.core = core
@@ -433,12 +443,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
         core = self.core
-        if core.loading:
-            state, reason = "LOADING", "a new version is loading beside the serving one"
-        elif core.unloaded:
-            state, reason = "UNAVAILABLE", "unloaded"
-        else:
-            state, reason = ("READY", core.last_load_error) if self._ready() else ("UNAVAILABLE", "not ready")
+        state, reason = repository_state(core)
         if request.ready and state != "READY":
             return pb.RepositoryIndexResponse()
         index = pb.RepositoryIndexResponse.ModelIndex(

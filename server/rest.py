@@ -49,6 +49,7 @@ from .errors import (
     DeadlineExceeded,
     InferenceError,
     InvalidInput,
+    ModelNotFound,
     ResourceExhausted,
     Unauthenticated,
     status_for,
@@ -65,6 +66,7 @@ from .oip import (
     _server_version,
     classification_strings,
     parse_request,
+    repository_state,
     serialize_bytes_tensor,
     write_shm_outputs,
 )
@@ -536,6 +538,53 @@ class _Api:
             return await asyncio.to_thread(encode_infer, core, rid, plan, binary, logits, version)
         return encode_infer(core, rid, plan, binary, logits, version)
 
+    # ------------------------------------------------------------------ model repository
+
+    async def _json_body(self, request: Request) -> dict[str, Any]:
+        body, held = await self._body(request)
+        self.budget.release(held)
+        try:
+            doc = json.loads(body or b"{}")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidInput(f"malformed JSON in the request body: {exc}") from None
+        if not isinstance(doc, dict):
+            raise InvalidInput("the request body must be a JSON object")
+        return doc
+
+    async def repository_index(self, request: Request) -> Response:
+        doc = await self._json_body(request)
+        core = self.core
+        state, reason = repository_state(core)
+        if doc.get("ready") is True and state != "READY":
+            return JSONResponse([])
+        return JSONResponse(
+            [{"name": core.model_name, "version": core.model_version, "state": state, "reason": reason}]
+        )
+
+    def _repository_model(self, request: Request) -> None:
+        name = request.path_params["model"]
+        if name != self.core.model_name:
+            raise ModelNotFound(f"unknown model {name!r}; this server serves {self.core.model_name!r}")
+
+    async def repository_load(self, request: Request) -> Response:
+        self._repository_model(request)
+        params = (await self._json_body(request)).get("parameters", {})
+        if not isinstance(params, dict):
+            raise InvalidInput("'parameters' must be an object")
+        for key in params:
+            if key != "model_dir":
+                raise InvalidInput(f"parameter {key!r}: unknown; load takes 'model_dir'")
+        model_dir = params.get("model_dir", "")
+        if not isinstance(model_dir, str):
+            raise InvalidInput("parameter 'model_dir' must be a string")
+        await self.core.load(model_dir)
+        return JSONResponse({})
+
+    async def repository_unload(self, request: Request) -> Response:
+        self._repository_model(request)
+        self.core.unload()
+        return JSONResponse({})
+
     # ------------------------------------------------------------------ system shared memory
 
     async def shm_status(self, request: Request) -> Response:
@@ -545,14 +594,7 @@ class _Api:
         )
 
     async def shm_register(self, request: Request) -> Response:
-        body, held = await self._body(request)
-        self.budget.release(held)
-        try:
-            doc = json.loads(body or b"{}")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidInput(f"malformed JSON in the request body: {exc}") from None
-        if not isinstance(doc, dict):
-            raise InvalidInput("the register request must be a JSON object")
+        doc = await self._json_body(request)
         key, offset, size = doc.get("key"), doc.get("offset", 0), doc.get("byte_size")
         if not isinstance(key, str):
             raise InvalidInput("the register request needs 'key', a string")
@@ -580,6 +622,20 @@ def build_app(
         Route("/v2/health/ready", e("ServerReady", api.ready, gated=False, auth=False), methods=["GET"]),
         Route("/v2", e("ServerMetadata", api.server_metadata, gated=False), methods=["GET"]),
         Route("/v2/models/stats", e("ModelStatistics", api.model_stats), methods=["GET"]),
+        # The repository extension answers while not ready, as over gRPC (a load is how to recover).
+        Route(
+            "/v2/repository/index", e("RepositoryIndex", api.repository_index, gated=False), methods=["POST"]
+        ),
+        Route(
+            "/v2/repository/models/{model}/load",
+            e("RepositoryModelLoad", api.repository_load, gated=False),
+            methods=["POST"],
+        ),
+        Route(
+            "/v2/repository/models/{model}/unload",
+            e("RepositoryModelUnload", api.repository_unload, gated=False),
+            methods=["POST"],
+        ),
         Route(
             "/v2/systemsharedmemory/status", e("SystemSharedMemoryStatus", api.shm_status), methods=["GET"]
         ),
@@ -671,6 +727,7 @@ class RestServer:
             access_log=False,
             lifespan="off",
             server_header=False,
+            timeout_keep_alive=75,  # batch clients pause between requests; 5 s (uvicorn's) drops them
             timeout_graceful_shutdown=max(1, round(s.grace_period_s)),
             **ssl_kw,
         )

@@ -770,3 +770,38 @@ def test_triton_http_aio_client(
 
 def test_triton_client_never_shares_our_process() -> None:
     assert "tritonclient" not in sys.modules
+
+
+# ---------------------------------------------------------------------------- model repository
+
+
+def _post_json(address: str, path: str, doc: Any) -> Answer:
+    return call(address, "POST", path, json.dumps(doc).encode(), {"Content-Type": "application/json"})
+
+
+def test_repository_index_and_refused_loads(server: Any, model: tuple[str, str], tmp_path: Path) -> None:
+    a = server.http_address
+    index = _post_json(a, "/v2/repository/index", {})
+    assert index.status == 200
+    assert index.json() == [{"name": model[0], "version": model[1], "state": "READY", "reason": ""}]
+    answer = _post_json(a, "/v2/repository/models/no_such_model/load", {})
+    assert answer.status == 404 and "no_such_model" in answer.json()["error"]
+    answer = _post_json(a, f"/v2/repository/models/{model[0]}/load", {"parameters": {"colour": "red"}})
+    assert answer.status == 400 and "'colour'" in answer.json()["error"]
+    # A folder without artifacts: refused with the reason, the serving version stays.
+    answer = _post_json(
+        a, f"/v2/repository/models/{model[0]}/load", {"parameters": {"model_dir": str(tmp_path)}}
+    )
+    assert answer.status == 400 and "cannot load" in answer.json()["error"]
+    assert _post_json(a, "/v2/repository/index", {}).json()[0]["version"] == model[1]
+
+
+def test_repository_unload_makes_infer_unavailable(fake_server: Any) -> None:
+    srv = fake_server()
+    a = srv.http_address
+    assert _post_json(a, "/v2/repository/models/cifar10_resnet18/unload", {}).status == 200
+    assert _post_json(a, "/v2/repository/index", {}).json()[0]["state"] == "UNAVAILABLE"
+    assert _post_json(a, "/v2/repository/index", {"ready": True}).json() == []
+    assert call(a, "GET", "/v2/models/cifar10_resnet18/ready").status == 400
+    answer = infer(a, "cifar10_resnet18", np.zeros((1, 32, 32, 3), np.uint8))
+    assert answer.status == 503 and "unloaded" in answer.json()["error"]
