@@ -2,10 +2,12 @@
 #
 #   docker build -t cifar-serve:cpu .                                  # CPU-only torch (small)
 #   docker build -t cifar-serve:cuda --build-arg TORCH_VARIANT=cuda .  # CUDA torch from PyPI
-#   docker run --rm -p 50051:50051 -p 9090:9090 cifar-serve:cpu
+#   docker run --rm -p 127.0.0.1:50051:50051 -p 127.0.0.1:9090:9090 cifar-serve:cpu
+#   docker run --rm -p 127.0.0.1:50061:50061 cifar-serve:cpu --port 50061   # stays healthy
 #
-# TORCH_VARIANT: cpu (the CPU wheel index), cuda (PyPI's Linux wheels, which bundle CUDA), or a
-# PyTorch wheel index tag such as cu126. Versions come from pyproject.toml (torch, torchvision)
+# TORCH_VARIANT: cpu (the CPU wheel index, download.pytorch.org), cuda (PyPI's Linux wheels,
+# which bundle CUDA and also run on CPU), or a PyTorch wheel index tag such as cu126.
+# PYTHON_IMAGE: the base image, for a mirror where Docker Hub is out of reach. Versions come from pyproject.toml (torch, torchvision)
 # and deploy/constraints.txt (everything else), so every build resolves the tested versions.
 # tests/test_deploy.py checks this file against docker-compose.yml and the project.
 
@@ -51,8 +53,11 @@ FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="cifar-serve" \
       org.opencontainers.image.description="gRPC inference server for a CIFAR-10 ResNet18 (dynamic batching, Open Inference Protocol)" \
       org.opencontainers.image.licenses="Apache-2.0"
-RUN groupadd --system --gid 10001 app \
- && useradd --system --uid 10001 --gid app --create-home --home-dir /home/app app \
+# A regular (not --system) account: uid 10001 lies in useradd's UID_MIN..UID_MAX, so no
+# "above SYS_UID_MAX" warning; --no-log-init keeps a huge sparse lastlog out of the layer.
+RUN groupadd --gid 10001 app \
+ && useradd --no-log-init --uid 10001 --gid app --create-home --home-dir /home/app \
+        --shell /usr/sbin/nologin app \
  && mkdir -p /artifacts /runs /data \
  && chown app:app /artifacts /runs /data
 COPY --from=build /opt/venv /opt/venv
@@ -66,13 +71,17 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     CIFAR_SERVE_HOST=0.0.0.0 \
-    CIFAR_SERVE_MODEL_DIR=/app/artifacts
+    CIFAR_SERVE_MODEL_DIR=/app/artifacts \
+    CIFAR_SERVE_GRACE_PERIOD_S=8
 WORKDIR /app
 USER app:app
 EXPOSE 50051 9090
 # Asks the server's own grpc.health.v1 service (no grpc_health_probe binary needed).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "/app/deploy/healthcheck.py"]
+# SIGTERM starts the server's drain. The image drains for 8 s (CIFAR_SERVE_GRACE_PERIOD_S), less
+# than `docker stop`'s default 10 s before SIGKILL, so a plain `docker stop` ends in exit 0; a
+# longer --grace-period-s needs `docker stop -t` (or `docker run --stop-timeout`) above it.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["cifar-serve"]
 CMD []

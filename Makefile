@@ -9,13 +9,14 @@ STAMP := $(VENV)/.installed
 
 PYTHON_VERSIONS ?= 3.10 3.13
 
-.PHONY: help install artifacts serve test test-fast test-versions lint typecheck gen check-gen bench clean
+.PHONY: help install artifacts serve test test-fast test-versions test-container lint typecheck gen check-gen bench clean
 
 help:
 	@echo "make serve   - install into $(VENV), export the shipped model into $(MODEL_DIR)/, start the server on :50051"
 	@echo "make test    - install into $(VENV) and run the whole test suite"
 	@echo "make test-fast - the fast tier only (fake model: server, batcher, edge, settings), in seconds"
 	@echo "make test-versions - the fast tier on Python $(PYTHON_VERSIONS) too"
+	@echo "make test-container - build the Docker image, run it and the compose CPU stack (needs a Docker engine)"
 	@echo "make gen     - regenerate the gRPC stubs from proto/"
 	@echo "make lint    - ruff and mypy"
 	@echo "make bench   - run the benchmark and update BENCHMARKS.md"
@@ -44,6 +45,14 @@ test-fast: $(STAMP)
 
 test-versions: $(STAMP)
 	tools/test_python_versions.sh $(PYTHON_VERSIONS)
+# Not part of `make test`: builds the multi-GB image (TORCH_VARIANT=$(CONTAINER_TORCH)) from
+# $(PYTHON_IMAGE) and runs it for real; skips, saying why, where no Docker engine can be started.
+CONTAINER_TORCH ?= cuda
+PYTHON_IMAGE ?= python:3.11-slim-bookworm
+test-container: artifacts
+	CIFAR_SERVE_TEST_CONTAINER=1 CIFAR_SERVE_TEST_TORCH_VARIANT=$(CONTAINER_TORCH) \
+	CIFAR_SERVE_TEST_PYTHON_IMAGE=$(PYTHON_IMAGE) \
+	$(BIN)/pytest tests/test_container.py -v -rs -p no:cacheprovider --timeout 3600
 
 lint: $(STAMP)
 	$(BIN)/ruff check export server client tests benchmarks

@@ -61,6 +61,9 @@ SHIPPED_WEIGHTS = "models/resnet18_cifar10.pt"
 SHIPPED_SAMPLE = "tests/fixtures/cifar10-test-sample.zip"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SCRIPTS: dict[str, str] = PYPROJECT["project"]["scripts"]
+# Each server variant and the one-shot export that must complete before it starts.
+STACKS = {"server": "export", "server-cpu": "export-cpu"}
+DOCKER_STOP_TIMEOUT_S = 10.0  # `docker stop`'s default before SIGKILL
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +116,8 @@ def _raw_compose() -> dict[str, Any]:
 
 
 def load_compose(env: dict[str, str] | None = None) -> dict[str, Any]:
-    return interpolate(copy.deepcopy(_raw_compose()), env or {})
+    doc: dict[str, Any] = interpolate(copy.deepcopy(_raw_compose()), env or {})
+    return doc
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +127,8 @@ def compose() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return compose["services"]
+    found: dict[str, dict[str, Any]] = compose["services"]
+    return found
 
 
 def _list(value: Any) -> list[Any]:
@@ -173,6 +178,18 @@ def _ports(svc: dict[str, Any]) -> list[tuple[int, int]]:
         parts = text.rsplit(":", 2)
         assert len(parts) >= 2, f"port {p!r} publishes no fixed host port"
         out.append((int(parts[-2]), int(parts[-1])))
+    return out
+
+
+def _publish_ips(svc: dict[str, Any]) -> set[str]:
+    """The host address of every published port ('' = all interfaces, Docker's default)."""
+    out = set()
+    for p in svc.get("ports", []):
+        if isinstance(p, dict):
+            out.add(str(p.get("host_ip", "")))
+            continue
+        parts = str(p).split("/")[0].rsplit(":", 2)
+        out.add(parts[0] if len(parts) == 3 else "")
     return out
 
 
@@ -354,7 +371,8 @@ def _assert_flags_in_help(argv: list[str], env: dict[str, str] | None = None) ->
         if token.startswith("-") and len(token) > 1:
             flag = token.split("=", 1)[0]
             assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), (
-                f"{argv[0]} has no flag {flag} (from {shlex.join(argv)})")
+                f"{argv[0]} has no flag {flag} (from {shlex.join(argv)})"
+            )
     for name in env or {}:
         if name.startswith("CIFAR_SERVE_"):
             assert name in text, f"{argv[0]} --help does not mention the variable {name} it is given"
@@ -382,7 +400,7 @@ class ContainerFS:
     def host(self, path: str) -> str:
         for prefix in sorted(self.map, key=len, reverse=True):
             if path == prefix or path.startswith(prefix + "/"):
-                return str(self.map[prefix]) + path[len(prefix):]
+                return str(self.map[prefix]) + path[len(prefix) :]
         return path
 
     def argv(self, argv: list[str]) -> list[str]:
@@ -417,8 +435,10 @@ def validator() -> Any:
 
 
 def _schema_errors(validator: Any, doc: dict[str, Any]) -> list[str]:
-    return [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
-            for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))]
+    return [
+        f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+        for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
+    ]
 
 
 def test_schema_fixture_is_the_recorded_copy() -> None:
@@ -450,10 +470,11 @@ def test_the_schema_is_strict_enough_to_catch_mistakes(validator: Any) -> None:
 
 
 def test_compose_has_the_services_and_profiles(services: dict[str, dict[str, Any]]) -> None:
-    assert {"server", "server-cpu", "export", "train", "prometheus"} <= set(services)
+    assert {"server", "server-cpu", "export", "export-cpu", "train", "prometheus"} <= set(services)
     assert _profiles(services["server"]) == set()
     assert _profiles(services["export"]) == set()
     assert _profiles(services["server-cpu"]) == {"cpu"}
+    assert _profiles(services["export-cpu"]) == {"cpu"}
     assert _profiles(services["train"]) == {"train"}
     assert _profiles(services["prometheus"]) == {"monitoring"}
 
@@ -520,9 +541,26 @@ def test_dependencies_exist_and_are_active_with_their_dependants(services: dict[
             assert dep in services, f"{name} depends on unknown service {dep}"
             needed = _profiles(services[dep])
             assert not needed or needed & _profiles(svc), (
-                f"{name} depends on {dep}, which is only in profiles {needed}")
-    for name in ("server", "server-cpu"):
-        assert services[name]["depends_on"] == {"export": {"condition": "service_completed_successfully"}}
+                f"{name} depends on {dep}, which is only in profiles {needed}"
+            )
+    for name, export in STACKS.items():
+        assert services[name]["depends_on"] == {export: {"condition": "service_completed_successfully"}}
+
+
+def _image_of(svc: dict[str, Any]) -> tuple[str, tuple[tuple[str, str], ...]]:
+    args = (svc.get("build") or {}).get("args") or {}
+    return svc["image"], tuple(sorted((str(k), str(v)) for k, v in args.items()))
+
+
+def test_each_stack_exports_with_its_servers_image(services: dict[str, dict[str, Any]]) -> None:
+    # A GPU host running `docker compose up` builds one image (PyPI's CUDA torch), never the
+    # CPU variant with its extra wheel index; the CPU stack likewise builds only the CPU image.
+    for server, export in STACKS.items():
+        assert _image_of(services[export]) == _image_of(services[server]), f"{export} vs {server}"
+    default = {_image_of(svc) for svc in services.values() if _our_image(svc) and not _profiles(svc)}
+    assert default == {_image_of(services["server"])}, "`docker compose up` would build several images"
+    cpu_stack = {n for n, svc in services.items() if _our_image(svc) and _profiles(svc) == {"cpu"}}
+    assert {_image_of(services[n]) for n in cpu_stack} == {_image_of(services["server-cpu"])}
 
 
 def test_the_server_reads_the_volume_the_export_writes(
@@ -530,14 +568,16 @@ def test_the_server_reads_the_volume_the_export_writes(
 ) -> None:
     from cifar_serve.server.settings import settings_from_args
 
-    export = services["export"]
-    export_argv = _argv(export, docker)
-    assert export_argv[0] == "cifar-export"
-    out = export_argv[export_argv.index("--out") + 1]
-    writes = [m for m in _mounts(export) if m.named and (out == m.target or out.startswith(m.target + "/"))]
-    assert len(writes) == 1 and not writes[0].read_only, f"export --out {out}: not on a writable named volume"
-    volume, rel = writes[0].source, posixpath.relpath(out, writes[0].target)
-    for name in ("server", "server-cpu"):
+    for name, export_name in STACKS.items():
+        export = services[export_name]
+        export_argv = _argv(export, docker)
+        assert export_argv[0] == "cifar-export"
+        out = export_argv[export_argv.index("--out") + 1]
+        writes = [
+            m for m in _mounts(export) if m.named and (out == m.target or out.startswith(m.target + "/"))
+        ]
+        assert len(writes) == 1 and not writes[0].read_only, f"export --out {out}: not on a writable volume"
+        volume, rel = writes[0].source, posixpath.relpath(out, writes[0].target)
         svc = services[name]
         settings = settings_from_args(_argv(svc, docker)[1:], _container_env(svc, docker))
         reads = [m for m in _mounts(svc) if m.source == volume]
@@ -560,7 +600,8 @@ def test_train_ships_its_model_where_export_can_read_it(
     [runs] = [m for m in _mounts(train) if ship.startswith(m.target + "/")]
     assert runs.named and not runs.read_only
     assert any(m.source == runs.source and m.target == runs.target for m in _mounts(export)), (
-        "export must mount the training volume at the same path so that CHECKPOINT=<--ship> works")
+        "export must mount the training volume at the same path so that CHECKPOINT=<--ship> works"
+    )
     trained = load_compose({"CHECKPOINT": ship})["services"]["export"]
     assert _argv(trained, docker)[_argv(trained, docker).index("--checkpoint") + 1] == ship
 
@@ -586,10 +627,54 @@ def test_published_ports_are_the_ports_the_programs_listen_on(
         # Compose's stop timeout must outlast the server's own drain.
         assert _duration_s(svc["stop_grace_period"]) > settings.grace_period_s
 
+    for name, svc in services.items():
+        # The server has no TLS and no token unless asked: publish on loopback unless told otherwise.
+        assert _publish_ips(svc) <= {"127.0.0.1"}, f"{name} publishes on {_publish_ips(svc)}"
+
     prom = services["prometheus"]
     flags = dict(a.split("=", 1) for a in prom["command"] if "=" in a)
     listen = int(flags["--web.listen-address"].rsplit(":", 1)[1])
     assert [c for _, c in _ports(prom)] == [listen]
+
+
+def test_publishing_beyond_loopback_and_other_host_ports_are_one_variable_away(docker: Dockerfile) -> None:
+    from cifar_serve.server.settings import settings_from_args
+
+    env = {
+        "PUBLISH_ADDRESS": "0.0.0.0",
+        "GRPC_PORT": "50061",
+        "METRICS_PORT": "9190",
+        "PROMETHEUS_PORT": "9191",
+        "CIFAR_SERVE_AUTH_TOKEN": "s3cret",
+    }
+    exposed = load_compose(env)["services"]
+    for name in STACKS:
+        svc = exposed[name]
+        assert _publish_ips(svc) == {"0.0.0.0"}
+        assert sorted(_ports(svc)) == [(9190, 9090), (50061, 50051)]
+        # The token set on the host reaches the server, so an exposed server asks for it.
+        assert settings_from_args(_argv(svc, docker)[1:], _container_env(svc, docker)).auth_token == "s3cret"
+    assert _ports(exposed["prometheus"]) == [(9191, 9090)]
+    # Unset, the token is empty: the server runs without one, as it does outside a container.
+    for name in STACKS:
+        svc = load_compose()["services"][name]
+        assert settings_from_args(_argv(svc, docker)[1:], _container_env(svc, docker)).auth_token == ""
+
+
+def test_the_image_drains_within_docker_stops_default_timeout(
+    services: dict[str, dict[str, Any]], docker: Dockerfile
+) -> None:
+    from cifar_serve.server.settings import settings_from_args
+
+    # `docker run IMAGE` then `docker stop`: SIGTERM (STOPSIGNAL), then SIGKILL after 10 s. The
+    # image's drain must end before that, with a margin for the shutdown after the drain.
+    assert docker.final.all("STOPSIGNAL")[-1].value[0] == "SIGTERM"
+    image = settings_from_args(docker.exec_form("CMD"), docker.env())
+    assert image.grace_period_s <= DOCKER_STOP_TIMEOUT_S - 2, image.grace_period_s
+    for name in STACKS:
+        svc = services[name]
+        grace = settings_from_args(_argv(svc, docker)[1:], _container_env(svc, docker)).grace_period_s
+        assert _duration_s(svc["stop_grace_period"]) >= grace + 2, name
 
 
 def test_no_host_port_is_published_twice(services: dict[str, dict[str, Any]]) -> None:
@@ -685,6 +770,14 @@ def test_final_stage_runs_as_a_non_root_user(docker: Dockerfile) -> None:
     assert user not in ("root", "0"), user
     created = " ".join(docker.runs(docker.final))
     assert re.search(rf"useradd\b.*\b{re.escape(user)}\b", created), f"user {user} is never created"
+    # useradd warns when a --system account gets a uid above SYS_UID_MAX (999), and a regular
+    # account's uid must lie in UID_MIN..UID_MAX (Debian: 1000..60000).
+    useradd = re.search(r"useradd\b((?:\s+-{1,2}[\w-]+(?:[ =][^-\s]\S*)?)*)", created)
+    assert useradd, created
+    uid = re.search(r"(?:--uid|-u)[ =](\d+)", useradd.group(1))
+    if uid:
+        allowed = range(0, 1000) if re.search(r"(?:--system|-r)\b", useradd.group(1)) else range(1000, 60001)
+        assert int(uid.group(1)) in allowed, useradd.group(0)
 
 
 def test_image_entrypoint_ports_and_environment(docker: Dockerfile) -> None:
@@ -775,8 +868,14 @@ def test_dependency_install_step_runs_in_sh(tmp_path: Path, docker: Dockerfile, 
     (bin_dir / "pip").write_text(f'#!/bin/sh\necho "$*" >> {shlex.quote(str(log))}\n')
     (bin_dir / "pip").chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TORCH_VARIANT": variant}
-    proc = subprocess.run(["/bin/sh", "-e", "-c", run.replace("/tmp/", f"{scratch}/")], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["/bin/sh", "-e", "-c", run.replace("/tmp/", f"{scratch}/")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     calls = log.read_text().splitlines()
     assert calls[-1] == f"install -c deploy/constraints.txt -r {scratch}/requirements.txt"
@@ -838,8 +937,11 @@ def test_dockerignore_lets_every_copy_source_through(docker: Dockerfile) -> None
             for src in c.sources:
                 path = REPO / src
                 assert path.exists(), f"COPY {src}: missing from the project"
-                files = [path] if path.is_file() else [
-                    p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+                files = (
+                    [path]
+                    if path.is_file()
+                    else [p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+                )
                 assert files, f"COPY {src}: empty"
                 for f in files:
                     rel = f.relative_to(REPO).as_posix()
@@ -848,8 +950,15 @@ def test_dockerignore_lets_every_copy_source_through(docker: Dockerfile) -> None
 
 def test_dockerignore_keeps_the_context_small() -> None:
     patterns = _ignore_patterns()
-    for path in (".git/HEAD", ".venv/bin/python", "artifacts/manifest.json", "runs/train/last.pt",
-                 "export/__pycache__/cli.cpython-311.pyc", "tests/test_deploy.py", "docker-compose.yml"):
+    for path in (
+        ".git/HEAD",
+        ".venv/bin/python",
+        "artifacts/manifest.json",
+        "runs/train/last.pt",
+        "export/__pycache__/cli.cpython-311.pyc",
+        "tests/test_deploy.py",
+        "docker-compose.yml",
+    ):
         assert _ignored(path, patterns), path
     assert not _ignored("models/resnet18_cifar10.pt", patterns)
 
@@ -863,8 +972,12 @@ def test_compose_healthcheck_is_the_dockerfile_healthcheck(
     services: dict[str, dict[str, Any]], docker: Dockerfile
 ) -> None:
     options, cmd = docker.healthcheck()
-    translate = {"interval": "interval", "timeout": "timeout", "start-period": "start_period",
-                 "retries": "retries"}
+    translate = {
+        "interval": "interval",
+        "timeout": "timeout",
+        "start-period": "start_period",
+        "retries": "retries",
+    }
     for name, svc in services.items():
         if not _our_image(svc):
             continue
@@ -882,12 +995,13 @@ def _healthcheck_module() -> Any:
     spec = importlib.util.spec_from_file_location("cifar_healthcheck", REPO / "deploy" / "healthcheck.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through it
     spec.loader.exec_module(module)
     return module
 
 
 def test_healthcheck_asks_the_port_the_server_listens_on(
-    services: dict[str, dict[str, Any]], docker: Dockerfile, monkeypatch: pytest.MonkeyPatch
+    services: dict[str, dict[str, Any]], docker: Dockerfile, tmp_path: Path
 ) -> None:
     from cifar_serve.server.settings import settings_from_args
 
@@ -896,11 +1010,8 @@ def test_healthcheck_asks_the_port_the_server_listens_on(
         svc = services[name]
         env = _container_env(svc, docker)
         settings = settings_from_args(_argv(svc, docker)[1:], env)
-        for key in [k for k in os.environ if k.startswith("CIFAR_SERVE_")]:
-            monkeypatch.delenv(key)
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        assert module._default_address() == f"127.0.0.1:{settings.port}", name
+        target = module.find_target(proc=tmp_path / "no-proc", environ=env)
+        assert target.address == f"127.0.0.1:{settings.port}", name
 
 
 def test_healthcheck_command_against_a_real_server(
@@ -912,8 +1023,13 @@ def test_healthcheck_command_against_a_real_server(
     argv = ContainerFS(docker, {}).argv(cmd)
     assert Path(argv[1]).is_file(), argv
     srv = ServerThread(make_settings(model_dir, port=0)).start()
-    # As in the container: the server's own variables, a wildcard host checked on loopback.
-    env = {"CIFAR_SERVE_HOST": "0.0.0.0", "CIFAR_SERVE_PORT": str(srv.port)}
+    # As in the container: the server's own variables, a wildcard host checked on loopback. No
+    # cifar-serve process is visible (this server is a thread), so the check reads its own.
+    env = {
+        "CIFAR_SERVE_HOST": "0.0.0.0",
+        "CIFAR_SERVE_PORT": str(srv.port),
+        "CIFAR_SERVE_HEALTHCHECK_PROC": str(tmp_path / "no-proc"),
+    }
     try:
         ok = _run(argv, env, cwd=tmp_path, timeout=60)
         assert ok.returncode == 0, ok.stderr
@@ -925,6 +1041,161 @@ def test_healthcheck_command_against_a_real_server(
     closed = _run(argv, {**env, "CIFAR_SERVE_PORT": str(_free_port())}, cwd=tmp_path, timeout=60)
     assert closed.returncode != 0, "the health check passed with nothing listening"
     assert "unhealthy" in closed.stderr
+
+
+def test_healthcheck_follows_the_servers_own_command_line(
+    tmp_path: Path, docker: Dockerfile, model_dir: Path
+) -> None:
+    """``docker run IMAGE --port 50061``: the check asks the port the server process was given."""
+    _, cmd = docker.healthcheck()
+    argv = ContainerFS(docker, {}).argv(cmd)
+    port = _free_port()
+    env = {**os.environ, "CIFAR_SERVE_HOST": "0.0.0.0", "CIFAR_SERVE_PORT": str(_free_port())}
+    server = subprocess.Popen(
+        [
+            _program("cifar-serve"),
+            "--port",
+            str(port),
+            "--metrics-port",
+            "-1",
+            "--model-dir",
+            str(model_dir),
+            "--grace-period-s",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    # This host may run other servers: the check sees only this one, as in its own container.
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / str(server.pid)).symlink_to(f"/proc/{server.pid}")
+    check_env = {"CIFAR_SERVE_PORT": env["CIFAR_SERVE_PORT"], "CIFAR_SERVE_HEALTHCHECK_PROC": str(proc)}
+    try:
+        assert server.stdout is not None
+        log = []
+        for line in server.stdout:  # the server logs "serving ..." once its port answers
+            log.append(line)
+            if "serving" in line:
+                break
+        assert server.poll() is None, "".join(log)
+        ok = _run(argv, check_env, cwd=tmp_path, timeout=60)
+        assert ok.returncode == 0, ok.stderr
+        assert ok.stdout.strip() == f"127.0.0.1:{port}: SERVING"
+    finally:
+        server.terminate()
+        server.communicate(timeout=60)
+    gone = _run(argv, check_env, cwd=tmp_path, timeout=60)
+    assert gone.returncode != 0 and "unhealthy" in gone.stderr
+
+
+def _self_signed(tmp_path: Path, dns_name: str) -> tuple[Path, Path]:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    tmp_path.mkdir(exist_ok=True)
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+def test_healthcheck_speaks_tls_to_a_tls_server(
+    tmp_path: Path, docker: Dockerfile, model_dir: Path, make_settings: Any
+) -> None:
+    pytest.importorskip("cryptography")
+    from cifar_serve.server.app import ServerThread
+
+    _, cmd = docker.healthcheck()
+    argv = ContainerFS(docker, {}).argv(cmd)
+    cert, key = _self_signed(tmp_path, "cifar-serve.internal")
+    srv = ServerThread(make_settings(model_dir, port=0, tls_cert=str(cert), tls_key=str(key))).start()
+    env = {
+        "CIFAR_SERVE_HOST": "0.0.0.0",
+        "CIFAR_SERVE_PORT": str(srv.port),
+        "CIFAR_SERVE_TLS_CERT": str(cert),
+        "CIFAR_SERVE_HEALTHCHECK_PROC": str(tmp_path / "no-proc"),
+    }
+    try:
+        # The certificate names cifar-serve.internal, not 127.0.0.1: verified, so refused ...
+        wrong_name = _run(argv, env, cwd=tmp_path, timeout=60)
+        assert wrong_name.returncode == 2 and "unhealthy" in wrong_name.stderr
+        # ... until the check is told the name the certificate carries.
+        ok = _run(argv, {**env, "CIFAR_SERVE_HEALTHCHECK_TLS_NAME": "cifar-serve.internal"}, cwd=tmp_path)
+        assert ok.returncode == 0, ok.stderr
+        assert "SERVING" in ok.stdout
+    finally:
+        srv.stop()
+    # Mutual TLS: the server asks for a client certificate, which the check presents when given one.
+    client_cert, client_key = _self_signed(tmp_path / "client", "healthcheck")
+    settings = make_settings(
+        model_dir, port=0, tls_cert=str(cert), tls_key=str(key), tls_client_ca=str(client_cert)
+    )
+    srv = ServerThread(settings).start()
+    env = {
+        **env,
+        "CIFAR_SERVE_PORT": str(srv.port),
+        "CIFAR_SERVE_HEALTHCHECK_TLS_NAME": "cifar-serve.internal",
+    }
+    try:
+        anonymous = _run(argv, env, cwd=tmp_path, timeout=60)
+        assert anonymous.returncode == 2 and "unhealthy" in anonymous.stderr
+        client = {
+            "CIFAR_SERVE_HEALTHCHECK_TLS_CERT": str(client_cert),
+            "CIFAR_SERVE_HEALTHCHECK_TLS_KEY": str(client_key),
+        }
+        ok = _run(argv, {**env, **client}, cwd=tmp_path, timeout=60)
+        assert ok.returncode == 0, ok.stderr
+    finally:
+        srv.stop()
+
+
+def test_healthcheck_reads_proc_entries(tmp_path: Path) -> None:
+    module = _healthcheck_module()
+
+    def process(pid: int, argv: list[str], env: dict[str, str]) -> None:
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+        (tmp_path / str(pid) / "environ").write_bytes(b"".join(f"{k}={v}\0".encode() for k, v in env.items()))
+
+    process(1, ["/usr/bin/tini", "--", "sh"], {})
+    process(
+        7,
+        ["/opt/venv/bin/python", "/opt/venv/bin/cifar-serve", "--port=50061", "--host", "::"],
+        {"CIFAR_SERVE_PORT": "1"},
+    )
+    target = module.find_target(proc=tmp_path, environ={"CIFAR_SERVE_PORT": "2"})
+    assert (target.address, target.source) == ("127.0.0.1:50061", "pid 7")
+    (tmp_path / "7" / "cmdline").write_bytes(b"python\0-m\0cifar_serve.server\0--host\0fd00::1\0")
+    assert module.find_target(proc=tmp_path, environ={}).address == "[fd00::1]:1"
+    # Settings the server refuses (it is exiting): the next process, then the environment.
+    (tmp_path / "7" / "cmdline").write_bytes(b"cifar-serve\0--max-batch-size\x000\0")
+    assert module.find_target(proc=tmp_path, environ={"CIFAR_SERVE_PORT": "2"}).address == "127.0.0.1:2"
 
 
 # =============================================================================================
