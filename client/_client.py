@@ -19,6 +19,7 @@ from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
 
 from ._errors import CifarServeError, DeadlineExceededError, error_from_rpc
 from ._inputs import DEFAULT_MAX_REQUEST_BYTES, Inputs, Part, build_request, chunk_parts, to_parts
+from ._targets import Servers, channel_options, resolve_target
 from ._types import Classification, ModelInfo
 
 __all__ = ["DEFAULT_ADDRESS", "AsyncClient", "Client", "Credential"]
@@ -52,7 +53,7 @@ class _Config:
 
     def __init__(
         self,
-        address: str,
+        address: Servers,
         *,
         timeout: float | None,
         retries: int,
@@ -77,7 +78,8 @@ class _Config:
             raise ValueError("max_concurrent_requests must be at least 1")
         if (client_cert is None) != (client_key is None):
             raise ValueError("client_cert and client_key go together")
-        self.address = address
+        self.target = resolve_target(address)
+        self.address = str(self.target)
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
@@ -100,6 +102,7 @@ class _Config:
         ]
         if server_name:
             opts.append(("grpc.ssl_target_name_override", server_name))
+        opts.extend(channel_options(self.target))
         self.options = [*opts, *options]
 
     def deadline(self, timeout: float | None) -> float | None:
@@ -108,8 +111,10 @@ class _Config:
 
     def plan(self, inputs: Inputs, top_k: int, include_logits: bool) -> list[pb.ClassifyRequest]:
         parts: list[Part] = to_parts(inputs)
-        return [build_request(chunk, top_k, include_logits)
-                for chunk in chunk_parts(parts, self.max_images_per_request, DEFAULT_MAX_REQUEST_BYTES)]
+        return [
+            build_request(chunk, top_k, include_logits)
+            for chunk in chunk_parts(parts, self.max_images_per_request, DEFAULT_MAX_REQUEST_BYTES)
+        ]
 
     def next_attempt(self, err: CifarServeError, attempt: int, deadline: float | None, method: str) -> float:
         """Seconds to wait before retrying ``err``; raises ``err`` when it is not to be retried."""
@@ -118,8 +123,15 @@ class _Config:
         delay = min(self.backoff * 2.0**attempt, _MAX_BACKOFF_S)
         if deadline is not None and time.monotonic() + delay >= deadline:
             raise err
-        logger.warning("%s on %s: %s; retry %d of %d in %.2fs", method, self.address, err.message,
-                       attempt + 1, self.retries, delay)
+        logger.warning(
+            "%s on %s: %s; retry %d of %d in %.2fs",
+            method,
+            self.address,
+            err.message,
+            attempt + 1,
+            self.retries,
+            delay,
+        )
         return delay
 
     @staticmethod
@@ -132,33 +144,48 @@ class _Config:
         return left
 
     @staticmethod
-    def results(responses: Sequence[pb.ClassifyResponse], requests: Sequence[pb.ClassifyRequest]
-                ) -> list[Classification]:
+    def results(
+        responses: Sequence[pb.ClassifyResponse], requests: Sequence[pb.ClassifyRequest]
+    ) -> list[Classification]:
         out: list[Classification] = []
         for req, resp in zip(requests, responses, strict=True):
             expected = req.packed.count if req.HasField("packed") else len(req.images)
             if len(resp.results) != expected:
-                raise CifarServeError(grpc.StatusCode.INTERNAL,
-                                      f"server answered {len(resp.results)} results for {expected} images")
+                raise CifarServeError(
+                    grpc.StatusCode.INTERNAL,
+                    f"server answered {len(resp.results)} results for {expected} images",
+                )
             out.extend(Classification.from_proto(r) for r in resp.results)
         return out
 
 
 class Client:
-    """A blocking client of a cifar-serve server.
+    """A blocking client of one cifar-serve server or several replicas.
+
+    ``address`` is one server (``host[:port]``, port 50051 when left out), several (a list, or
+    comma-separated: ``"10.0.0.1:50051,10.0.0.2:50051"``), or a ``dns:///name[:port]`` that
+    resolves to several. Requests are spread over the healthy servers by gRPC itself
+    (``round_robin`` with client-side health checking: a server reporting NOT_SERVING, or not
+    reachable, gets no new requests until it is back); see :mod:`cifar_serve.client._targets`.
 
     ``timeout`` is the default deadline, in seconds, of each method call (every request and retry
-    it makes); ``retries`` is how many times a call that failed with UNAVAILABLE is tried again,
-    waiting ``backoff * 2**n`` seconds before retry ``n``. Any other failure is raised at once as
-    a :class:`CifarServeError`. TLS is on when ``tls`` is true or any certificate is given;
-    ``token`` is sent as ``authorization: Bearer <token>``. Inputs larger than
-    ``max_images_per_request`` are sent as several requests, up to ``max_concurrent_requests`` at a
-    time. Thread-safe; use as a context manager, or call :meth:`close`.
+    it makes); ``retries`` is how many times a request that failed with UNAVAILABLE is tried again,
+    waiting ``backoff * 2**n`` seconds before retry ``n``. UNAVAILABLE means the request was not
+    answered: the server was unreachable, went away mid-call (killed, connection reset) or was
+    refusing work (warming up, draining); the retry goes to the next healthy replica. Retrying is
+    safe because classification is idempotent: it changes nothing on the server, so a request
+    that a vanished replica may have computed but never answered can be computed again elsewhere.
+    Any other failure is raised at once as a :class:`CifarServeError`.
+
+    TLS is on when ``tls`` is true or any certificate is given; ``token`` is sent as
+    ``authorization: Bearer <token>``. Inputs larger than ``max_images_per_request`` are sent as
+    several requests, up to ``max_concurrent_requests`` at a time. Thread-safe; use as a context
+    manager, or call :meth:`close`.
     """
 
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: Servers = DEFAULT_ADDRESS,
         *,
         timeout: float | None = None,
         retries: int = 3,
@@ -174,15 +201,26 @@ class Client:
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self._cfg = _Config(
-            address, timeout=timeout, retries=retries, backoff=backoff, tls=tls,
-            root_certificates=root_certificates, client_cert=client_cert, client_key=client_key,
-            server_name=server_name, token=token, max_images_per_request=max_images_per_request,
-            max_concurrent_requests=max_concurrent_requests, options=options,
+            address,
+            timeout=timeout,
+            retries=retries,
+            backoff=backoff,
+            tls=tls,
+            root_certificates=root_certificates,
+            client_cert=client_cert,
+            client_key=client_key,
+            server_name=server_name,
+            token=token,
+            max_images_per_request=max_images_per_request,
+            max_concurrent_requests=max_concurrent_requests,
+            options=options,
         )
         if self._cfg.credentials is not None:
-            self._channel = grpc.secure_channel(address, self._cfg.credentials, options=self._cfg.options)
+            self._channel = grpc.secure_channel(
+                self._cfg.target.target, self._cfg.credentials, options=self._cfg.options
+            )
         else:
-            self._channel = grpc.insecure_channel(address, options=self._cfg.options)
+            self._channel = grpc.insecure_channel(self._cfg.target.target, options=self._cfg.options)
         self._stub = pb_grpc.ClassifierStub(self._channel)
 
     @property
@@ -239,8 +277,9 @@ class Client:
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """What the server serves: name, version, labels, input spec, device, batching and limits."""
-        msg = self._call("GetModelInfo", self._stub.GetModelInfo, pb.GetModelInfoRequest(),
-                         self._cfg.deadline(timeout))
+        msg = self._call(
+            "GetModelInfo", self._stub.GetModelInfo, pb.GetModelInfoRequest(), self._cfg.deadline(timeout)
+        )
         return ModelInfo.from_proto(msg)
 
     def close(self) -> None:
@@ -249,8 +288,9 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 
@@ -264,7 +304,7 @@ class AsyncClient:
 
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: Servers = DEFAULT_ADDRESS,
         *,
         timeout: float | None = None,
         retries: int = 3,
@@ -280,10 +320,19 @@ class AsyncClient:
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self._cfg = _Config(
-            address, timeout=timeout, retries=retries, backoff=backoff, tls=tls,
-            root_certificates=root_certificates, client_cert=client_cert, client_key=client_key,
-            server_name=server_name, token=token, max_images_per_request=max_images_per_request,
-            max_concurrent_requests=max_concurrent_requests, options=options,
+            address,
+            timeout=timeout,
+            retries=retries,
+            backoff=backoff,
+            tls=tls,
+            root_certificates=root_certificates,
+            client_cert=client_cert,
+            client_key=client_key,
+            server_name=server_name,
+            token=token,
+            max_images_per_request=max_images_per_request,
+            max_concurrent_requests=max_concurrent_requests,
+            options=options,
         )
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.ClassifierStub | None = None
@@ -298,15 +347,17 @@ class AsyncClient:
     def _get_stub(self) -> pb_grpc.ClassifierStub:
         if self._stub is None:
             if self._cfg.credentials is not None:
-                self._channel = grpc.aio.secure_channel(self._cfg.address, self._cfg.credentials,
-                                                        options=self._cfg.options)
+                self._channel = grpc.aio.secure_channel(
+                    self._cfg.target.target, self._cfg.credentials, options=self._cfg.options
+                )
             else:
-                self._channel = grpc.aio.insecure_channel(self._cfg.address, options=self._cfg.options)
+                self._channel = grpc.aio.insecure_channel(self._cfg.target.target, options=self._cfg.options)
             self._stub = pb_grpc.ClassifierStub(self._channel)
         return self._stub
 
-    async def _call(self, method: str, fn: Callable[..., Awaitable[Resp]], request: Any,
-                    deadline: float | None) -> Resp:
+    async def _call(
+        self, method: str, fn: Callable[..., Awaitable[Resp]], request: Any, deadline: float | None
+    ) -> Resp:
         attempt = 0
         while True:
             try:
@@ -352,8 +403,9 @@ class AsyncClient:
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """What the server serves; see :meth:`Client.model_info`."""
         stub = self._get_stub()
-        msg = await self._call("GetModelInfo", stub.GetModelInfo, pb.GetModelInfoRequest(),
-                               self._cfg.deadline(timeout))
+        msg = await self._call(
+            "GetModelInfo", stub.GetModelInfo, pb.GetModelInfoRequest(), self._cfg.deadline(timeout)
+        )
         return ModelInfo.from_proto(msg)
 
     async def close(self) -> None:
@@ -365,6 +417,7 @@ class AsyncClient:
     async def __aenter__(self) -> AsyncClient:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()

@@ -7,6 +7,8 @@ details kept), with one subclass per status code a caller is likely to handle, s
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 __all__ = [
@@ -20,7 +22,18 @@ __all__ = [
     "error_from_rpc",
     "error_for",
     "invalid_argument",
+    "readable_message",
 ]
+
+# Pillow names the in-memory file it was handed ("cannot identify image file <_io.BytesIO object
+# at 0x7f...>"): noise to a reader, since the message already names the file or input index.
+_BYTESIO_DETAIL = re.compile(r"\s*\(cannot identify image file <_io\.BytesIO object at 0x[0-9a-fA-F]+>\)")
+_BYTESIO = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+def readable_message(message: str) -> str:
+    """``message`` without Pillow's ``<_io.BytesIO object at 0x...>`` detail."""
+    return _BYTESIO.sub("the image data", _BYTESIO_DETAIL.sub("", message))
 
 
 class CifarServeError(Exception):
@@ -98,4 +111,4 @@ def error_from_rpc(exc: grpc.RpcError) -> CifarServeError:
     details = details_fn() if callable(details_fn) else None
     if not isinstance(code, grpc.StatusCode):
         code = grpc.StatusCode.UNKNOWN
-    return error_for(code, details or str(exc) or code.name)
+    return error_for(code, readable_message(details or str(exc) or code.name))

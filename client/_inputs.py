@@ -30,7 +30,7 @@ from cifar_serve.server.errors import InvalidInput
 from cifar_serve.server.preprocess import IMAGE_BYTES, IMAGE_SHAPE, decode_image, pil_to_array
 from cifar_serve.v1 import classifier_pb2 as pb
 
-from ._errors import invalid_argument
+from ._errors import invalid_argument, readable_message
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
@@ -56,17 +56,18 @@ Part = np.ndarray | bytes
 # default 256 images (768 KiB) are never split by size.
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
+
 def load_image_file(path: str | os.PathLike[str], *, max_pixels: int = 16_000_000) -> np.ndarray:
     """Read and decode one image file into uint8 ``[32,32,3]``, exactly as the server would.
 
     Raises ``OSError`` when the file cannot be read and ``InvalidArgumentError`` when it is
-    not a decodable image.
+    not a decodable image (the message names the file).
     """
     data = Path(path).read_bytes()
     try:
         image: np.ndarray = decode_image(data, max_pixels=max_pixels, what=os.fspath(path))
     except InvalidInput as exc:
-        raise invalid_argument(exc.message) from None
+        raise invalid_argument(readable_message(exc.message)) from None
     return image
 
 
@@ -128,7 +129,11 @@ def _part(item: object, what: str) -> Part:
     if isinstance(item, (bytes, bytearray, memoryview)):
         return bytes(item)
     if isinstance(item, (str, os.PathLike)):
-        return load_image_file(item)[None]
+        try:
+            return load_image_file(item)[None]
+        except OSError as exc:  # the library's errors are all CifarServeError, a missing file too
+            reason = exc.strerror or str(exc)
+            raise invalid_argument(f"{what}: cannot read {os.fspath(item)}: {reason}") from exc
     raise TypeError(
         f"{what}: cannot classify a {type(item).__name__}; pass file paths, encoded bytes, PIL images "
         "or uint8 numpy arrays"
@@ -155,8 +160,9 @@ def count_images(parts: Sequence[Part]) -> int:
     return sum(1 if isinstance(p, bytes) else len(p) for p in parts)
 
 
-def chunk_parts(parts: Iterable[Part], max_images: int, max_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-                ) -> Iterator[list[Part]]:
+def chunk_parts(
+    parts: Iterable[Part], max_images: int, max_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+) -> Iterator[list[Part]]:
     """Group parts into requests of at most ``max_images`` images and about ``max_bytes`` bytes, in order.
 
     An encoded file larger than ``max_bytes`` still travels, alone in its request.
@@ -197,8 +203,9 @@ def build_request(chunk: Sequence[Part], top_k: int, include_logits: bool) -> pb
         blocks = [p for p in chunk if isinstance(p, np.ndarray)]
         data = blocks[0].tobytes() if len(blocks) == 1 else np.concatenate(blocks).tobytes()
         count = sum(len(b) for b in blocks)
-        return pb.ClassifyRequest(packed=pb.PackedImages(data=data, count=count), top_k=top_k,
-                                  include_logits=include_logits)
+        return pb.ClassifyRequest(
+            packed=pb.PackedImages(data=data, count=count), top_k=top_k, include_logits=include_logits
+        )
     images: list[pb.Image] = []
     for p in chunk:
         if isinstance(p, bytes):

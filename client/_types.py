@@ -105,6 +105,10 @@ class ModelInfo:
             backend=msg.backend,
             precision=msg.precision,
             batching=BatchingInfo(b.max_batch_size, b.max_batch_delay_ms, b.max_queue_images),
-            limits=Limits(lim.max_images_per_request, lim.max_image_pixels, lim.max_receive_message_bytes,
-                          lim.max_stream_requests),
+            limits=Limits(
+                lim.max_images_per_request,
+                lim.max_image_pixels,
+                lim.max_receive_message_bytes,
+                lim.max_stream_requests,
+            ),
         )

@@ -43,6 +43,8 @@ import numpy as np
 
 from cifar_serve.v1 import classifier_pb2, open_inference_pb2
 
+from ._targets import channel_options, resolve_target
+
 __all__ = [
     "APIS",
     "BenchConfig",
@@ -263,12 +265,15 @@ async def _drive(
     cfg: BenchConfig, concurrency: int, payloads: list[Payload], requests: int, first_offset: int = 0
 ) -> _Samples:
     """Run ``concurrency`` closed loops in this process; ``requests`` > 0 counts requests instead of time."""
+    # Several servers (or a DNS name standing for several): gRPC's round_robin over the healthy ones.
+    target = resolve_target(cfg.address)
     options = [
         ("grpc.max_receive_message_length", _MESSAGE_LIMIT),
         ("grpc.max_send_message_length", _MESSAGE_LIMIT),
+        *channel_options(target),
     ]
     channels = [
-        grpc.aio.insecure_channel(cfg.address, options=[*options, ("cifar_bench.channel", i)])
+        grpc.aio.insecure_channel(target.target, options=[*options, ("cifar_bench.channel", i)])
         for i in range(cfg.channels)
     ]
     samples = _Samples()
@@ -492,7 +497,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Closed-loop load generator for cifar-serve: real CIFAR-10 test images over the "
         "native API or the Open Inference Protocol; reports throughput, latency percentiles and errors.",
     )
-    p.add_argument("--address", default=d.address, help=f"server host:port [default: {d.address}]")
+    p.add_argument(
+        "--server",
+        "-s",
+        dest="server",
+        default=None,
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="server, several comma-separated, or dns:///NAME:PORT; requests are spread over the "
+        f"healthy ones (round_robin) [default: $CIFAR_SERVE_ADDRESS or {d.address}]",
+    )
+    p.add_argument("--address", dest="address", default=None, help=argparse.SUPPRESS)  # deprecated: --server
     p.add_argument(
         "--api",
         choices=sorted(APIS),
@@ -542,10 +556,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.address is not None:
+        if args.server is not None:
+            parser.error("--address is the old name of --server: give one of them")
+        sys.stderr.write("cifar-bench: --address is deprecated, use --server\n")
+    server = args.server or args.address or os.environ.get("CIFAR_SERVE_ADDRESS") or BenchConfig.address
     cfg = BenchConfig(
-        address=args.address,
+        address=server,
         api=args.api,
         concurrency=args.concurrency,
         batch_size=args.batch_size,

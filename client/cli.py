@@ -9,12 +9,15 @@ on the current one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import io
 import json
 import logging
 import os
-import re
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,7 +32,16 @@ from ._errors import CifarServeError
 from ._inputs import load_image_file
 from ._types import Classification
 
-__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_SKIPPED", "EXIT_USAGE", "IMAGE_SUFFIXES", "find_images", "main"]
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_SKIPPED",
+    "EXIT_USAGE",
+    "IMAGE_SUFFIXES",
+    "find_images",
+    "main",
+]
 
 logger = logging.getLogger("cifar_serve.client.cli")
 
@@ -39,18 +51,26 @@ EXIT_SKIPPED = 1
 EXIT_USAGE = 2
 EXIT_FAILED = 3
 _PROGRESS_MIN_FILES = 100  # fewer files than this finish too fast for a progress bar to help
+_LABEL_WIDTH = len("automobile")  # the longest CIFAR-10 class name
+EXIT_INTERRUPTED = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
 
 _EPILOG = f"""\
 Folders are searched for files ending in {", ".join(sorted(IMAGE_SUFFIXES))} (any case); files named
 explicitly are tried whatever their suffix. Files are decoded here, exactly as the server decodes
 them, and sent in packed batches; a file that cannot be read or decoded is reported on stderr and
-skipped. Results go to stdout, one per file, in the order found (folders sorted by path).
+skipped. Results go to stdout as they arrive, one per file, in the order found (folders sorted
+by path); an interrupted run keeps the rows it has written.
+
+--server takes one server, several (comma-separated, used round-robin while they report SERVING;
+a request a server never answered is retried on another), or dns:///NAME:PORT resolving to
+several. A server without a port is on 50051.
 
 exit status:
   {EXIT_OK}  every image file found was classified
   {EXIT_SKIPPED}  some files were skipped (each reported on stderr); the others were classified and printed
   {EXIT_USAGE}  bad usage, or nothing could be classified (no image files found, or all were skipped)
-  {EXIT_FAILED}  a call to the server failed (unreachable, timed out, refused); nothing is printed
+  {EXIT_FAILED}  a call to the server failed (unreachable, timed out, refused); the rows written before stay
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); the rows written before stay (a JSON array is closed)
 
 environment:
   CIFAR_SERVE_ADDRESS  default for --server ({DEFAULT_ADDRESS} when unset)
@@ -88,31 +108,74 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders to classify")
     p.add_argument("-r", "--recursive", action="store_true", help="also search the subfolders of folders")
-    p.add_argument("-k", "--top-k", type=_top_k, default=1, metavar="K",
-                   help="ranked classes to report per image, 1..10 (default: 1)")
-    p.add_argument("-f", "--format", choices=("table", "json", "csv"), default="table",
-                   help="output format on stdout (default: table)")
+    p.add_argument(
+        "-k",
+        "--top-k",
+        type=_top_k,
+        default=1,
+        metavar="K",
+        help="ranked classes to report per image, 1..10 (default: 1)",
+    )
+    p.add_argument(
+        "-f",
+        "--format",
+        choices=("table", "json", "csv"),
+        default="table",
+        help="output format on stdout (default: table)",
+    )
     p.add_argument("--logits", action="store_true", help="also output the 10 raw logits (json and csv)")
-    p.add_argument("-s", "--server", default=os.environ.get("CIFAR_SERVE_ADDRESS") or DEFAULT_ADDRESS,
-                   metavar="HOST:PORT", help="server address (default: $CIFAR_SERVE_ADDRESS or %(default)s)")
-    p.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S",
-                   help="deadline of each batch request in seconds, retries included (default: %(default)s)")
-    p.add_argument("--retries", type=int, default=3, metavar="N",
-                   help="retries of a batch when the server is unavailable (default: %(default)s)")
-    p.add_argument("-b", "--batch-size", type=_positive_int, default=256, metavar="N",
-                   help="images per request (default: %(default)s; the server allows up to 1024)")
+    p.add_argument(
+        "-s",
+        "--server",
+        default=os.environ.get("CIFAR_SERVE_ADDRESS") or DEFAULT_ADDRESS,
+        metavar="HOST[:PORT][,...]",
+        help="server, several comma-separated, or dns:///NAME:PORT; port 50051 when left out "
+        "(default: $CIFAR_SERVE_ADDRESS or %(default)s)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="S",
+        help="deadline of each batch request in seconds, retries included (default: %(default)s)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        metavar="N",
+        help="retries of a batch when the server is unavailable (default: %(default)s)",
+    )
+    p.add_argument(
+        "-b",
+        "--batch-size",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="images per request (default: %(default)s; the server allows up to 1024)",
+    )
     tls = p.add_argument_group("security")
     tls.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
-    tls.add_argument("--tls-ca", metavar="FILE",
-                     help="CA certificate (PEM) to verify the server with; implies TLS")
+    tls.add_argument(
+        "--tls-ca", metavar="FILE", help="CA certificate (PEM) to verify the server with; implies TLS"
+    )
     tls.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM) for mutual TLS")
     tls.add_argument("--tls-key", metavar="FILE", help="client private key (PEM) for mutual TLS")
-    tls.add_argument("--tls-server-name", metavar="NAME",
-                     help="name to expect in the server's certificate, when it differs from HOST")
-    tls.add_argument("--token", default=os.environ.get("CIFAR_SERVE_TOKEN") or None,
-                     help="bearer token sent as 'authorization: Bearer TOKEN' (default: $CIFAR_SERVE_TOKEN)")
-    p.add_argument("--no-progress", action="store_true",
-                   help=f"no progress bar (it shows on a terminal for {_PROGRESS_MIN_FILES} files or more)")
+    tls.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="name to expect in the server's certificate, when it differs from HOST",
+    )
+    tls.add_argument(
+        "--token",
+        default=os.environ.get("CIFAR_SERVE_TOKEN") or None,
+        help="bearer token sent as 'authorization: Bearer TOKEN' (default: $CIFAR_SERVE_TOKEN)",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help=f"no progress bar (it shows on a terminal for {_PROGRESS_MIN_FILES} files or more)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log requests and retries on stderr")
     return p
 
@@ -135,6 +198,10 @@ def find_images(paths: Sequence[str], recursive: bool) -> tuple[list[Path], list
     return files, missing
 
 
+def _has_subfolders(path: Path) -> bool:
+    return path.is_dir() and any(p.is_dir() for p in path.iterdir())
+
+
 @dataclass
 class _Decoded:
     path: Path
@@ -146,8 +213,7 @@ def _decode(path: Path) -> _Decoded:
     try:
         return _Decoded(path, load_image_file(path))
     except CifarServeError as exc:  # not decodable; the message names the file
-        reason = exc.message.removeprefix(f"{path}: ")
-        return _Decoded(path, None, re.sub(r" \([^()]*<_io\.BytesIO object at \w+>\)", "", reason))
+        return _Decoded(path, None, exc.message.removeprefix(f"{path}: "))
     except OSError as exc:
         return _Decoded(path, None, exc.strerror or str(exc))
 
@@ -168,46 +234,123 @@ def _row(path: Path, result: Classification, logits: bool) -> dict[str, Any]:
         "label": result.label,
         "class_index": result.class_index,
         "probability": result.probability,
-        "predictions": [{"label": p.label, "class_index": p.class_index, "probability": p.probability}
-                        for p in result.predictions],
+        "predictions": [
+            {"label": p.label, "class_index": p.class_index, "probability": p.probability}
+            for p in result.predictions
+        ],
     }
     if logits and result.logits is not None:
         row["logits"] = [float(v) for v in result.logits]
     return row
 
 
-def _write_json(rows: list[dict[str, Any]], out: TextIO) -> None:
-    json.dump(rows, out, indent=2)
-    out.write("\n")
+class _CtrlC:
+    """Ctrl-C that waits for the output block in progress, so no row is ever cut in half.
+
+    A SIGINT that arrives inside :meth:`held` raises KeyboardInterrupt as the block ends;
+    elsewhere it raises at once, as Python's default handler does.
+    """
+
+    def __init__(self) -> None:
+        self._holding = False
+        self._pending = False
+
+    def handler(self, signum: int, frame: object) -> None:
+        if self._holding:
+            self._pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+        if self._pending:
+            self._pending = False
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # only the main thread may set handlers; then Ctrl-C is not ours to handle
+            return
+        previous = signal.signal(signal.SIGINT, self.handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
-def _write_csv(rows: list[dict[str, Any]], out: TextIO, top_k: int, logits: bool) -> None:
-    header = ["path", "label", "class_index", "probability"]
-    for r in range(2, top_k + 1):
-        header += [f"label_{r}", f"class_index_{r}", f"probability_{r}"]
-    n_logits = max((len(row.get("logits", ())) for row in rows), default=0) if logits else 0
-    header += [f"logit_{i}" for i in range(n_logits)]
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(header)
-    for row in rows:
-        line: list[Any] = [row["path"], row["label"], row["class_index"], repr(row["probability"])]
-        for p in row["predictions"][1:top_k]:
-            line += [p["label"], p["class_index"], repr(p["probability"])]
-        line += [repr(v) for v in row.get("logits", ())]
-        writer.writerow(line)
+class _Output:
+    """Rows written as they arrive, a batch at a time, so an interrupted run keeps what it got.
 
+    JSON is one array, opened at the first row and closed by :meth:`close` (also after Ctrl-C);
+    CSV's header and the table's header come with the first batch; the table's path column is
+    as wide as the longest path found, so its rows line up without waiting for the others.
+    """
 
-def _write_table(rows: list[dict[str, Any]], out: TextIO, top_k: int) -> None:
-    header = ["PATH", "LABEL", "PROBABILITY"] + (["TOP-K"] if top_k > 1 else [])
-    lines = [header]
-    for row in rows:
-        line = [row["path"], row["label"], f"{row['probability']:.4f}"]
-        if top_k > 1:
-            line.append(", ".join(f"{p['label']} {p['probability']:.3f}" for p in row["predictions"]))
-        lines.append(line)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for line in lines:
-        out.write("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() + "\n")
+    def __init__(
+        self, out: TextIO, fmt: str, top_k: int, logits: bool, path_width: int, ctrl_c: _CtrlC
+    ) -> None:
+        self.out, self.fmt, self.top_k, self.logits, self.ctrl_c = out, fmt, top_k, logits, ctrl_c
+        self.path_width = max(path_width, len("PATH"))
+        self.rows = 0
+
+    def _header(self, first: dict[str, Any], buf: io.StringIO) -> None:
+        if self.fmt == "json":
+            buf.write("[\n")
+        elif self.fmt == "csv":
+            header = ["path", "label", "class_index", "probability"]
+            for r in range(2, self.top_k + 1):
+                header += [f"label_{r}", f"class_index_{r}", f"probability_{r}"]
+            header += [f"logit_{i}" for i in range(len(first.get("logits", ())))]
+            csv.writer(buf, lineterminator="\n").writerow(header)
+        else:
+            self._table_line(["PATH", "LABEL", "PROBABILITY"] + (["TOP-K"] if self.top_k > 1 else []), buf)
+
+    def _table_line(self, cells: list[str], buf: io.StringIO) -> None:
+        widths = [self.path_width, _LABEL_WIDTH, len("PROBABILITY")]
+        line = "  ".join(cell.ljust(w) for cell, w in zip(cells, widths, strict=False))
+        if len(cells) > len(widths):
+            line += "  " + cells[-1]
+        buf.write(line.rstrip() + "\n")
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        n = self.rows
+        for row in rows:
+            if n == 0:
+                self._header(row, buf)
+            if self.fmt == "json":
+                text = json.dumps(row, indent=2)
+                buf.write(("" if n == 0 else ",\n") + "  " + text.replace("\n", "\n  "))
+            elif self.fmt == "csv":
+                line: list[Any] = [row["path"], row["label"], row["class_index"], repr(row["probability"])]
+                for p in row["predictions"][1 : self.top_k]:
+                    line += [p["label"], p["class_index"], repr(p["probability"])]
+                line += [repr(v) for v in row.get("logits", ())]
+                writer.writerow(line)
+            else:
+                cells = [row["path"], row["label"], f"{row['probability']:.4f}"]
+                if self.top_k > 1:
+                    ranked = row["predictions"]
+                    cells.append(", ".join(f"{p['label']} {p['probability']:.3f}" for p in ranked))
+                self._table_line(cells, buf)
+            n += 1
+        with self.ctrl_c.held():
+            self.out.write(buf.getvalue())
+            self.out.flush()
+            self.rows = n
+
+    def close(self) -> None:
+        with self.ctrl_c.held():
+            if self.fmt == "json" and self.rows:
+                self.out.write("\n]\n")
+            self.out.flush()
 
 
 def _bar_size() -> dict[str, int]:
@@ -229,63 +372,90 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="cifar-classify: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="cifar-classify: %(message)s",
+    )
 
     files, missing = find_images(args.paths, args.recursive)
     for arg, reason in missing:
         _say(f"skipped {arg}: {reason}")
     if not files:
-        _say("no image files to classify")
+        nested = [] if args.recursive else [a for a in args.paths if _has_subfolders(Path(a))]
+        hint = f"; {', '.join(nested)} has subfolders: add --recursive to search them" if nested else ""
+        _say(f"no image files to classify{hint}")
         return EXIT_USAGE
 
-    rows: list[dict[str, Any]] = []
     skipped = len(missing)
     show_bar = not args.no_progress and sys.stderr.isatty() and len(files) >= _PROGRESS_MIN_FILES
     try:
-        client = Client(args.server, timeout=args.timeout, retries=args.retries, tls=args.tls,
-                        root_certificates=args.tls_ca, client_cert=args.tls_cert, client_key=args.tls_key,
-                        server_name=args.tls_server_name, token=args.token,
-                        max_images_per_request=args.batch_size)
+        client = Client(
+            args.server,
+            timeout=args.timeout,
+            retries=args.retries,
+            tls=args.tls,
+            root_certificates=args.tls_ca,
+            client_cert=args.tls_cert,
+            client_key=args.tls_key,
+            server_name=args.tls_server_name,
+            token=args.token,
+            max_images_per_request=args.batch_size,
+        )
     except (OSError, ValueError) as exc:
         _say(f"error: {exc}")
         return EXIT_USAGE
-    bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=not show_bar,
-               **(_bar_size() if show_bar else {}))
-    with client, ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool, bar:
-        for batch in _batches(files, args.batch_size, pool):
-            good = [d for d in batch if d.image is not None]
-            for d in batch:
-                if d.image is None:
-                    skipped += 1
-                    _say(f"skipped {d.path}: {d.error}")
-            if good:
-                try:
-                    results = client.classify(np.stack([d.image for d in good if d.image is not None]),
-                                              top_k=args.top_k, include_logits=args.logits)
-                except CifarServeError as exc:
-                    bar.close()
-                    _say(f"error: {args.server}: {exc}")
-                    return EXIT_FAILED
-                rows.extend(_row(d.path, r, args.logits) for d, r in zip(good, results, strict=True))
-            bar.update(len(batch))
-
-    if not rows:
+    ctrl_c = _CtrlC()
+    width = max(len(str(f)) for f in files)
+    output = _Output(sys.stdout, args.format, args.top_k, args.logits, width, ctrl_c)
+    size: dict[str, Any] = _bar_size() if show_bar else {}
+    bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=not show_bar, **size)
+    status = EXIT_OK
+    try:
+        with (
+            ctrl_c.installed(),
+            client,
+            ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool,
+            bar,
+        ):
+            for batch in _batches(files, args.batch_size, pool):
+                good = [d for d in batch if d.image is not None]
+                for d in batch:
+                    if d.image is None:
+                        skipped += 1
+                        _say(f"skipped {d.path}: {d.error}")
+                if good:
+                    try:
+                        results = client.classify(
+                            np.stack([d.image for d in good if d.image is not None]),
+                            top_k=args.top_k,
+                            include_logits=args.logits,
+                        )
+                    except CifarServeError as exc:
+                        bar.close()
+                        _say(f"error: {client.address}: {exc}")
+                        status = EXIT_FAILED
+                        break
+                    output.write([_row(d.path, r, args.logits) for d, r in zip(good, results, strict=True)])
+                bar.update(len(batch))
+    except KeyboardInterrupt:
+        bar.close()
+        _say(f"interrupted: {output.rows} of {len(files)} image(s) classified and written")
+        status = EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. piped into `head`: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return status
+    try:
+        output.close()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if status != EXIT_OK:
+        return status
+    if not output.rows:
         _say("nothing could be classified")
         return EXIT_USAGE
-    out = sys.stdout
-    try:
-        if args.format == "json":
-            _write_json(rows, out)
-        elif args.format == "csv":
-            _write_csv(rows, out, args.top_k, args.logits)
-        else:
-            _write_table(rows, out, args.top_k)
-        out.flush()
-    except BrokenPipeError:  # e.g. piped into `head`: not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
     if skipped:
-        _say(f"classified {len(rows)} image(s), skipped {skipped}")
+        _say(f"classified {output.rows} image(s), skipped {skipped}")
         return EXIT_SKIPPED
     return EXIT_OK
 

@@ -1,4 +1,4 @@
-"""``cifar-export``: checkpoint -> TorchScript + ONNX + manifest.json, with a parity check."""
+"""cifar-export: checkpoint -> TorchScript + ONNX + manifest.json, with a parity check."""
 
 from __future__ import annotations
 
@@ -10,14 +10,31 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .data import DatasetError, load_split
-from .exporter import ExportError, export_model
+from .exporter import ExportError, ExportResult, export_model
 
-__all__ = ["DEFAULT_CHECKPOINT", "DEFAULT_OUT", "main"]
+__all__ = ["DEFAULT_CHECKPOINT", "DEFAULT_OUT", "DEFAULT_PARITY_DATA", "main", "parity_data_path"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHECKPOINT = "models/resnet18_cifar10.pt"
 DEFAULT_OUT = "artifacts"
+DEFAULT_PARITY_DATA = "tests/fixtures/cifar10-test-sample.zip"
+# The checkout this module runs from (an editable install): the default parity sample is found
+# there when the command runs from another folder.
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def parity_data_path(value: str) -> str:
+    """``--parity-data`` as given; the default also resolves against the source checkout."""
+    if value != DEFAULT_PARITY_DATA or Path(value).exists():
+        return value
+    in_checkout = SOURCE_ROOT / DEFAULT_PARITY_DATA
+    if in_checkout.is_file():
+        return str(in_checkout)
+    raise DatasetError(
+        f"parity data {DEFAULT_PARITY_DATA} not found (relative to {Path.cwd()}): pass --parity-data "
+        "with any CIFAR-10 source that has a test split (e.g. cifar-10-python.tar.gz), or --no-parity"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,19 +49,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         default=os.environ.get("CIFAR_SERVE_MODEL_DIR", DEFAULT_OUT),
-        help="output folder for the artifacts and manifest.json (env CIFAR_SERVE_MODEL_DIR)",
+        help="output folder for the artifacts and manifest.json (env CIFAR_SERVE_MODEL_DIR); an existing "
+        "export of another checkpoint there is refused without --force, the same one left unchanged",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a different export already in --out (a server reading it sees each file swapped "
+        "whole, the manifest last)",
     )
     p.add_argument(
         "--parity-data",
-        default=os.environ.get("CIFAR_SERVE_PARITY_DATA", "tests/fixtures/cifar10-test-sample.zip"),
-        help="CIFAR-10 source whose test split feeds the parity check (env CIFAR_SERVE_PARITY_DATA)",
+        default=os.environ.get("CIFAR_SERVE_PARITY_DATA", DEFAULT_PARITY_DATA),
+        help="CIFAR-10 source whose test split feeds the parity check (env CIFAR_SERVE_PARITY_DATA); "
+        "the default is the checkout's committed 600-image sample",
     )
     p.add_argument("--parity-images", type=int, default=0, help="images used by the parity check (0: all)")
     p.add_argument("--no-parity", action="store_true", help="skip the parity check (not recommended)")
-    p.add_argument("--opset", type=int, default=18)
-    p.add_argument("--triton-repo", default=None, help="also write a Triton model repository here")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset of model.onnx")
+    p.add_argument(
+        "--triton-repo",
+        default=None,
+        help="also write a Triton model repository here (folders 0755, files 0644; only this model's "
+        "folders are replaced)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     return p
+
+
+def _summary(result: ExportResult) -> str:
+    parity = result.manifest.get("parity")
+    if result.unchanged:
+        state = "unchanged: already the export of this checkpoint"
+    elif not parity:
+        state = "no parity check"
+    else:
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in parity["max_abs_diff"].items())
+        agree = min(parity["top1_agreement"].values())
+        state = (
+            f"parity on {parity['images']} images at batch sizes {parity['batch_sizes']}: "
+            f"max |logit diff| {diffs} (tolerance {parity['atol']:.0e}), top-1 agreement {agree:.0%}"
+        )
+    return f"wrote {result.manifest_path} ({state})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         images = None
         if not args.no_parity:
-            split = load_split(args.parity_data, "test")
+            split = load_split(parity_data_path(args.parity_data), "test")
             images = split.images if args.parity_images <= 0 else split.images[: args.parity_images]
-        result = export_model(args.checkpoint, args.out, images, opset=args.opset)
+        result = export_model(args.checkpoint, args.out, images, opset=args.opset, force=args.force)
         if args.triton_repo:
             from .triton import write_triton_repo
 
@@ -69,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DatasetError, ExportError) as exc:
         logger.error("%s", exc)
         return 1
-    parity = result.manifest.get("parity")
-    logger.info("wrote %s (parity: %s)", result.manifest_path, parity)
+    logger.info("%s", _summary(result))
     return 0
 
 

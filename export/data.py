@@ -26,10 +26,13 @@ from PIL import Image
 __all__ = [
     "CIFAR10_CLASSES",
     "CifarSplit",
+    "WHERE_TO_GET",
     "DatasetError",
+    "DatasetNotFound",
     "cache_dir",
     "load_cifar10",
     "load_split",
+    "split_validation",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,6 +57,16 @@ _CACHE_VERSION = "1"
 
 class DatasetError(RuntimeError):
     """The dataset is missing, unreadable or not CIFAR-10 shaped."""
+
+
+class DatasetNotFound(DatasetError):
+    """No CIFAR-10 at the given location (as opposed to a damaged copy)."""
+
+
+WHERE_TO_GET = (
+    f"get CIFAR-10 with --download (torchvision fetches the official {_OFFICIAL_URL.rsplit('/', 1)[-1]}), "
+    f"or download {_OFFICIAL_URL} (md5 {_OFFICIAL_MD5}) yourself and pass its path to --data"
+)
 
 
 @dataclass(frozen=True)
@@ -253,7 +266,7 @@ def _load_uncached(source: Path, download: bool) -> dict[str, CifarSplit]:
         if download:
             _download(source)
             return _load_official_tar(source / "cifar-10-python.tar.gz")
-        raise DatasetError(
+        raise DatasetNotFound(
             f"{source}: no CIFAR-10 found (expected cifar-10-batches-py/, cifar-10-python.tar.gz, "
             "*.zip or train/<class>/*.jpg trees)"
         )
@@ -265,7 +278,7 @@ def _load_uncached(source: Path, download: bool) -> dict[str, CifarSplit]:
         source.mkdir(parents=True, exist_ok=True)
         _download(source)
         return _load_official_tar(source / "cifar-10-python.tar.gz")
-    raise DatasetError(f"{source}: no such file or directory")
+    raise DatasetNotFound(f"{source}: no such file or directory")
 
 
 def _download(root: Path) -> None:
@@ -286,6 +299,9 @@ def load_cifar10(
     ``source`` is a directory (official ``cifar-10-batches-py/``, ``cifar-10-python.tar.gz``,
     zips of image trees, or an image tree itself) or one file (tarball or zip).
     """
+    if not str(source).strip():
+        # Path("") is the current folder: an unset variable must not train on whatever is there.
+        raise DatasetNotFound("no CIFAR-10 location given (--data or CIFAR_SERVE_DATA is empty)")
     src = Path(source).expanduser()
     cache_file = None
     if use_cache and src.exists():
@@ -318,3 +334,25 @@ def load_split(source: str | os.PathLike[str], split: str, **kwargs: Any) -> Cif
     if split not in splits:
         raise DatasetError(f"{source}: has no {split!r} split (found {sorted(splits)})")
     return splits[split]
+
+
+def split_validation(labels: np.ndarray, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_idx, val_idx)``: ``size`` indices held out for validation, the same number per class.
+
+    Depends only on ``labels``, ``size`` and ``seed`` (never on the training seed), so every run
+    of a comparison is tuned on the same images; both index arrays are sorted.
+    """
+    classes = np.unique(labels)
+    if size <= 0 or size % len(classes):
+        raise ValueError(f"validation split of {size}: must be a positive multiple of {len(classes)} classes")
+    per_class = size // len(classes)
+    rng = np.random.default_rng(seed)
+    val: list[np.ndarray] = []
+    for cls in classes:
+        idx = np.flatnonzero(labels == cls)
+        if len(idx) <= per_class:
+            raise ValueError(f"validation split of {size} needs more than {per_class} images of class {cls}")
+        val.append(rng.permutation(idx)[:per_class])
+    val_idx = np.sort(np.concatenate(val))
+    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+    return train_idx, val_idx

@@ -7,14 +7,17 @@ The exported graphs take uint8 ``[N,32,32,3]`` RGB pixels and return float32 log
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as _dt
 import hashlib
+import io
 import json
 import logging
 import os
 import platform
-import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +65,16 @@ class ExportError(RuntimeError):
 
 class ParityError(ExportError):
     """An exported runtime disagrees with PyTorch eager beyond tolerance."""
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """Silence torch's deprecation FutureWarnings (torch.jit) and the ONNX exporter's progress
+    lines, which it prints to stdout: users see the export's result, not torch's internals."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -114,7 +127,8 @@ def check_parity(
     import onnxruntime as ort
 
     eager = eager.eval()
-    ts = torch.jit.load(str(torchscript_path), map_location="cpu").eval()
+    with _quiet_torch():
+        ts = torch.jit.load(str(torchscript_path), map_location="cpu").eval()
     opts = ort.SessionOptions()
     sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
 
@@ -144,14 +158,46 @@ def check_parity(
         diffs[name] = worst
         agree[name] = agreement
     report = ParityReport(len(images), tuple(batch_sizes), diffs, agree, atol)
-    logger.info("parity on %d images: %s", len(images), report.as_dict())
+    logger.debug("parity on %d images: %s", len(images), report.as_dict())
     return report
+
+
+def _existing_export(out: Path) -> dict[str, Any] | None:
+    """The manifest already in ``out`` (``{}`` if unreadable), or None when there is none."""
+    path = out / MANIFEST_NAME
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _same_export(
+    out: Path, manifest: dict[str, Any], ckpt_sha: str, opset: int, name: str, version: str
+) -> bool:
+    try:
+        if manifest["checkpoint"]["sha256"] != ckpt_sha or manifest["model"] != {
+            "name": name,
+            "version": version,
+            "arch": "ResNet18",
+        }:
+            return False
+        if manifest["artifacts"]["onnx"]["opset"] != opset:
+            return False
+        return all(
+            sha256_file(out / entry["path"]) == entry["sha256"] for entry in manifest["artifacts"].values()
+        )
+    except (KeyError, TypeError, OSError):
+        return False
 
 
 @dataclass(frozen=True)
 class ExportResult:
     out_dir: Path
     manifest: dict[str, Any]
+    unchanged: bool = False  # out_dir already held this export and was left alone
 
     @property
     def manifest_path(self) -> Path:
@@ -178,16 +224,18 @@ def export_onnx(model: ServingModel, path: Path, opset: int = DEFAULT_OPSET) -> 
     example = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=65536)
     try:
-        program = torch.onnx.export(
-            model,
-            (example,),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            opset_version=opset,
-            dynamo=True,
-            external_data=False,
-            dynamic_shapes={"images": {0: batch}},
-        )
+        with _quiet_torch():
+            program = torch.onnx.export(
+                model,
+                (example,),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+                dynamic_shapes={"images": {0: batch}},
+                verbose=False,
+            )
         assert program is not None
         program.save(str(path), external_data=False)
     except Exception as exc:
@@ -204,7 +252,7 @@ def export_onnx(model: ServingModel, path: Path, opset: int = DEFAULT_OPSET) -> 
 
 def export_torchscript(model: ServingModel, path: Path) -> None:
     example = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_torch():
         traced = torch.jit.trace(model, example)
     traced.save(str(path))
 
@@ -235,16 +283,36 @@ def export_model(
     atol: float = PARITY_ATOL,
     model_name: str = MODEL_NAME,
     model_version: str = "1",
+    force: bool = False,
 ) -> ExportResult:
     """Write TorchScript, ONNX and ``manifest.json`` into ``out_dir``; fail loudly on parity.
 
     Artifacts are written into a temporary folder first and moved into place only when
     every check passed, so a failed export never leaves a half-valid model directory.
+
+    A server may be serving ``out_dir``: if it already holds an export of another checkpoint
+    (or another opset or name), nothing is touched and :class:`ExportError` says so, unless
+    ``force``; if it holds this very export, intact, it is left as it is (``unchanged``).
     """
     ckpt_path = Path(checkpoint)
     net, meta = load_model(ckpt_path)
-    model = ServingModel(net, meta["mean"], meta["std"]).eval()
     out = Path(out_dir)
+    ckpt_sha = sha256_file(ckpt_path)
+    if not force:
+        existing = _existing_export(out)
+        if existing is not None:
+            if _same_export(out, existing, ckpt_sha, opset, model_name, model_version):
+                logger.info(
+                    "%s already holds this export (checkpoint sha256 %s); left unchanged", out, ckpt_sha[:12]
+                )
+                return ExportResult(out, existing, unchanged=True)
+            was = existing.get("checkpoint", {}) if isinstance(existing.get("checkpoint"), dict) else {}
+            raise ExportError(
+                f"{out} already holds a different export (of {was.get('file', '?')}, checkpoint sha256 "
+                f"{str(was.get('sha256', '?'))[:12]}), which a server may be serving: pass --force to "
+                "replace it, or choose another --out"
+            )
+    model = ServingModel(net, meta["mean"], meta["std"]).eval()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp_name:
         tmp = Path(tmp_name)
@@ -275,7 +343,8 @@ def export_model(
                 "torchscript": {"path": TORCHSCRIPT_NAME, "sha256": sha256_file(tmp / TORCHSCRIPT_NAME)},
                 "onnx": {"path": ONNX_NAME, "sha256": sha256_file(tmp / ONNX_NAME), "opset": opset},
             },
-            "checkpoint": {"file": ckpt_path.name, "sha256": sha256_file(ckpt_path)},
+            "checkpoint": {"file": ckpt_path.name, "sha256": ckpt_sha},
+            "weights": meta.get("weights", "raw"),
             "test_accuracy": meta.get("test_accuracy"),
             "parity": parity,
             "check_sample": check_sample(model, parity_images),
@@ -283,7 +352,9 @@ def export_model(
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        # One rename per file, the manifest last: a reader never sees a truncated file, and a
+        # manifest always describes artifacts already in place.
         for name in (TORCHSCRIPT_NAME, ONNX_NAME, MANIFEST_NAME):
-            shutil.move(str(tmp / name), str(out / name))
+            os.replace(tmp / name, out / name)
     logger.info("exported %s to %s", ckpt_path, out)
     return ExportResult(out, manifest)

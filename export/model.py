@@ -82,7 +82,7 @@ class ServingModel(nn.Module):
 
     def __init__(
         self,
-        net: ResNet18,
+        net: nn.Module,
         mean: Sequence[float] = CIFAR10_MEAN,
         std: Sequence[float] = CIFAR10_STD,
     ) -> None:

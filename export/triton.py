@@ -36,8 +36,16 @@ logger = logging.getLogger(__name__)
 LABELS_FILE = "labels.txt"
 TORCHSCRIPT_SUFFIX = "_torchscript"
 # Protocol datatype names (as in manifest.json) -> Triton model-config data types.
-_CONFIG_TYPES = {"BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "INT8": "TYPE_INT8", "INT32": "TYPE_INT32",
-                 "INT64": "TYPE_INT64", "FP16": "TYPE_FP16", "FP32": "TYPE_FP32", "FP64": "TYPE_FP64"}
+_CONFIG_TYPES = {
+    "BOOL": "TYPE_BOOL",
+    "UINT8": "TYPE_UINT8",
+    "INT8": "TYPE_INT8",
+    "INT32": "TYPE_INT32",
+    "INT64": "TYPE_INT64",
+    "FP16": "TYPE_FP16",
+    "FP32": "TYPE_FP32",
+    "FP64": "TYPE_FP64",
+}
 
 
 @dataclass(frozen=True)
@@ -66,8 +74,16 @@ def _block(t: _Tensor, labels: bool) -> str:
     return "  {\n" + "".join(f"    {line}\n" for line in body) + "  }"
 
 
-def _config(name: str, platform: str, inputs: list[_Tensor], outputs: list[_Tensor], *, comment: str,
-            max_batch_size: int, max_queue_delay_us: int) -> str:
+def _config(
+    name: str,
+    platform: str,
+    inputs: list[_Tensor],
+    outputs: list[_Tensor],
+    *,
+    comment: str,
+    max_batch_size: int,
+    max_queue_delay_us: int,
+) -> str:
     """config.pbtxt: Triton's ModelConfig in protobuf text format."""
     lines = [f"# {line}" for line in comment.splitlines()]
     lines += [f'name: "{name}"', f'platform: "{platform}"', f"max_batch_size: {max_batch_size}"]
@@ -102,8 +118,9 @@ def _onnx_external_files(path: Path) -> list[str]:
     return sorted(found)
 
 
-def _write_model(repo: Path, name: str, version: str, config: str, labels: list[str],
-                 files: list[tuple[Path, str]]) -> Path:
+def _write_model(
+    repo: Path, name: str, version: str, config: str, labels: list[str], files: list[tuple[Path, str]]
+) -> Path:
     """Build one model directory beside its target, then swap it in (a reader never sees half of it)."""
     target = repo / name
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
@@ -113,6 +130,10 @@ def _write_model(repo: Path, name: str, version: str, config: str, labels: list[
         (staging / version).mkdir()
         for src, dest_name in files:
             shutil.copyfile(src, staging / version / dest_name)  # a copy: the repo must stand alone
+        # mkdtemp makes 0700 folders: a Triton container running as another user could not read
+        # them. The repository is meant to be shipped and read by others: 0755 / 0644.
+        for path in [staging, *staging.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
@@ -122,8 +143,9 @@ def _write_model(repo: Path, name: str, version: str, config: str, labels: list[
     return target
 
 
-def write_triton_repo(model_dir: Path, repo: Path, *, max_batch_size: int = 256,
-                      max_queue_delay_us: int = 2000) -> None:
+def write_triton_repo(
+    model_dir: Path, repo: Path, *, max_batch_size: int = 256, max_queue_delay_us: int = 2000
+) -> None:
     """Write (or refresh) the Triton model repository for the model exported in ``model_dir``.
 
     Other models already in ``repo`` are left alone; this model's two directories are replaced.
@@ -149,20 +171,29 @@ def write_triton_repo(model_dir: Path, repo: Path, *, max_batch_size: int = 256,
     limits = {"max_batch_size": max_batch_size, "max_queue_delay_us": max_queue_delay_us}
 
     onnx_config = _config(
-        name, "onnxruntime_onnx",
-        [_tensor(inp, inp["name"], "input")], [_tensor(out, out["name"], "output")],
-        comment=f"{name} v{version} (ONNX), written by cifar-export from {MANIFEST_NAME}.", **limits)
+        name,
+        "onnxruntime_onnx",
+        [_tensor(inp, inp["name"], "input")],
+        [_tensor(out, out["name"], "output")],
+        comment=f"{name} v{version} (ONNX), written by cifar-export from {MANIFEST_NAME}.",
+        **limits,
+    )
     files = [(onnx_path, "model.onnx")]
     files += [(onnx_path.parent / extra, extra) for extra in _onnx_external_files(onnx_path)]
     written = [_write_model(repo, name, version, onnx_config, labels, files)]
 
     ts_name = name + TORCHSCRIPT_SUFFIX
     ts_config = _config(
-        ts_name, "pytorch_libtorch",
-        [_tensor(inp, "INPUT__0", "input")], [_tensor(out, "OUTPUT__0", "output")],
-        comment=(f"{name} v{version} (TorchScript), written by cifar-export from {MANIFEST_NAME}.\n"
-                 f"INPUT__0 is {inp['name']!r} and OUTPUT__0 is {out['name']!r} of the ONNX model: "
-                 "the PyTorch backend binds tensors by position."),
-        **limits)
+        ts_name,
+        "pytorch_libtorch",
+        [_tensor(inp, "INPUT__0", "input")],
+        [_tensor(out, "OUTPUT__0", "output")],
+        comment=(
+            f"{name} v{version} (TorchScript), written by cifar-export from {MANIFEST_NAME}.\n"
+            f"INPUT__0 is {inp['name']!r} and OUTPUT__0 is {out['name']!r} of the ONNX model: "
+            "the PyTorch backend binds tensors by position."
+        ),
+        **limits,
+    )
     written.append(_write_model(repo, ts_name, version, ts_config, labels, [(torchscript_path, "model.pt")]))
     logger.info("wrote Triton model repository %s: %s", repo, ", ".join(p.name for p in written))

@@ -24,6 +24,7 @@ from .metrics import Metrics
 from .oip import add_oip_to_server
 from .servicer import ClassifierServicer
 from .settings import Settings
+from .shm import SharedMemoryRegistry
 
 __all__ = ["CifarServer", "ServerThread", "StartupError", "serve"]
 
@@ -100,11 +101,15 @@ class CifarServer:
         self._stopped = asyncio.Event()
         self._failed = asyncio.Event()
         self.service_names: list[str] = []
+        # HTTP/REST (server/rest.py) and the shared memory regions both APIs read and write.
+        self.shm = SharedMemoryRegistry()
+        self.http_port = -1
+        self._rest: Any = None
 
     def _add_services(self, server: grpc.aio.Server) -> None:
         classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.core), server)
         names = [classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name]
-        names.append(add_oip_to_server(server, self.core))
+        names.append(add_oip_to_server(server, self.core, self.shm))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
@@ -153,10 +158,11 @@ class CifarServer:
         """Start the batcher and listen; calls get UNAVAILABLE ("warming up") until :meth:`warm_up`."""
         s = self.settings
         self.core.start(on_failure=self._on_batcher_failure)
+        budget = ByteBudget(s.max_inflight_request_bytes, self.metrics)  # shared with REST
         edge = Edge(
             metrics=self.metrics,
             readiness=self.readiness,
-            budget=ByteBudget(s.max_inflight_request_bytes, self.metrics),
+            budget=budget,
             auth_token=s.auth_token,
             open_prefixes=_OPEN_PREFIXES,
             ungated=_UNGATED,
@@ -192,14 +198,32 @@ class CifarServer:
                         f"cannot serve metrics on {s.host}:{s.metrics_port} (--metrics-port): "
                         f"{exc.strerror or exc}"
                     ) from None
+            if s.http_port >= 0:
+                await self._start_rest(budget)
         except BaseException:
             await server.stop(None)
             await self.core.stop()
+            self.metrics.close()
             raise
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
         logger.info("listening on %s:%d (metrics on %d); warming up", s.host, self.port, self.metrics_port)
+
+    async def _start_rest(self, budget: ByteBudget) -> None:
+        from .rest import RestServer  # Starlette and uvicorn load only when REST is on
+
+        s = self.settings
+        rest = RestServer(self.core, self.shm, budget, s)
+        try:
+            self.http_port = rest.start()
+        except (OSError, ValueError) as exc:
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise StartupError(
+                f"cannot serve HTTP on {s.host}:{s.http_port} (--http-port): {detail}"
+            ) from None
+        self._rest = rest
+        logger.info("HTTP/REST on %s:%d", s.host, self.http_port)
 
     async def warm_up(self) -> None:
         """Warm the model up, then turn SERVING."""
@@ -233,16 +257,22 @@ class CifarServer:
         started = time.monotonic()
         # stop(grace) refuses new calls at once and waits for every accepted one, up to grace.
         stopping = asyncio.ensure_future(self._server.stop(grace))
+        rest_stopping = asyncio.ensure_future(
+            self._rest.stop() if self._rest is not None else asyncio.sleep(0)
+        )
         # Health Watch streams never end by themselves: close them once they have had a
         # moment to deliver NOT_SERVING, so they do not hold the shutdown for the whole grace.
         await asyncio.sleep(0.1)
         self.health.close_watches()
         await stopping
+        await rest_stopping
+        self._rest = None
         if not self.metrics.idle:
             logger.warning(
                 "grace period of %.1fs over: %d calls were cancelled", grace, self.metrics.inflight_count
             )
         await self.core.stop()
+        self.shm.close()
         logger.info("drained in %.2fs", time.monotonic() - started)
         self.metrics.close()
         self._server = None
@@ -332,6 +362,15 @@ class ServerThread:
     def metrics_port(self) -> int:
         assert self.server is not None
         return self.server.metrics_port
+
+    @property
+    def http_port(self) -> int:
+        assert self.server is not None
+        return self.server.http_port
+
+    @property
+    def http_address(self) -> str:
+        return f"{self.settings.host}:{self.http_port}"
 
     def stop(self, grace: float | None = None) -> None:
         if self.server is not None:

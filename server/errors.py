@@ -9,12 +9,14 @@ from __future__ import annotations
 import grpc
 
 __all__ = [
+    "AlreadyExists",
     "DeadlineExceeded",
     "InferenceError",
     "InternalError",
     "InvalidInput",
     "ModelLoadFailed",
     "ModelNotFound",
+    "NotFound",
     "QueueFull",
     "ResourceExhausted",
     "Unauthenticated",
@@ -69,6 +71,15 @@ class Unauthenticated(InferenceError):
 
 class InternalError(InferenceError):
     code = grpc.StatusCode.INTERNAL
+
+
+# Shared memory extension (server/shm.py): a region registered twice, a status asked of an unknown one.
+class AlreadyExists(InferenceError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class NotFound(InferenceError):
+    code = grpc.StatusCode.NOT_FOUND
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -21,6 +21,7 @@ import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
+from typing import Any
 
 import grpc
 import numpy as np
@@ -32,6 +33,7 @@ from .core import InferenceCore
 from .edge import Received, ordered_stream
 from .errors import InferenceError, InvalidInput, ModelNotFound
 from .servicer import STREAM_WINDOW, deadline_of
+from .shm import SharedMemoryRegistry
 from .stats import Duration, StatsSnapshot
 
 __all__ = [
@@ -40,10 +42,13 @@ __all__ = [
     "OUTPUT_NAME",
     "InferPlan",
     "OipServicer",
+    "ShmRef",
     "add_oip_to_server",
     "classification_strings",
     "parse_request",
+    "repository_state",
     "serialize_bytes_tensor",
+    "write_shm_outputs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -52,7 +57,7 @@ INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 IMAGE_SHAPE = (32, 32, 3)
 IMAGE_BYTES = 32 * 32 * 3
-EXTENSIONS = ("classification", "model_configuration", "statistics")
+EXTENSIONS = ("classification", "model_configuration", "statistics", "system_shared_memory")
 SERVER_NAME = "cifar-serve"
 # The platform names Triton reports for the same artifacts, so clients that switch on it work.
 # auto serves both artifacts (same weights); the TorchScript one is its primary, as in ModelInfo.
@@ -75,16 +80,27 @@ def _server_version() -> str:
 
 
 @dataclass(frozen=True)
+class ShmRef:
+    """A tensor's place in a registered shared memory region (its ``shared_memory_*`` parameters)."""
+
+    region: str
+    offset: int
+    byte_size: int
+
+
+@dataclass(frozen=True)
 class InferPlan:
     """A validated request: the images, what to answer, and how.
 
     ``outputs`` holds one entry per output to return, in order: 0 for the logits tensor itself,
     N for its top-N classification strings. ``raw`` answers in ``raw_output_contents``.
+    ``shm_outputs`` (empty, or one per output) says where an output goes in shared memory.
     """
 
     images: np.ndarray
     outputs: tuple[int, ...]
     raw: bool
+    shm_outputs: tuple[ShmRef | None, ...] = ()
 
 
 def _shape_text(shape: Sequence[int]) -> str:
@@ -100,8 +116,31 @@ def _int_param(param: pb.InferParameter, what: str) -> int:
     raise InvalidInput(f"{what} must be an int64_param, got {kind or 'no value'}")
 
 
+def _shm_ref(params: Any, what: str) -> ShmRef | None:
+    """The tensor's ``shared_memory_*`` parameters, or None when it has none."""
+    if not any(k in params for k in _SHARED_MEMORY):
+        return None
+    if "shared_memory_region" not in params:
+        raise InvalidInput(
+            f"{what}: shared_memory_byte_size or shared_memory_offset given without shared_memory_region"
+        )
+    region = params["shared_memory_region"]
+    if region.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidInput(f"{what}: parameter 'shared_memory_region' must be a string_param")
+    if "shared_memory_byte_size" not in params:
+        raise InvalidInput(f"{what}: shared memory needs shared_memory_byte_size with shared_memory_region")
+    size = _int_param(params["shared_memory_byte_size"], f"{what}: parameter 'shared_memory_byte_size'")
+    offset = 0
+    if "shared_memory_offset" in params:
+        offset = _int_param(params["shared_memory_offset"], f"{what}: parameter 'shared_memory_offset'")
+    return ShmRef(region.string_param, offset, size)
+
+
 def _parse_images(
-    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, max_images: int
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    raw: bytes | None,
+    max_images: int,
+    shm: SharedMemoryRegistry | None = None,
 ) -> np.ndarray:
     what = f"input {tensor.name!r}"
     if tensor.datatype != "UINT8":
@@ -112,9 +151,21 @@ def _parse_images(
     n = shape[0]
     if n > max_images:
         raise InvalidInput(f"{what}: {n} images, more than the limit of {max_images} per request; split it")
+    expected = n * IMAGE_BYTES
+    ref = _shm_ref(tensor.parameters, what) if shm is not None else None
+    if ref is not None and shm is not None:
+        if raw is not None or tensor.HasField("contents"):
+            raise InvalidInput(f"{what}: data given both in shared memory and in the request; send one")
+        if ref.byte_size != expected:
+            raise InvalidInput(
+                f"{what}: shared_memory_byte_size is {ref.byte_size}, shape {_shape_text(shape)} "
+                f"needs {expected}"
+            )
+        # A copy: the owner may rewrite or shrink its region while the batch waits.
+        data = shm.read(ref.region, ref.offset, ref.byte_size, what)
+        return np.frombuffer(data, np.uint8).reshape(n, *IMAGE_SHAPE)
     if any(k in tensor.parameters for k in _SHARED_MEMORY):
         raise InvalidInput(f"{what}: shared memory is not supported; send the data in the request")
-    expected = n * IMAGE_BYTES
     if raw is not None:
         if tensor.HasField("contents"):
             raise InvalidInput(f"{what}: both raw_input_contents and typed contents given; send one")
@@ -142,12 +193,16 @@ def _parse_images(
     return values.astype(np.uint8).reshape(n, *IMAGE_SHAPE)
 
 
-def _parse_outputs(request: pb.ModelInferRequest, num_classes: int) -> tuple[tuple[int, ...], bool]:
-    """Class count per requested output (0: the tensor), and whether any asked for binary data."""
+def _parse_outputs(
+    request: pb.ModelInferRequest, num_classes: int, shm: SharedMemoryRegistry | None = None
+) -> tuple[tuple[int, ...], bool, tuple[ShmRef | None, ...]]:
+    """Class count per requested output (0: the tensor), whether any asked for binary data, and
+    where each goes in shared memory (empty when none does)."""
     if not request.outputs:
-        return (0,), False  # the spec: no outputs named means every output, as tensors
+        return (0,), False, ()  # the spec: no outputs named means every output, as tensors
     seen: set[str] = set()
     plan: list[int] = []
+    refs: list[ShmRef | None] = []
     binary = False
     for out in request.outputs:
         what = f"output {out.name!r}"
@@ -157,8 +212,17 @@ def _parse_outputs(request: pb.ModelInferRequest, num_classes: int) -> tuple[tup
             raise InvalidInput(f"{what}: requested more than once")
         seen.add(out.name)
         params = out.parameters
-        if any(k in params for k in _SHARED_MEMORY):
+        ref = _shm_ref(params, what) if shm is not None else None
+        if ref is not None and shm is not None:
+            # As Triton: classification strings and binary data travel in the response.
+            if "classification" in params:
+                raise InvalidInput(f"{what}: shared memory cannot hold a classification output")
+            if "binary_data" in params and params["binary_data"].bool_param:
+                raise InvalidInput(f"{what}: set either shared_memory_region or binary_data, not both")
+            shm.check(ref.region, ref.offset, ref.byte_size, what)
+        elif any(k in params for k in _SHARED_MEMORY):
             raise InvalidInput(f"{what}: shared memory is not supported")
+        refs.append(ref)
         classes = 0
         if "classification" in params:
             classes = _int_param(params["classification"], f"{what}: parameter 'classification'")
@@ -168,11 +232,19 @@ def _parse_outputs(request: pb.ModelInferRequest, num_classes: int) -> tuple[tup
         if "binary_data" in params:
             binary = binary or params["binary_data"].bool_param
         plan.append(classes)
-    return tuple(plan), binary
+    return tuple(plan), binary, tuple(refs) if any(refs) else ()
 
 
-def parse_request(request: pb.ModelInferRequest, num_classes: int, max_images: int) -> InferPlan:
-    """Validate a ModelInferRequest (model already checked) into an :class:`InferPlan`."""
+def parse_request(
+    request: pb.ModelInferRequest,
+    num_classes: int,
+    max_images: int,
+    shm: SharedMemoryRegistry | None = None,
+) -> InferPlan:
+    """Validate a ModelInferRequest (model already checked) into an :class:`InferPlan`.
+
+    With ``shm``, inputs and outputs may name registered shared memory regions (read here).
+    """
     names = [t.name for t in request.inputs]
     if not names:
         raise InvalidInput(f"no input tensors; this model takes {INPUT_NAME!r} UINT8 [n,32,32,3]")
@@ -188,11 +260,29 @@ def parse_request(request: pb.ModelInferRequest, num_classes: int, max_images: i
             f"{len(names)} input; send one per input, in order"
         )
     raw = raw_contents[0] if raw_contents else None
-    images = _parse_images(request.inputs[0], raw, max_images)
-    outputs, binary = _parse_outputs(request, num_classes)
-    # The spec forbids mixing raw and typed outputs; answer the way the client sent its input,
-    # unless it asked for binary data.
-    return InferPlan(images, outputs, raw=raw is not None or binary)
+    tensor = request.inputs[0]
+    outputs, binary, shm_outputs = _parse_outputs(request, num_classes, shm)
+    images = _parse_images(tensor, raw, max_images, shm)
+    for ref in shm_outputs:
+        need = len(images) * num_classes * 4
+        if ref is not None and ref.byte_size < need:
+            raise InvalidInput(
+                f"output {OUTPUT_NAME!r}: shared_memory_byte_size is {ref.byte_size}, "
+                f"{len(images)} images need {need} bytes of FP32 logits"
+            )
+    from_shm = shm is not None and _shm_ref(tensor.parameters, "") is not None
+    # The spec forbids mixing raw and typed outputs; answer the way the client sent its input
+    # (shared memory counts as binary, as Triton answers it), unless it asked for binary data.
+    return InferPlan(images, outputs, raw=raw is not None or binary or from_shm, shm_outputs=shm_outputs)
+
+
+def write_shm_outputs(shm: SharedMemoryRegistry, plan: InferPlan, logits: np.ndarray) -> None:
+    """Write the logits of every output that asked for shared memory into its region."""
+    data = b""
+    for ref in plan.shm_outputs:
+        if ref is not None:
+            data = data or logits.astype("<f4", copy=False).tobytes()
+            shm.write(ref.region, ref.offset, ref.byte_size, data, f"output {OUTPUT_NAME!r}")
 
 
 def classification_strings(logits: np.ndarray, k: int, labels: Sequence[str]) -> list[bytes]:
@@ -214,10 +304,20 @@ def serialize_bytes_tensor(elements: Iterable[bytes]) -> bytes:
     return b"".join(len(e).to_bytes(4, "little") + e for e in elements)
 
 
+def repository_state(core: InferenceCore) -> tuple[str, str]:
+    """The model's state in the repository extension (READY, UNAVAILABLE, LOADING) and why."""
+    if core.loading:
+        return "LOADING", "a new version is loading beside the serving one"
+    if core.unloaded:
+        return "UNAVAILABLE", "unloaded"
+    return ("READY", core.last_load_error) if core.readiness.serving else ("UNAVAILABLE", "not ready")
+
+
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, core: InferenceCore) -> None:
+    def __init__(self, core: InferenceCore, shm: SharedMemoryRegistry | None = None) -> None:
         self.core = core
         self.version = _server_version()
+        self.shm = shm if shm is not None else SharedMemoryRegistry()
 
     # ------------------------------------------------------------------ health and metadata
 
@@ -266,8 +366,10 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
         core = self.core
         core.check_model(request.model_name, request.model_version)
-        plan = parse_request(request, core.num_classes, core.settings.max_images_per_request)
+        plan = parse_request(request, core.num_classes, core.settings.max_images_per_request, self.shm)
         logits, version = await core.infer(plan.images, deadline)
+        if plan.shm_outputs:
+            write_shm_outputs(self.shm, plan, logits)
         if len(logits) * sum(plan.outputs) > _INLINE_STRINGS:
             # Thousands of classification strings take milliseconds: keep them off the event loop.
             return await asyncio.to_thread(self._response, request.id, plan, logits, version)
@@ -278,9 +380,15 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         core = self.core
         resp = pb.ModelInferResponse(model_name=core.model_name, model_version=version, id=request_id)
-        for classes in plan.outputs:
+        shm_outputs = plan.shm_outputs or (None,) * len(plan.outputs)
+        for classes, ref in zip(plan.outputs, shm_outputs, strict=True):
             tensor = resp.outputs.add(name=OUTPUT_NAME)
-            if classes:
+            if ref is not None:  # written into shared memory already; as Triton, an empty entry
+                tensor.datatype = "FP32"
+                tensor.shape.extend(logits.shape)
+                if plan.raw:
+                    resp.raw_output_contents.append(b"")
+            elif classes:
                 strings = classification_strings(logits, classes, core.labels)
                 tensor.datatype = "BYTES"
                 tensor.shape.extend([len(logits), classes])
@@ -338,12 +446,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
         core = self.core
-        if core.loading:
-            state, reason = "LOADING", "a new version is loading beside the serving one"
-        elif core.unloaded:
-            state, reason = "UNAVAILABLE", "unloaded"
-        else:
-            state, reason = ("READY", core.last_load_error) if self._ready() else ("UNAVAILABLE", "not ready")
+        state, reason = repository_state(core)
         if request.ready and state != "READY":
             return pb.RepositoryIndexResponse()
         index = pb.RepositoryIndexResponse.ModelIndex(
@@ -464,9 +567,40 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             ],
         )
 
+    # ------------------------------------------------------------------ system shared memory
 
-def add_oip_to_server(server: grpc.aio.Server, core: InferenceCore) -> str:
-    """Serve the Open Inference Protocol on ``server``; returns its full service name (for reflection)."""
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(core), server)
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        resp = pb.SystemSharedMemoryStatusResponse()
+        for r in self.shm.status(request.name):
+            resp.regions[r.name].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size
+                )
+            )
+        return resp
+
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self.shm.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self.shm.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+
+def add_oip_to_server(
+    server: grpc.aio.Server, core: InferenceCore, shm: SharedMemoryRegistry | None = None
+) -> str:
+    """Serve the Open Inference Protocol on ``server``; returns its full service name (for reflection).
+
+    ``shm``: the shared memory registry, when another API (REST) shares it.
+    """
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(core, shm), server)
     name: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
     return name

@@ -63,7 +63,11 @@ def decode_image(data: bytes, *, max_pixels: int = 16_000_000, what: str = "imag
         # Pillow's own guard fires in open() for sizes far beyond ours.
         raise InvalidInput(f"{what}: declared size is over the limit of {max_pixels} pixels ({exc})") from exc
     except UnidentifiedImageError as exc:
-        raise InvalidInput(f"{what}: not a decodable image ({exc})") from exc
+        # PIL's message names its file object (`<_io.BytesIO object at 0x…>`), which says nothing.
+        raise InvalidInput(
+            f"{what}: not a decodable image ({len(data)} bytes in no format Pillow reads: "
+            "send PNG, JPEG, BMP, GIF, TIFF or WebP, or raw 32x32 RGB)"
+        ) from exc
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
         raise InvalidInput(f"{what}: corrupt or truncated image ({exc})") from exc
 

@@ -74,6 +74,12 @@ class Settings:
     log_level: str = _opt(
         "INFO", "DEBUG, INFO, WARNING or ERROR", choices=("DEBUG", "INFO", "WARNING", "ERROR")
     )
+    # --- HTTP/REST (server/rest.py) ---
+    http_port: int = _opt(
+        8000,
+        "Open Inference Protocol HTTP/REST port, on --host with the same TLS and token (0: pick a "
+        "free one, -1: off)",
+    )
 
     def __post_init__(self) -> None:
         # Validated here, not in the CLI, so settings built from the environment, from flags or
@@ -169,8 +175,8 @@ def _problems(s: Settings) -> Sequence[str]:
     for name in ("max_batch_delay_ms", "grace_period_s", "max_inflight_batches", "torch_threads"):
         if getattr(s, name) < 0:
             out.append(f"{_flag(name)} must not be negative, got {getattr(s, name)}")
-    for name in ("port", "metrics_port"):
-        low = -1 if name == "metrics_port" else 0
+    for name in ("port", "metrics_port", "http_port"):
+        low = -1 if name in ("metrics_port", "http_port") else 0
         if not low <= getattr(s, name) <= 65535:
             out.append(f"{_flag(name)} must be a port number (0-65535), got {getattr(s, name)}")
     if s.max_queue_images < s.max_batch_size:

@@ -20,6 +20,9 @@ CHECKPOINT = REPO / "models" / "resnet18_cifar10.pt"
 def pytest_configure(config: pytest.Config) -> None:
     # Decoded-array caches go to a throwaway folder, never the user's ~/.cache.
     os.environ.setdefault("CIFAR_SERVE_CACHE", tempfile.mkdtemp(prefix="cifar-serve-test-cache-"))
+    # Servers the tests start as subprocesses take a free HTTP/REST port, not the default 8000
+    # (which another server on the machine may hold).
+    os.environ.setdefault("CIFAR_SERVE_HTTP_PORT", "0")
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
 
 
@@ -73,6 +76,7 @@ def _make_settings(model_dir: Path, **overrides: object):  # type: ignore[no-unt
         host="127.0.0.1",
         port=0,
         metrics_port=0,
+        http_port=0,
         model_dir=str(model_dir),
         max_batch_size=32,
         max_batch_delay_ms=5.0,

@@ -33,8 +33,12 @@ def _script(name: str) -> ModuleType:
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cifar_serve.client.bench", *args], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "cifar_serve.client.bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _check_counts(result: dict[str, Any], requests: int, batch: int) -> None:
@@ -53,8 +57,10 @@ def _check_counts(result: dict[str, Any], requests: int, batch: int) -> None:
 
 
 def test_bench_does_not_import_torch() -> None:
-    code = ("import sys, cifar_serve.client.bench as b; b.load_images(); "
-            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    code = (
+        "import sys, cifar_serve.client.bench as b; b.load_images(); "
+        "sys.exit(1 if 'torch' in sys.modules else 0)"
+    )
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
@@ -82,8 +88,21 @@ def test_payloads_hold_real_images_in_both_apis(sample) -> None:  # type: ignore
 
 @pytest.mark.parametrize("api", ["native", "v2"])
 def test_cli_requests_json_against_real_server(server, api: str) -> None:  # type: ignore[no-untyped-def]
-    proc = _cli("--address", server.address, "--api", api, "--requests", "24", "--concurrency", "4",
-                "--batch-size", "3", "--warmup", "0", "--json")
+    proc = _cli(
+        "--server",
+        server.address,
+        "--api",
+        api,
+        "--requests",
+        "24",
+        "--concurrency",
+        "4",
+        "--batch-size",
+        "3",
+        "--warmup",
+        "0",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     _check_counts(result, 24, 3)
@@ -94,16 +113,28 @@ def test_every_answer_checked_matches_offline_accuracy(server, sample, offline_l
     from cifar_serve.client.bench import BenchConfig, run_bench
 
     # One worker walks the 200 three-image payloads in order: every sample image exactly once.
-    r = run_bench(BenchConfig(address=server.address, requests=200, batch_size=3, concurrency=1, warmup=0,
-                              verify="all"))
+    r = run_bench(
+        BenchConfig(address=server.address, requests=200, batch_size=3, concurrency=1, warmup=0, verify="all")
+    )
     assert r.requests == 200 and r.error_count == 0
     expected = float((offline_logits.argmax(1) == sample.labels).mean())
     assert r.accuracy is not None and abs(r.accuracy - expected) <= 1 / 600
 
 
 def test_duration_mode_and_multiple_processes(server) -> None:  # type: ignore[no-untyped-def]
-    proc = _cli("--address", server.address, "--duration", "1", "--warmup", "0.3", "--concurrency", "4",
-                "--processes", "2", "--json")
+    proc = _cli(
+        "--server",
+        server.address,
+        "--duration",
+        "1",
+        "--warmup",
+        "0.3",
+        "--concurrency",
+        "4",
+        "--processes",
+        "2",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["mode"] == "duration" and result["processes"] == 2 and result["window_s"] == 1
@@ -115,8 +146,14 @@ def test_errors_are_counted_by_status_code(model_dir, make_settings) -> None:  #
     from cifar_serve.server.app import ServerThread
 
     # A queue that holds one 4-image request: concurrent callers beyond it are turned away.
-    settings = make_settings(model_dir, metrics_port=-1, max_batch_size=4, max_queue_images=4, max_images_per_request=4,
-                             max_batch_delay_ms=20.0)
+    settings = make_settings(
+        model_dir,
+        metrics_port=-1,
+        max_batch_size=4,
+        max_queue_images=4,
+        max_images_per_request=4,
+        max_batch_delay_ms=20.0,
+    )
     with ServerThread(settings) as srv:
         r = run_bench(BenchConfig(address=srv.address, requests=64, batch_size=4, concurrency=32, warmup=0))
     assert set(r.errors) <= {"RESOURCE_EXHAUSTED"}
@@ -125,8 +162,7 @@ def test_errors_are_counted_by_status_code(model_dir, make_settings) -> None:  #
 
 
 def test_cli_reports_a_server_that_refuses_the_first_call(server) -> None:  # type: ignore[no-untyped-def]
-    proc = _cli("--address", server.address, "--api", "v2", "--model-name", "no-such-model",
-                "--requests", "2")
+    proc = _cli("--server", server.address, "--api", "v2", "--model-name", "no-such-model", "--requests", "2")
     assert proc.returncode == 2
     assert "cannot run against" in proc.stderr and "no-such-model" in proc.stderr
 
@@ -141,8 +177,9 @@ def test_cli_rejects_bad_options() -> None:
 
 @pytest.fixture(scope="module")
 def echo_address() -> Iterator[str]:
-    proc = subprocess.Popen([sys.executable, str(BENCH_DIR / "echo_server.py"), "--port", "0"],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(BENCH_DIR / "echo_server.py"), "--port", "0"], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline().strip()
@@ -155,8 +192,21 @@ def echo_address() -> Iterator[str]:
 
 @pytest.mark.parametrize("api", ["native", "v2"])
 def test_generator_against_echo_server(echo_address: str, api: str) -> None:
-    proc = _cli("--address", echo_address, "--api", api, "--requests", "50", "--concurrency", "8",
-                "--batch-size", "5", "--warmup", "0", "--json")
+    proc = _cli(
+        "--server",
+        echo_address,
+        "--api",
+        api,
+        "--requests",
+        "50",
+        "--concurrency",
+        "8",
+        "--batch-size",
+        "5",
+        "--warmup",
+        "0",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     _check_counts(json.loads(proc.stdout), 50, 5)
 
@@ -179,9 +229,29 @@ def test_echo_answers_have_the_request_shape() -> None:
 def test_run_benchmark_quick_writes_its_outputs(tmp_path: Path, model_dir: Path) -> None:
     md = tmp_path / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n\nHand-written notes stay.\n")
-    cmd = [sys.executable, str(BENCH_DIR / "run_benchmark.py"), "--quick", "--model-dir", str(model_dir),
-           "--out-dir", str(tmp_path), "--markdown", str(md), "--concurrency", "1,2", "--batch-sizes", "1,4",
-           "--max-batch-size", "4", "--duration", "0.5", "--warmup", "0.2", "--raw-seconds", "0.3"]
+    cmd = [
+        sys.executable,
+        str(BENCH_DIR / "run_benchmark.py"),
+        "--quick",
+        "--model-dir",
+        str(model_dir),
+        "--out-dir",
+        str(tmp_path),
+        "--markdown",
+        str(md),
+        "--concurrency",
+        "1,2",
+        "--batch-sizes",
+        "1,4",
+        "--max-batch-size",
+        "4",
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0.2",
+        "--raw-seconds",
+        "0.3",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -213,10 +283,27 @@ def test_markdown_section_is_replaced_not_appended(tmp_path: Path) -> None:
 
 def test_runtimes_quick_compares_against_fp32(tmp_path: Path, model_dir: Path) -> None:
     out = tmp_path / "runtimes.json"
-    cmd = [sys.executable, str(BENCH_DIR / "runtimes.py"), "--quick", "--model-dir", str(model_dir),
-           "--variants", "ts_fp32,ort_fp32", "--batch-sizes", "1,2", "--warm-sizes", "2", "--seconds", "0.05",
-           "--out", str(out), "--markdown", str(tmp_path / "B.md"),
-           "--data", str(REPO / "tests" / "fixtures" / "cifar10-test-sample.zip")]
+    cmd = [
+        sys.executable,
+        str(BENCH_DIR / "runtimes.py"),
+        "--quick",
+        "--model-dir",
+        str(model_dir),
+        "--variants",
+        "ts_fp32,ort_fp32",
+        "--batch-sizes",
+        "1,2",
+        "--warm-sizes",
+        "2",
+        "--seconds",
+        "0.05",
+        "--out",
+        str(out),
+        "--markdown",
+        str(tmp_path / "B.md"),
+        "--data",
+        str(REPO / "tests" / "fixtures" / "cifar10-test-sample.zip"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
@@ -248,3 +335,12 @@ def test_gpu_check_reexports_an_unreadable_artifact(tmp_path: Path, model_dir: P
 
     rt = ModelRuntime(fixed, device="cpu", max_batch_size=2)
     assert rt.infer(np.zeros((2, 32, 32, 3), np.uint8)).shape == (2, 10)
+
+
+def test_address_is_a_deprecated_alias_of_server(server) -> None:  # type: ignore[no-untyped-def]
+    proc = _cli("--address", server.address, "--requests", "4", "--warmup", "0", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["address"] == server.address
+    assert "--address is deprecated, use --server" in proc.stderr
+    both = _cli("--address", server.address, "--server", server.address, "--requests", "4")
+    assert both.returncode == 2 and "give one of them" in both.stderr

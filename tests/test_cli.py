@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -55,8 +56,11 @@ class Tree:
 
     def under(self, rel: str, recursive: bool = True) -> dict[str, int]:
         base = self.root / rel if rel else self.root
-        return {p: i for p, i in self.index.items()
-                if Path(p).is_relative_to(base) and (recursive or Path(p).parent == base)}
+        return {
+            p: i
+            for p, i in self.index.items()
+            if Path(p).is_relative_to(base) and (recursive or Path(p).parent == base)
+        }
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +88,9 @@ def tree(tmp_path_factory: pytest.TempPathFactory, sample: Any, sample_jpegs: Jp
     return t
 
 
-def _check_rows(rows: list[dict[str, Any]], expected: dict[str, int], offline_logits: np.ndarray, top_k: int,
-                logits: bool) -> None:
+def _check_rows(
+    rows: list[dict[str, Any]], expected: dict[str, int], offline_logits: np.ndarray, top_k: int, logits: bool
+) -> None:
     assert sorted(r["path"] for r in rows) == sorted(expected)
     for row in rows:
         want = offline_logits[expected[row["path"]]]
@@ -101,8 +106,21 @@ def _check_rows(rows: list[dict[str, Any]], expected: dict[str, int], offline_lo
 
 
 def test_json_recursive_console_script(server: Any, tree: Tree, offline_logits: np.ndarray) -> None:
-    proc = _run([str(tree.root), "--recursive", "--format", "json", "--top-k", "3", "--logits",
-                 "--server", server.address, "--batch-size", "32"])
+    proc = _run(
+        [
+            str(tree.root),
+            "--recursive",
+            "--format",
+            "json",
+            "--top-k",
+            "3",
+            "--logits",
+            "--server",
+            server.address,
+            "--batch-size",
+            "32",
+        ]
+    )
     # Two files could not be decoded: reported, skipped, the rest classified; exit status 1.
     assert proc.returncode == EXIT_SKIPPED, proc.stderr
     rows = json.loads(proc.stdout)
@@ -121,19 +139,36 @@ def test_csv_from_environment_address(server: Any, tree: Tree, offline_logits: n
     proc = _run(args, CIFAR_SERVE_ADDRESS=server.address)
     assert proc.returncode == EXIT_OK, proc.stderr
     table = list(csv.DictReader(io.StringIO(proc.stdout)))
-    assert list(table[0]) == ["path", "label", "class_index", "probability", "label_2", "class_index_2",
-                              "probability_2", *[f"logit_{i}" for i in range(10)]]
-    rows = [{**r, "predictions": [{"label": r["label"], "class_index": r["class_index"]},
-                                  {"label": r["label_2"], "class_index": r["class_index_2"]}],
-             "logits": [float(r[f"logit_{i}"]) for i in range(10)]} for r in table]
+    assert list(table[0]) == [
+        "path",
+        "label",
+        "class_index",
+        "probability",
+        "label_2",
+        "class_index_2",
+        "probability_2",
+        *[f"logit_{i}" for i in range(10)],
+    ]
+    rows = [
+        {
+            **r,
+            "predictions": [
+                {"label": r["label"], "class_index": r["class_index"]},
+                {"label": r["label_2"], "class_index": r["class_index_2"]},
+            ],
+            "logits": [float(r[f"logit_{i}"]) for i in range(10)],
+        }
+        for r in table
+    ]
     _check_rows(rows, {**tree.under("png"), **tree.under("jpg")}, offline_logits, top_k=2, logits=True)
     # Arguments in the order given, each folder sorted.
     assert [r["path"] for r in rows] == sorted(tree.under("png")) + sorted(tree.under("jpg"))
     assert proc.stderr == ""
 
 
-def test_not_recursive_skips_subfolders(server: Any, tree: Tree, offline_logits: np.ndarray,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_not_recursive_skips_subfolders(
+    server: Any, tree: Tree, offline_logits: np.ndarray, capsys: pytest.CaptureFixture[str]
+) -> None:
     code = main([str(tree.root), "--format", "json", "--server", server.address, "--batch-size", "2"])
     out, err = capsys.readouterr()
     assert code == EXIT_SKIPPED  # broken.jpg sits at the top
@@ -143,8 +178,9 @@ def test_not_recursive_skips_subfolders(server: Any, tree: Tree, offline_logits:
     assert "broken.jpg" in err and "truncated.png" not in err
 
 
-def test_table_all_good_exit_0(server: Any, tree: Tree, offline_logits: np.ndarray,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_table_all_good_exit_0(
+    server: Any, tree: Tree, offline_logits: np.ndarray, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = tree.root / "nested" / "deeper"
     code = main([str(folder), "--server", server.address, "--top-k", "2"])
     out, err = capsys.readouterr()
@@ -159,8 +195,9 @@ def test_table_all_good_exit_0(server: Any, tree: Tree, offline_logits: np.ndarr
     assert err == ""
 
 
-def test_explicit_files_missing_and_corrupt(server: Any, tree: Tree, offline_logits: np.ndarray,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_explicit_files_missing_and_corrupt(
+    server: Any, tree: Tree, offline_logits: np.ndarray, capsys: pytest.CaptureFixture[str]
+) -> None:
     good = tree.root / "jpg" / "005.jpg"
     others = [tree.root / "nope.png", tree.root / "broken.jpg", tree.root / "notes.txt"]
     args = [str(good), *map(str, others), "--format", "json", "--server", server.address]
@@ -173,8 +210,9 @@ def test_explicit_files_missing_and_corrupt(server: Any, tree: Tree, offline_log
     assert "skipped 3" in err
 
 
-def test_nothing_to_classify(server: Any, tree: Tree, tmp_path: Path,
-                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_nothing_to_classify(
+    server: Any, tree: Tree, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main([str(tmp_path), "--server", server.address]) == EXIT_USAGE  # an empty folder
     assert main([str(tree.root / "broken.jpg"), "--server", server.address]) == EXIT_USAGE  # all skipped
     out, err = capsys.readouterr()
@@ -193,8 +231,13 @@ def test_unreachable_server(tree: Tree) -> None:
 
 
 def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
-    for args in (["x.png", "--top-k", "0"], ["x.png", "--top-k", "11"], ["x.png", "--batch-size", "0"],
-                 ["x.png", "--tls-cert", "c.pem"], []):
+    for args in (
+        ["x.png", "--top-k", "0"],
+        ["x.png", "--top-k", "11"],
+        ["x.png", "--batch-size", "0"],
+        ["x.png", "--tls-cert", "c.pem"],
+        [],
+    ):
         with pytest.raises(SystemExit) as info:
             main(args)
         assert info.value.code == EXIT_USAGE
@@ -203,6 +246,52 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert info.value.code == 0
     help_text = capsys.readouterr().out
     assert "exit status" in help_text and "CIFAR_SERVE_ADDRESS" in help_text
-    for flag in ("--recursive", "--top-k", "--format", "--server", "--timeout", "--batch-size", "--tls-ca",
-                 "--tls-cert", "--tls-key", "--token"):
+    for flag in (
+        "--recursive",
+        "--top-k",
+        "--format",
+        "--server",
+        "--timeout",
+        "--batch-size",
+        "--tls-ca",
+        "--tls-cert",
+        "--tls-key",
+        "--token",
+    ):
         assert flag in help_text
+
+
+def test_folder_of_subfolders_suggests_recursive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "cats").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "cats" / "a.png")
+    assert main([str(tmp_path), "--server", "127.0.0.1:1"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "no image files to classify" in err and f"{tmp_path} has subfolders: add --recursive" in err
+    # Where --recursive is given, or there are no subfolders, there is nothing to suggest.
+    (tmp_path / "cats" / "a.png").unlink()
+    assert main([str(tmp_path), "--recursive", "--server", "127.0.0.1:1"]) == EXIT_USAGE
+    assert "--recursive" not in capsys.readouterr().err
+
+
+def test_rows_are_written_as_they_arrive_and_kept_on_interrupt(
+    server: Any, sample: Any, offline_logits: np.ndarray, tmp_path: Path
+) -> None:
+    for i in range(600):
+        Image.fromarray(sample.images[i]).save(tmp_path / f"{i:03d}.png")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CIFAR_SERVE_")}
+    args = [str(tmp_path), "--format", "json", "--batch-size", "4", "--server", server.address]
+    with (tmp_path / "stderr").open("w") as stderr:
+        proc = subprocess.Popen([*_cli(), *args], stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+    assert proc.stdout is not None
+    first = [proc.stdout.readline() for _ in range(3)]  # "[", "  {", '    "path": ...'
+    # Rows come out while 150 requests are still to go: interrupt it as Ctrl-C would.
+    assert first[0] == "[\n" and str(tmp_path / "000.png") in first[2]
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stdout.read()  # what the pipe's buffer holds beyond those lines, then the rest
+    assert proc.wait(timeout=120) == 130
+    err = (tmp_path / "stderr").read_text()
+    rows = json.loads("".join(first) + rest)  # the array was closed: valid JSON
+    assert 1 <= len(rows) < 600
+    assert "interrupted" in err and f"{len(rows)} of 600" in err and "Traceback" not in err
+    for row in rows:
+        assert row["class_index"] == int(offline_logits[int(Path(row["path"]).stem)].argmax())

@@ -124,8 +124,9 @@ def client(server: Any) -> Iterator[Client]:
 # ------------------------------------------------------------------------------- parity with offline
 
 
-def test_packed_batch_matches_offline_and_is_split(server: Any, client: Client, sample: Any,
-                                                   offline_logits: np.ndarray) -> None:
+def test_packed_batch_matches_offline_and_is_split(
+    server: Any, client: Client, sample: Any, offline_logits: np.ndarray
+) -> None:
     # 600 images with the default 256 a request: three packed requests, answers in input order.
     before = _ok_classify_calls(server.metrics_port)
     results = client.classify(sample.images, include_logits=True)
@@ -134,8 +135,9 @@ def test_packed_batch_matches_offline_and_is_split(server: Any, client: Client, 
     assert np.mean([r.class_index for r in results] == sample.labels) > 0.75  # the shipped model: ~83%
 
 
-def test_encoded_jpeg_bytes_match_offline(client: Client, sample_jpegs: Jpegs,
-                                          offline_logits: np.ndarray) -> None:
+def test_encoded_jpeg_bytes_match_offline(
+    client: Client, sample_jpegs: Jpegs, offline_logits: np.ndarray
+) -> None:
     # The sample's JPEGs decode to exactly the sample arrays, so the server's decoding of these
     # bytes must give the offline logits.
     idx = list(range(0, 600, 2))
@@ -143,26 +145,28 @@ def test_encoded_jpeg_bytes_match_offline(client: Client, sample_jpegs: Jpegs,
     _check(results, offline_logits[idx], top_k=3)
 
 
-def test_mixed_inputs_raw_and_encoded_in_order(client: Client, sample: Any, sample_jpegs: Jpegs,
-                                               offline_logits: np.ndarray, tmp_path: Path) -> None:
+def test_mixed_inputs_raw_and_encoded_in_order(
+    client: Client, sample: Any, sample_jpegs: Jpegs, offline_logits: np.ndarray, tmp_path: Path
+) -> None:
     # Encoded bytes in the list: one request of Image messages, pixels travelling as raw_rgb.
     path = tmp_path / "img.jpg"
     path.write_bytes(sample_jpegs[4][1])
     inputs = [
-        sample_jpegs[0][1],                      # encoded bytes: decoded by the server
-        sample.images[1],                        # one HWC array: raw_rgb
-        Image.fromarray(sample.images[2]),       # PIL: raw_rgb
-        bytearray(sample_jpegs[3][1]),           # bytearray: encoded
-        path,                                    # a path: decoded here
-        str(path),                               # the same, as str
-        sample.images[5:9],                      # an NHWC batch: four results
+        sample_jpegs[0][1],  # encoded bytes: decoded by the server
+        sample.images[1],  # one HWC array: raw_rgb
+        Image.fromarray(sample.images[2]),  # PIL: raw_rgb
+        bytearray(sample_jpegs[3][1]),  # bytearray: encoded
+        path,  # a path: decoded here
+        str(path),  # the same, as str
+        sample.images[5:9],  # an NHWC batch: four results
     ]
     results = client.classify(inputs, top_k=2, include_logits=True)
     _check(results, offline_logits[[0, 1, 2, 3, 4, 4, 5, 6, 7, 8]], top_k=2)
 
 
-def test_split_into_small_requests_keeps_order(server: Any, sample: Any, sample_jpegs: Jpegs,
-                                               offline_logits: np.ndarray) -> None:
+def test_split_into_small_requests_keeps_order(
+    server: Any, sample: Any, sample_jpegs: Jpegs, offline_logits: np.ndarray
+) -> None:
     with Client(server.address, max_images_per_request=7, max_concurrent_requests=3) as c:
         before = _ok_classify_calls(server.metrics_port)
         packed = c.classify(sample.images[100:120], include_logits=True)
@@ -172,12 +176,19 @@ def test_split_into_small_requests_keeps_order(server: Any, sample: Any, sample_
     _check(encoded, offline_logits[200:215])
 
 
-def test_single_inputs_give_one_result(client: Client, sample: Any, sample_jpegs: Jpegs,
-                                       offline_logits: np.ndarray, tmp_path: Path) -> None:
+def test_single_inputs_give_one_result(
+    client: Client, sample: Any, sample_jpegs: Jpegs, offline_logits: np.ndarray, tmp_path: Path
+) -> None:
     path = tmp_path / "one.jpg"
     path.write_bytes(sample_jpegs[9][1])
-    for one in (sample.images[9], sample.images[9:10], sample_jpegs[9][1], Image.fromarray(sample.images[9]),
-                path, str(path)):
+    for one in (
+        sample.images[9],
+        sample.images[9:10],
+        sample_jpegs[9][1],
+        Image.fromarray(sample.images[9]),
+        path,
+        str(path),
+    ):
         results = client.classify(one, include_logits=True)
         assert len(results) == 1
         _check(results, offline_logits[9:10])
@@ -203,8 +214,18 @@ def test_result_types(client: Client, sample: Any, offline_logits: np.ndarray) -
 def test_model_info(client: Client) -> None:
     info = client.model_info()
     assert isinstance(info, ModelInfo)
-    assert info.labels == ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                           "truck")
+    assert info.labels == (
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    )
     assert info.input.shape[1:] == (32, 32, 3) and info.input.datatype.upper() == "UINT8"
     assert len(info.artifact_sha256) == 64
     assert 0.8 < info.test_accuracy < 1
@@ -212,8 +233,9 @@ def test_model_info(client: Client) -> None:
     assert info.limits.max_images_per_request == 1024
 
 
-def test_async_client_matches_offline(server: Any, sample: Any, sample_jpegs: Jpegs,
-                                      offline_logits: np.ndarray, tmp_path: Path) -> None:
+def test_async_client_matches_offline(
+    server: Any, sample: Any, sample_jpegs: Jpegs, offline_logits: np.ndarray, tmp_path: Path
+) -> None:
     path = tmp_path / "a.jpg"
     path.write_bytes(sample_jpegs[11][1])
 
@@ -223,8 +245,10 @@ def test_async_client_matches_offline(server: Any, sample: Any, sample_jpegs: Jp
             assert len(info.labels) == 10
             packed = await c.classify(sample.images, include_logits=True, top_k=3)  # 6 concurrent requests
             encoded = await c.classify([b for _, b in sample_jpegs[:150]], include_logits=True)
-            mixed = await c.classify([sample_jpegs[10][1], path, sample.images[12],
-                                      Image.fromarray(sample.images[13])], include_logits=True)
+            mixed = await c.classify(
+                [sample_jpegs[10][1], path, sample.images[12], Image.fromarray(sample.images[13])],
+                include_logits=True,
+            )
             return packed, encoded, mixed
 
     packed, encoded, mixed = asyncio.run(go())
@@ -263,8 +287,9 @@ def _format_cases(sample: Any) -> dict[str, bytes]:
     }
 
 
-def test_other_formats_match_offline(client: Client, sample: Any, offline_model: Model,
-                                     offline_logits: np.ndarray, tmp_path: Path) -> None:
+def test_other_formats_match_offline(
+    client: Client, sample: Any, offline_model: Model, offline_logits: np.ndarray, tmp_path: Path
+) -> None:
     cases = _format_cases(sample)
     # What offline inference of these files gives, through the very preprocess function the server uses.
     decoded = np.stack([decode_image(data) for data in cases.values()])
@@ -285,8 +310,7 @@ def test_other_formats_match_offline(client: Client, sample: Any, offline_model:
     _check(client.classify(paths, include_logits=True), expected)
 
 
-def test_arrays_and_pil_of_other_sizes_and_modes(client: Client, sample: Any,
-                                                 offline_model: Model) -> None:
+def test_arrays_and_pil_of_other_sizes_and_modes(client: Client, sample: Any, offline_model: Model) -> None:
     big = np.asarray(Image.fromarray(sample.images[40]).resize((200, 150), Image.Resampling.BICUBIC))
     rgba = np.dstack([big, np.full(big.shape[:2], 200, np.uint8)])  # [150,200,4]
     gray = np.asarray(Image.fromarray(sample.images[41]).convert("L"))  # [32,32]
@@ -295,17 +319,19 @@ def test_arrays_and_pil_of_other_sizes_and_modes(client: Client, sample: Any,
     as_int = sample.images[44].astype(np.int64)  # integers in 0..255 are accepted
     pil_rgba = Image.fromarray(rgba)
     inputs: list[Any] = [big, rgba, gray, gray1, batch64, as_int, pil_rgba, pil_rgba.convert("L")]
-    expected_images = np.stack([
-        pil_to_array(Image.fromarray(big)),
-        pil_to_array(Image.fromarray(rgba)),
-        pil_to_array(Image.fromarray(gray)),
-        pil_to_array(Image.fromarray(gray)),
-        pil_to_array(Image.fromarray(batch64[0])),
-        pil_to_array(Image.fromarray(batch64[1])),
-        sample.images[44],
-        pil_to_array(pil_rgba),
-        pil_to_array(pil_rgba.convert("L")),
-    ])
+    expected_images = np.stack(
+        [
+            pil_to_array(Image.fromarray(big)),
+            pil_to_array(Image.fromarray(rgba)),
+            pil_to_array(Image.fromarray(gray)),
+            pil_to_array(Image.fromarray(gray)),
+            pil_to_array(Image.fromarray(batch64[0])),
+            pil_to_array(Image.fromarray(batch64[1])),
+            sample.images[44],
+            pil_to_array(pil_rgba),
+            pil_to_array(pil_rgba.convert("L")),
+        ]
+    )
     _check(client.classify(inputs, include_logits=True), offline_model(expected_images))
 
 
@@ -335,22 +361,27 @@ def test_async_errors_are_wrapped(server: Any, sample: Any) -> None:
     assert err.code is grpc.StatusCode.INVALID_ARGUMENT and not isinstance(err, grpc.RpcError)
 
 
-def test_undecodable_inputs(client: Client, server: Any, sample_jpegs: Jpegs,
-                            tmp_path: Path) -> None:
+def test_undecodable_inputs(client: Client, server: Any, sample_jpegs: Jpegs, tmp_path: Path) -> None:
     jpeg = sample_jpegs[0][1]
     # Encoded bytes are the server's to judge.
     for bad in (b"definitely not an image", jpeg[: len(jpeg) // 3], b""):
         with pytest.raises(InvalidArgumentError) as info:
             client.classify([jpeg, bad])
         assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert "BytesIO" not in str(info.value) and "0x" not in str(info.value)
     # Files are decoded here: refused before anything is sent, naming the file.
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     before = _ok_classify_calls(server.metrics_port)
-    with pytest.raises(InvalidArgumentError, match=r"broken\.png"):
+    with pytest.raises(InvalidArgumentError, match=r"broken\.png") as info:
         client.classify([jpeg, broken])
-    with pytest.raises(FileNotFoundError):
-        client.classify(tmp_path / "missing.png")
+    assert str(info.value) == f"INVALID_ARGUMENT: {broken}: corrupt or truncated image (Truncated File Read)"
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"definitely not an image")
+    with pytest.raises(InvalidArgumentError) as info:
+        client.classify(garbage)
+    assert str(info.value).startswith(f"INVALID_ARGUMENT: {garbage}: not a decodable image (")
+    assert "BytesIO" not in str(info.value)
     # Arrays that are not uint8 images, and things that are not images at all.
     with pytest.raises(InvalidArgumentError, match="uint8"):
         client.classify(np.zeros((32, 32, 3), np.float32))
@@ -367,8 +398,32 @@ def test_undecodable_inputs(client: Client, server: Any, sample_jpegs: Jpegs,
     assert _ok_classify_calls(server.metrics_port) == before
 
 
-def test_deadline_exceeded_is_not_retried(client: Client, sample: Any,
-                                          caplog: pytest.LogCaptureFixture) -> None:
+def test_missing_file_is_a_cifar_serve_error(client: Client, sample_jpegs: Jpegs, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.png"
+    with pytest.raises(CifarServeError) as info:
+        client.classify([sample_jpegs[0][1], missing])
+    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert str(info.value) == f"INVALID_ARGUMENT: inputs[1]: cannot read {missing}: No such file or directory"
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+
+
+def test_a_server_without_a_port_is_on_50051(model_dir: Path, make_settings: Any, sample: Any) -> None:
+    """``127.0.0.1`` means port 50051 (gRPC's own default would be 443)."""
+    from cifar_serve.server.app import ServerThread
+
+    assert Client("127.0.0.1").address == "127.0.0.1:50051"
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", 50051))
+        except OSError:
+            pytest.skip("port 50051 is in use here: cannot start a server on the default port")
+    with ServerThread(make_settings(model_dir, port=50051)), Client("127.0.0.1", timeout=30) as c:
+        assert len(c.classify(sample.images[:2])) == 2
+
+
+def test_deadline_exceeded_is_not_retried(
+    client: Client, sample: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, logger="cifar_serve.client")
     started = time.monotonic()
     with pytest.raises(DeadlineExceededError) as info:
@@ -417,8 +472,13 @@ def test_unreachable_port_async_and_no_retries(sample: Any, caplog: pytest.LogCa
 
 
 def test_client_argument_checks() -> None:
-    for kw in ({"retries": -1}, {"backoff": -1.0}, {"max_images_per_request": 0},
-               {"max_concurrent_requests": 0}, {"client_cert": b"x"}):
+    for kw in (
+        {"retries": -1},
+        {"backoff": -1.0},
+        {"max_images_per_request": 0},
+        {"max_concurrent_requests": 0},
+        {"client_cert": b"x"},
+    ):
         with pytest.raises(ValueError):
             Client("127.0.0.1:1", **kw)
 
@@ -439,8 +499,11 @@ def batching_server(model_dir: Path, make_settings: Callable[..., Any]) -> Itera
 def _batch_stats(metrics_port: int) -> Stats:
     """(batches run, images in them, batches of exactly one image)."""
     m = _metrics(metrics_port)
-    return (_metric(m, "cifar_serve_batch_size_count"), _metric(m, "cifar_serve_batch_size_sum"),
-            _metric(m, "cifar_serve_batch_size_bucket", le="1.0"))
+    return (
+        _metric(m, "cifar_serve_batch_size_count"),
+        _metric(m, "cifar_serve_batch_size_sum"),
+        _metric(m, "cifar_serve_batch_size_bucket", le="1.0"),
+    )
 
 
 def _assert_batched(before: Stats, after: Stats, images: int) -> None:
@@ -451,8 +514,9 @@ def _assert_batched(before: Stats, after: Stats, images: int) -> None:
     assert batches >= images / 16  # and none more than the server's maximum
 
 
-def test_32_concurrent_threads_get_their_own_answers(batching_server: Any, sample: Any,
-                                                     offline_logits: np.ndarray) -> None:
+def test_32_concurrent_threads_get_their_own_answers(
+    batching_server: Any, sample: Any, offline_logits: np.ndarray
+) -> None:
     n = 32
     idx = [7 * j + 3 for j in range(n)]  # distinct images of every class
     barrier = threading.Barrier(n)
@@ -480,9 +544,9 @@ def test_32_concurrent_threads_get_their_own_answers(batching_server: Any, sampl
     _assert_batched(before, _batch_stats(batching_server.metrics_port), n)
 
 
-def test_32_concurrent_async_tasks_get_their_own_answers(batching_server: Any, sample: Any,
-                                                         sample_jpegs: Jpegs,
-                                                         offline_logits: np.ndarray) -> None:
+def test_32_concurrent_async_tasks_get_their_own_answers(
+    batching_server: Any, sample: Any, sample_jpegs: Jpegs, offline_logits: np.ndarray
+) -> None:
     n = 32
     idx = [11 * j + 5 for j in range(n)]
 
@@ -511,8 +575,10 @@ def test_32_concurrent_async_tasks_get_their_own_answers(batching_server: Any, s
 
 def test_bearer_token(batching_server: Any, sample: Any) -> None:
     for token in (None, "wrong"):
-        with Client(batching_server.address, token=token, timeout=30) as c, \
-                pytest.raises(UnauthenticatedError) as info:
+        with (
+            Client(batching_server.address, token=token, timeout=30) as c,
+            pytest.raises(UnauthenticatedError) as info,
+        ):
             c.classify(sample.images[0])
         assert info.value.code is grpc.StatusCode.UNAUTHENTICATED
     with Client(batching_server.address, token=TOKEN, timeout=30) as c:
@@ -535,25 +601,39 @@ def _pki(tmp: Path) -> dict[str, Path]:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
     def cert(cn: str, key: Any, issuer: Any, issuer_key: Any, ca: bool, sans: list[Any] | None = None) -> Any:
-        b = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(issuer).public_key(key.public_key())
-             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-             .not_valid_after(now + datetime.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
         if sans:
             b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         return b.sign(issuer_key, hashes.SHA256())
 
     def write(stem: str, key: Any, crt: Any) -> None:
-        (tmp / f"{stem}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                            serialization.PrivateFormat.PKCS8,
-                                                            serialization.NoEncryption()))
+        (tmp / f"{stem}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
         (tmp / f"{stem}.crt").write_bytes(crt.public_bytes(serialization.Encoding.PEM))
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = cert("test ca", ca_key, name("test ca"), ca_key, True)
     srv_key = ec.generate_private_key(ec.SECP256R1())
-    srv = cert("localhost", srv_key, ca.subject, ca_key, False,
-               [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    srv = cert(
+        "localhost",
+        srv_key,
+        ca.subject,
+        ca_key,
+        False,
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    )
     cli_key = ec.generate_private_key(ec.SECP256R1())
     cli = cert("client", cli_key, ca.subject, ca_key, False)
     write("ca", ca_key, ca)
@@ -562,33 +642,64 @@ def _pki(tmp: Path) -> dict[str, Path]:
     return {n: tmp / n for n in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
 
 
-def test_mutual_tls(model_dir: Path, make_settings: Callable[..., Any], sample: Any,
-                    offline_logits: np.ndarray, tmp_path: Path) -> None:
+def test_mutual_tls(
+    model_dir: Path,
+    make_settings: Callable[..., Any],
+    sample: Any,
+    offline_logits: np.ndarray,
+    tmp_path: Path,
+) -> None:
     from cifar_serve.server.app import ServerThread
 
     pki = _pki(tmp_path)
-    settings = make_settings(model_dir, max_batch_size=2, metrics_port=-1, tls_cert=str(pki["server.crt"]),
-                             tls_key=str(pki["server.key"]), tls_client_ca=str(pki["ca.crt"]))
+    settings = make_settings(
+        model_dir,
+        max_batch_size=2,
+        metrics_port=-1,
+        tls_cert=str(pki["server.crt"]),
+        tls_key=str(pki["server.key"]),
+        tls_client_ca=str(pki["ca.crt"]),
+    )
     with ServerThread(settings) as srv:
         address = f"localhost:{srv.port}"
         # CA as a path, client certificate and key as a path and as PEM bytes.
-        with Client(address, root_certificates=pki["ca.crt"], client_cert=str(pki["client.crt"]),
-                    client_key=pki["client.key"].read_bytes(), timeout=30) as c:
+        with Client(
+            address,
+            root_certificates=pki["ca.crt"],
+            client_cert=str(pki["client.crt"]),
+            client_key=pki["client.key"].read_bytes(),
+            timeout=30,
+        ) as c:
             _check(c.classify(sample.images[:5], include_logits=True), offline_logits[:5])
 
         async def go() -> list[Classification]:
-            async with AsyncClient(address, root_certificates=pki["ca.crt"].read_text(), timeout=30,
-                                   client_cert=pki["client.crt"], client_key=pki["client.key"]) as c:
+            async with AsyncClient(
+                address,
+                root_certificates=pki["ca.crt"].read_text(),
+                timeout=30,
+                client_cert=pki["client.crt"],
+                client_key=pki["client.key"],
+            ) as c:
                 return await c.classify(sample.images[5:8], include_logits=True)
 
         _check(asyncio.run(go()), offline_logits[5:8])
         # No client certificate, or a server the CA does not vouch for: refused, as our own error.
-        with Client(address, root_certificates=pki["ca.crt"], retries=0, timeout=10) as c, \
-                pytest.raises(CifarServeError) as info:
+        with (
+            Client(address, root_certificates=pki["ca.crt"], retries=0, timeout=10) as c,
+            pytest.raises(CifarServeError) as info,
+        ):
             c.classify(sample.images[0])
         assert info.value.code is grpc.StatusCode.UNAVAILABLE
-        with Client(address, root_certificates=pki["client.crt"], client_cert=pki["client.crt"],
-                    client_key=pki["client.key"], retries=0, timeout=10) as c, \
-                pytest.raises(CifarServeError) as info:
+        with (
+            Client(
+                address,
+                root_certificates=pki["client.crt"],
+                client_cert=pki["client.crt"],
+                client_key=pki["client.key"],
+                retries=0,
+                timeout=10,
+            ) as c,
+            pytest.raises(CifarServeError) as info,
+        ):
             c.classify(sample.images[0])
         assert info.value.code is grpc.StatusCode.UNAVAILABLE

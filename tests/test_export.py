@@ -118,7 +118,11 @@ def test_manifest_fields(exported: Exported) -> None:
     assert manifest["format"] == "cifar-serve-manifest/1"
     assert manifest["model"] == {"name": "cifar10_resnet18", "version": "1", "arch": "ResNet18"}
     assert manifest["input"] == {
-        "name": "images", "datatype": "UINT8", "shape": [-1, 32, 32, 3], "layout": "NHWC", "color": "RGB",
+        "name": "images",
+        "datatype": "UINT8",
+        "shape": [-1, 32, 32, 3],
+        "layout": "NHWC",
+        "color": "RGB",
     }
     assert manifest["output"] == {"name": "logits", "datatype": "FP32", "shape": [-1, 10]}
     assert manifest["labels"] == list(CIFAR10_CLASSES)
@@ -185,9 +189,20 @@ def test_torchscript_loads_without_any_project_code(exported: Exported, tmp_path
     np.save(tmp_path / "x.npy", x)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run(
-        [sys.executable, "-I", "-c", script, str(exported.out / "model.torchscript.pt"),
-         str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            script,
+            str(exported.out / "model.torchscript.pt"),
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "y.npy"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "OK torch.float32 (33, 10)"
@@ -202,9 +217,9 @@ def test_onnx_is_valid_with_dynamic_batch(exported: Exported) -> None:
     opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
     assert opsets["ai.onnx"] >= 17
     assert opsets["ai.onnx"] == exported.manifest["artifacts"]["onnx"]["opset"]
-    assert not any(
-        t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer
-    ), "weights must be inside model.onnx"
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer), (
+        "weights must be inside model.onnx"
+    )
 
     (inp,) = proto.graph.input
     (out,) = proto.graph.output
@@ -272,8 +287,13 @@ def test_eager_reference_is_independent_of_batching(exported: Exported) -> None:
 
 
 def test_check_parity_flags_a_wrong_eager_model(exported: Exported) -> None:
-    good = check_parity(exported.eager, exported.out / "model.torchscript.pt", exported.out / "model.onnx",
-                        exported.images[:64], batch_sizes=(1, 64))
+    good = check_parity(
+        exported.eager,
+        exported.out / "model.torchscript.pt",
+        exported.out / "model.onnx",
+        exported.images[:64],
+        batch_sizes=(1, 64),
+    )
     assert good.ok
 
     net = ResNet18()
@@ -281,8 +301,13 @@ def test_check_parity_flags_a_wrong_eager_model(exported: Exported) -> None:
     with torch.no_grad():
         net.outlay.bias.add_(torch.linspace(-0.5, 0.5, 10))
     wrong = ServingModel(net).eval()
-    report = check_parity(wrong, exported.out / "model.torchscript.pt", exported.out / "model.onnx",
-                          exported.images[:64], batch_sizes=(1, 64))
+    report = check_parity(
+        wrong,
+        exported.out / "model.torchscript.pt",
+        exported.out / "model.onnx",
+        exported.images[:64],
+        batch_sizes=(1, 64),
+    )
     assert not report.ok
     for runtime in ("torchscript", "onnxruntime"):
         assert report.max_abs_diff[runtime] > 0.4
@@ -307,7 +332,7 @@ def test_export_refuses_a_wrong_artifact_and_leaves_no_files(
     out.mkdir()
     (out / "manifest.json").write_text('{"previous": true}\n')  # a previous export stays untouched
     with pytest.raises(ParityError, match="parity check failed") as info:
-        export_model(CHECKPOINT, out, exported.images[:64], batch_sizes=(64,))
+        export_model(CHECKPOINT, out, exported.images[:64], batch_sizes=(64,), force=True)
     assert "torchscript" in str(info.value)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
     assert json.loads((out / "manifest.json").read_text()) == {"previous": True}
@@ -320,7 +345,11 @@ def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, CIFAR_SERVE_CACHE=str(tmp_path / "cache"))
     return subprocess.run(
         [sys.executable, "-m", "cifar_serve.export.cli", *args],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -373,3 +402,94 @@ def test_cli_rejects_weights_of_another_architecture(
     rc = export_cli.main(["--checkpoint", str(bad), "--out", str(tmp_path / "out"), "--no-parity", "-q"])
     assert rc != 0
     assert "weights do not fit the document's ResNet18" in caplog.text
+
+
+# --------------------------------------------------------------------------- a folder a server may serve
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_the_same_export_again_leaves_the_folder_alone(exported: Exported) -> None:
+    before = _digests(exported.out)
+    result = export_model(CHECKPOINT, exported.out, exported.images[:8])
+    assert result.unchanged and result.manifest == exported.manifest
+    assert _digests(exported.out) == before
+
+
+def test_a_different_export_is_refused_without_force(exported: Exported, tmp_path: Path) -> None:
+    ckpt = torch.load(CHECKPOINT, map_location="cpu", weights_only=True)
+    ckpt["model"]["outlay.bias"] = ckpt["model"]["outlay.bias"] + 0.01
+    other = tmp_path / "other.pt"
+    torch.save(ckpt, other)
+    serving = tmp_path / "serving"
+    serving.mkdir()
+    for name in ("manifest.json", "model.onnx", "model.torchscript.pt"):
+        (serving / name).write_bytes((exported.out / name).read_bytes())
+    before = _digests(serving)
+    with pytest.raises(exporter.ExportError, match=r"already holds a different export .* pass --force"):
+        export_model(other, serving, None)
+    assert _digests(serving) == before
+    result = export_model(other, serving, None, force=True)
+    assert not result.unchanged
+    assert result.manifest["checkpoint"]["sha256"] == hashlib.sha256(other.read_bytes()).hexdigest()
+    assert json.loads((serving / "manifest.json").read_text()) == result.manifest
+    assert sorted(p.name for p in serving.iterdir()) == [
+        "manifest.json",
+        "model.onnx",
+        "model.torchscript.pt",
+    ]
+
+
+def test_cli_is_quiet_says_parity_once_and_writes_a_readable_triton_repo(tmp_path: Path) -> None:
+    """Run from outside the checkout, with the default --parity-data: it still finds the sample."""
+    out, repo = tmp_path / "artifacts", tmp_path / "triton-repo"
+    proc = _cli(
+        tmp_path,
+        "--checkpoint",
+        str(CHECKPOINT),
+        "--out",
+        str(out),
+        "--parity-images",
+        "16",
+        "--triton-repo",
+        str(repo),
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout + proc.stderr
+    assert "Warning" not in text and "[torch.onnx]" not in text, text
+    assert proc.stdout == ""
+    assert text.count("parity on") == 1, text
+    assert "parity on 16 images" in text and "top-1 agreement 100%" in text
+    for path in [repo, *repo.rglob("*")]:
+        mode = path.stat().st_mode & 0o777
+        assert mode == (0o755 if path.is_dir() else 0o644), f"{path}: {oct(mode)}"
+    again = _cli(tmp_path, "--checkpoint", str(CHECKPOINT), "--out", str(out), "--no-parity")
+    assert again.returncode == 0 and "unchanged" in again.stderr
+
+
+def test_missing_default_parity_data_names_the_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(export_cli, "SOURCE_ROOT", tmp_path / "not-a-checkout")
+    rc = export_cli.main(["--checkpoint", str(CHECKPOINT), "--out", str(tmp_path / "out")])
+    assert rc != 0
+    assert "pass --parity-data" in caplog.text and "--no-parity" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_triton_repo_is_git_ignored() -> None:
+    assert "triton-repo/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_help_has_no_rst_and_every_option_explained() -> None:
+    import argparse
+
+    parser = export_cli.build_parser()
+    text = parser.format_help()
+    assert "``" not in text
+    assert parser.formatter_class is argparse.ArgumentDefaultsHelpFormatter  # shows every default
+    for action in parser._actions:
+        assert action.help and action.help != argparse.SUPPRESS, f"{action.option_strings} has no help"

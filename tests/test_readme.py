@@ -74,8 +74,10 @@ def workdir(tmp_path_factory, sample):  # type: ignore[no-untyped-def]
     return d
 
 
-def _prepare(body: str, address: str, workdir: Path) -> str:
+def _prepare(body: str, address: str, workdir: Path, http_address: str = "") -> str:
     body = body.replace("localhost:50051", address)
+    if http_address:
+        body = body.replace("localhost:8000", http_address)
     body = body.replace("--out artifacts", f"--out {workdir / 'artifacts'}")
     return re.sub(
         r"^(cifar-train .*)$",
@@ -102,7 +104,7 @@ RUNNABLE = [(lang, body) for lang, body, skip in blocks() if skip is None and "m
     ("lang", "body"), RUNNABLE, ids=[b.strip().splitlines()[0][:40] for _, b in RUNNABLE]
 )
 def test_readme_block_runs(lang, body, server, workdir) -> None:  # type: ignore[no-untyped-def]
-    proc = _run(lang, _prepare(body, server.address, workdir), workdir)
+    proc = _run(lang, _prepare(body, server.address, workdir, server.http_address), workdir)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert (proc.stdout + proc.stderr).strip(), "every README example reports something"
 

@@ -61,8 +61,9 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
 
 
 def _config(data: Path, out: Path, epochs: int) -> TrainConfig:
-    return TrainConfig(data=str(data), out=str(out), epochs=epochs, batch_size=64, lr=0.05,
-                       device="cpu", amp="off", seed=3)
+    return TrainConfig(
+        data=str(data), out=str(out), epochs=epochs, batch_size=64, lr=0.05, device="cpu", amp="off", seed=3
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -169,9 +170,28 @@ def test_resume_continues_and_matches_an_uninterrupted_run(
 
     # The same schedule without the interruption, through the command line (with --ship).
     shipped = tmp_path / "shipped.pt"
-    rc = train_mod.main(["--data", str(data_tree), "--out", str(tmp_path / "straight"), "--epochs", "2",
-                         "--batch-size", "64", "--lr", "0.05", "--device", "cpu", "--amp", "off",
-                         "--seed", "3", "--ship", str(shipped)])
+    rc = train_mod.main(
+        [
+            "--data",
+            str(data_tree),
+            "--out",
+            str(tmp_path / "straight"),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "64",
+            "--lr",
+            "0.05",
+            "--device",
+            "cpu",
+            "--amp",
+            "off",
+            "--seed",
+            "3",
+            "--ship",
+            str(shipped),
+        ]
+    )
     assert rc == 0
     straight = torch.load(shipped, weights_only=True)
     assert _sha256(shipped) == _sha256(tmp_path / "straight" / "model.pt")
@@ -186,18 +206,127 @@ def test_resume_with_a_different_schedule_is_refused(
     interrupted_run: Path, data_tree: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     digest = _sha256(interrupted_run / "last.pt")
-    rc = train_mod.main(["--data", str(data_tree), "--out", str(interrupted_run), "--epochs", "5",
-                         "--batch-size", "64", "--device", "cpu", "--resume"])
+    rc = train_mod.main(
+        [
+            "--data",
+            str(data_tree),
+            "--out",
+            str(interrupted_run),
+            "--epochs",
+            "5",
+            "--batch-size",
+            "64",
+            "--device",
+            "cpu",
+            "--resume",
+        ]
+    )
     assert rc != 0
     assert "--resume needs the run's own schedule" in caplog.text
     assert _sha256(interrupted_run / "last.pt") == digest  # nothing was overwritten
 
 
-def test_missing_data_is_a_clean_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    rc = train_mod.main(["--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "run"), "--epochs", "1",
-                         "--device", "cpu"])
-    assert rc != 0
-    assert "no such file or directory" in caplog.text
+_WHERE = (
+    "--download",
+    "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "c58f30108f718f92721af3b95e74349a",
+)
+
+
+@pytest.mark.parametrize(
+    ("data", "said"),
+    [
+        ("nothing", "no such file or directory"),
+        ("empty-dir", "no CIFAR-10 found"),
+        ("", "no CIFAR-10 location given"),
+    ],
+)
+def test_missing_data_is_one_line_saying_where_to_get_cifar10(
+    data: str, said: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "empty-dir").mkdir()
+    monkeypatch.chdir(tmp_path)  # --data "" must not mean "the current folder"
+    out = tmp_path / "runs" / "default"
+    rc = train_mod.main(["--data", data, "--out", str(out), "--epochs", "1", "--device", "cpu"])
+    assert rc == 2
+    (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    message = record.getMessage()
+    assert "\n" not in message and said in message
+    assert all(part in message for part in _WHERE), message
+    assert not (tmp_path / "runs").exists()  # no empty run folder left behind
+
+
+def test_a_long_cpu_run_is_warned_about() -> None:
+    warning = train_mod.cpu_time_warning(torch.device("cpu"), 120, 50_000)
+    assert warning is not None and "expect roughly 5 hours" in warning
+    assert train_mod.cpu_time_warning(torch.device("cuda"), 120, 50_000) is None
+    assert train_mod.cpu_time_warning(torch.device("cpu"), 1, 200) is None
+
+
+def test_ctrl_c_stops_with_one_line_and_the_checkpoint(data_tree: Path, tmp_path: Path) -> None:
+    """A real SIGINT to a real cifar-train process, once its first checkpoint is on disk."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    env = dict(os.environ, CIFAR_SERVE_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cifar_serve.export.train",
+            "--data",
+            str(data_tree),
+            "--out",
+            str(out),
+            "--epochs",
+            "500",
+            "--limit-train",
+            "32",
+            "--batch-size",
+            "32",
+            "--device",
+            "cpu",
+            "--amp",
+            "off",
+            "--threads",
+            "1",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stderr is not None
+    lines = []
+    try:
+        for line in proc.stderr:  # the log line of each epoch comes after its checkpoint
+            lines.append(line)
+            if " epoch 1/500 " in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        rc = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert rc == 130
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest
+    assert rest.strip().splitlines()[-1] == (
+        f"interrupted; the last checkpoint is {out / 'last.pt'} (continue with --resume)"
+    )
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] >= 1
+
+
+def test_help_has_no_rst_and_every_option_explained() -> None:
+    import argparse
+
+    parser = train_mod.build_parser()
+    text = parser.format_help()
+    assert "``" not in text
+    assert parser.formatter_class is argparse.ArgumentDefaultsHelpFormatter  # shows every default
+    for action in parser._actions:
+        assert action.help and action.help != argparse.SUPPRESS, f"{action.option_strings} has no help"
 
 
 # --------------------------------------------------------------------------- augmentation

@@ -31,7 +31,7 @@ def _tokens(text: str) -> list[str]:
     out, pos = [], 0
     while pos < len(text):
         m = _TOKEN.match(text, pos)
-        assert m, f"cannot read config at {text[pos:pos + 30]!r}"
+        assert m, f"cannot read config at {text[pos : pos + 30]!r}"
         pos = m.end()
         tok = m.group(1) or m.group(2) or m.group(3)
         if tok:
@@ -93,8 +93,12 @@ def one(msg: Message, field: str) -> Any:
 
 def test_pbtxt_reader() -> None:
     text = '# c\nname: "a b"\nn: 3\ninput [ { dims: [ 1, -2 ] k: TYPE_X }, { dims: [] } ]\nd { x: 1 }\n'
-    assert parse_pbtxt(text) == {"name": ["a b"], "n": [3], "d": [{"x": [1]}],
-                                 "input": [{"dims": [1, -2], "k": ["TYPE_X"]}, {"dims": []}]}
+    assert parse_pbtxt(text) == {
+        "name": ["a b"],
+        "n": [3],
+        "d": [{"x": [1]}],
+        "input": [{"dims": [1, -2], "k": ["TYPE_X"]}, {"dims": []}],
+    }
 
 
 # ---------------------------------------------------------------------------- the repository
@@ -121,8 +125,16 @@ def test_layout_and_copies(repo: Path, model_dir: Path, manifest: dict[str, Any]
     name, version = manifest["model"]["name"], manifest["model"]["version"]
     ts = f"{name}_torchscript"
     files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file())
-    assert files == sorted([f"{name}/config.pbtxt", f"{name}/labels.txt", f"{name}/{version}/model.onnx",
-                            f"{ts}/config.pbtxt", f"{ts}/labels.txt", f"{ts}/{version}/model.pt"])
+    assert files == sorted(
+        [
+            f"{name}/config.pbtxt",
+            f"{name}/labels.txt",
+            f"{name}/{version}/model.onnx",
+            f"{ts}/config.pbtxt",
+            f"{ts}/labels.txt",
+            f"{ts}/{version}/model.pt",
+        ]
+    )
     assert not any(p.is_symlink() for p in repo.rglob("*"))
     assert _sha256(repo / name / version / "model.onnx") == manifest["artifacts"]["onnx"]["sha256"]
     assert _sha256(repo / ts / version / "model.pt") == manifest["artifacts"]["torchscript"]["sha256"]
@@ -168,8 +180,9 @@ def test_onnx_config_agrees_with_the_onnx_graph(repo: Path, manifest: dict[str, 
     assert len(manifest["labels"]) == cfg["output"][0]["dims"][-1]
 
 
-def test_onnx_model_runs_as_configured(repo: Path, manifest: dict[str, Any], sample: Any,
-                                       offline_logits: np.ndarray) -> None:
+def test_onnx_model_runs_as_configured(
+    repo: Path, manifest: dict[str, Any], sample: Any, offline_logits: np.ndarray
+) -> None:
     import onnxruntime as ort
 
     name, version = manifest["model"]["name"], manifest["model"]["version"]
@@ -183,8 +196,9 @@ def test_onnx_model_runs_as_configured(repo: Path, manifest: dict[str, Any], sam
     np.testing.assert_allclose(got, offline_logits[IDX], atol=1e-4, rtol=0)
 
 
-def test_torchscript_config_and_model_agree(repo: Path, manifest: dict[str, Any], sample: Any,
-                                            offline_logits: np.ndarray) -> None:
+def test_torchscript_config_and_model_agree(
+    repo: Path, manifest: dict[str, Any], sample: Any, offline_logits: np.ndarray
+) -> None:
     import torch
 
     name, version = manifest["model"]["name"], manifest["model"]["version"]
