@@ -55,8 +55,8 @@ test-container: artifacts
 	$(BIN)/pytest tests/test_container.py -v -rs -p no:cacheprovider --timeout 3600
 
 lint: $(STAMP)
-	$(BIN)/ruff check export server client tests benchmarks
-	$(BIN)/ruff format --check export server client tests benchmarks
+	$(BIN)/ruff check export server client tests benchmarks tools examples deploy
+	$(BIN)/ruff format --check export server client tests benchmarks tools examples deploy
 	$(PY) tools/typecheck.py
 
 gen: $(STAMP)

@@ -510,7 +510,7 @@ def run_load(
         sys.executable,
         "-m",
         "cifar_serve.client.bench",
-        "--address",
+        "--server",
         address,
         "--api",
         plan.api,

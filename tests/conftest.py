@@ -136,7 +136,9 @@ class FakeRuntime:
         from types import SimpleNamespace
 
         self.device = SimpleNamespace(type="cpu")
-        self.manifest = SimpleNamespace(name="cifar10_resnet18", version="1", labels=CLASSES, test_accuracy=0.0)
+        self.manifest = SimpleNamespace(
+            name="cifar10_resnet18", version="1", labels=CLASSES, test_accuracy=0.0
+        )
         self.gate = threading.Event()
         self.gate.set()
         self.warm_gate = threading.Event()

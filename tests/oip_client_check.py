@@ -51,23 +51,38 @@ def sync_checks(address: str, model: str, images: np.ndarray) -> dict[str, Any]:
         out["model_metadata"] = client.get_model_metadata(model, as_json=True)
 
         # Binary (raw) tensors both ways: tritonclient's gRPC client always sends raw contents.
-        res = client.infer(model, [_images_input(images)],
-                           outputs=[grpcclient.InferRequestedOutput("logits")],
-                           request_id="req-1", client_timeout=TIMEOUT_S)
+        res = client.infer(
+            model,
+            [_images_input(images)],
+            outputs=[grpcclient.InferRequestedOutput("logits")],
+            request_id="req-1",
+            client_timeout=TIMEOUT_S,
+        )
         logits = res.as_numpy("logits")
-        out["infer"] = {"dtype": str(logits.dtype), "shape": list(logits.shape), "logits": logits.tolist(),
-                        "id": res.get_response().id, "model_name": res.get_response().model_name}
+        out["infer"] = {
+            "dtype": str(logits.dtype),
+            "shape": list(logits.shape),
+            "logits": logits.tolist(),
+            "id": res.get_response().id,
+            "model_name": res.get_response().model_name,
+        }
 
         # No outputs named: the spec says every output comes back.
         res = client.infer(model, [_images_input(images)], client_timeout=TIMEOUT_S)
         out["infer_default_outputs"] = res.as_numpy("logits").tolist()
 
-        res = client.infer(model, [_images_input(images)],
-                           outputs=[grpcclient.InferRequestedOutput("logits", class_count=3)],
-                           client_timeout=TIMEOUT_S)
+        res = client.infer(
+            model,
+            [_images_input(images)],
+            outputs=[grpcclient.InferRequestedOutput("logits", class_count=3)],
+            client_timeout=TIMEOUT_S,
+        )
         classes = res.as_numpy("logits")
-        out["classification"] = {"shape": list(classes.shape), "dtype": res.get_output("logits").datatype,
-                                 "strings": _strings(classes)}
+        out["classification"] = {
+            "shape": list(classes.shape),
+            "dtype": res.get_output("logits").datatype,
+            "strings": _strings(classes),
+        }
 
         errors: dict[str, Any] = {}
         try:
@@ -79,8 +94,12 @@ def sync_checks(address: str, model: str, images: np.ndarray) -> dict[str, Any]:
         except InferenceServerException as exc:
             errors["wrong_datatype"] = _error(exc)
         try:
-            client.infer(model, [_images_input(images)], outputs=[grpcclient.InferRequestedOutput("probs")],
-                         client_timeout=TIMEOUT_S)
+            client.infer(
+                model,
+                [_images_input(images)],
+                outputs=[grpcclient.InferRequestedOutput("probs")],
+                client_timeout=TIMEOUT_S,
+            )
         except InferenceServerException as exc:
             errors["unknown_output"] = _error(exc)
         try:
@@ -127,9 +146,12 @@ async def aio_checks(address: str, model: str, images: np.ndarray) -> dict[str, 
             client.infer(model, [_images_input(images[half:])], client_timeout=TIMEOUT_S),
         )
         out["logits"] = np.concatenate([r.as_numpy("logits") for r in results]).tolist()
-        res = await client.infer(model, [_images_input(images)],
-                                 outputs=[aioclient.InferRequestedOutput("logits", class_count=3)],
-                                 client_timeout=TIMEOUT_S)
+        res = await client.infer(
+            model,
+            [_images_input(images)],
+            outputs=[aioclient.InferRequestedOutput("logits", class_count=3)],
+            client_timeout=TIMEOUT_S,
+        )
         out["classification"] = _strings(res.as_numpy("logits"))
 
         async def requests() -> Any:

@@ -398,7 +398,16 @@ def test_committed_sample_zip() -> None:
 
 def test_canonical_class_order(tmp_path: Path) -> None:
     assert CIFAR10_CLASSES == (
-        "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
     )
     by_class = {s.cls: s for s in _samples(1)}
     picked = [by_class[c] for c in ("truck", "airplane", "frog", "cat")]

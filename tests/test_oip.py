@@ -86,7 +86,8 @@ def native_logits(channel: grpc.Channel, x: np.ndarray) -> tuple[np.ndarray, np.
     """The native API's logits and top-1 classes for ``x``."""
     packed = classifier_pb2.PackedImages(data=x.tobytes(), count=len(x))
     resp = classifier_pb2_grpc.ClassifierStub(channel).Classify(
-        classifier_pb2.ClassifyRequest(packed=packed, include_logits=True), timeout=TIMEOUT_S)
+        classifier_pb2.ClassifyRequest(packed=packed, include_logits=True), timeout=TIMEOUT_S
+    )
     logits = np.array([list(r.logits) for r in resp.results], np.float32)
     return logits, np.array([r.predictions[0].class_index for r in resp.results])
 
@@ -166,8 +167,7 @@ def test_server_metadata_lists_classification(oip: Stub) -> None:
     assert "classification" in meta.extensions
 
 
-def test_model_metadata_describes_the_tensors(oip: Stub, model: tuple[str, str],
-                                              labels: list[str]) -> None:
+def test_model_metadata_describes_the_tensors(oip: Stub, model: tuple[str, str], labels: list[str]) -> None:
     name, version = model
     for asked in ("", version):
         meta = oip.ModelMetadata(pb.ModelMetadataRequest(name=name, version=asked), timeout=TIMEOUT_S)
@@ -177,8 +177,10 @@ def test_model_metadata_describes_the_tensors(oip: Stub, model: tuple[str, str],
         outputs = [(t.name, t.datatype, list(t.shape)) for t in meta.outputs]
         assert inputs == [("images", "UINT8", [-1, 32, 32, 3])]
         assert outputs == [("logits", "FP32", [-1, len(labels)])]
-    for bad in (pb.ModelMetadataRequest(name="no_such_model"),
-                pb.ModelMetadataRequest(name=name, version="999")):
+    for bad in (
+        pb.ModelMetadataRequest(name="no_such_model"),
+        pb.ModelMetadataRequest(name=name, version="999"),
+    ):
         with pytest.raises(grpc.RpcError) as err:
             oip.ModelMetadata(bad, timeout=TIMEOUT_S)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -187,12 +189,13 @@ def test_model_metadata_describes_the_tensors(oip: Stub, model: tuple[str, str],
 # ---------------------------------------------------------------------------- inference
 
 
-def test_raw_infer_matches_offline_and_native(oip: Stub, channel: grpc.Channel,
-                                              model: tuple[str, str], images: np.ndarray,
-                                              expected: np.ndarray) -> None:
+def test_raw_infer_matches_offline_and_native(
+    oip: Stub, channel: grpc.Channel, model: tuple[str, str], images: np.ndarray, expected: np.ndarray
+) -> None:
     name, version = model
-    resp = oip.ModelInfer(raw_request(name, images, id="req-7", outputs=[OutputTensor(name="logits")]),
-                          timeout=TIMEOUT_S)
+    resp = oip.ModelInfer(
+        raw_request(name, images, id="req-7", outputs=[OutputTensor(name="logits")]), timeout=TIMEOUT_S
+    )
     assert (resp.model_name, resp.model_version, resp.id) == (name, version, "req-7")
     got = raw_logits(resp)
     assert got.shape == (len(images), 10)
@@ -203,15 +206,17 @@ def test_raw_infer_matches_offline_and_native(oip: Stub, channel: grpc.Channel,
     assert (got.argmax(1) == native_top1).all()
 
 
-def test_no_outputs_named_returns_every_output(oip: Stub, model: tuple[str, str],
-                                               images: np.ndarray, expected: np.ndarray) -> None:
+def test_no_outputs_named_returns_every_output(
+    oip: Stub, model: tuple[str, str], images: np.ndarray, expected: np.ndarray
+) -> None:
     resp = oip.ModelInfer(raw_request(model[0], images), timeout=TIMEOUT_S)
     assert [o.name for o in resp.outputs] == ["logits"]
     np.testing.assert_allclose(raw_logits(resp), expected, atol=1e-4, rtol=0)
 
 
-def test_typed_contents_in_and_out(oip: Stub, model: tuple[str, str],
-                                   images: np.ndarray, expected: np.ndarray) -> None:
+def test_typed_contents_in_and_out(
+    oip: Stub, model: tuple[str, str], images: np.ndarray, expected: np.ndarray
+) -> None:
     resp = oip.ModelInfer(typed_request(model[0], images), timeout=TIMEOUT_S)
     assert not resp.raw_output_contents  # typed in, typed out: the spec forbids mixing
     out = resp.outputs[0]
@@ -220,16 +225,18 @@ def test_typed_contents_in_and_out(oip: Stub, model: tuple[str, str],
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
-def test_typed_input_with_binary_data_answers_raw(oip: Stub, model: tuple[str, str],
-                                                  images: np.ndarray, expected: np.ndarray) -> None:
+def test_typed_input_with_binary_data_answers_raw(
+    oip: Stub, model: tuple[str, str], images: np.ndarray, expected: np.ndarray
+) -> None:
     out = OutputTensor(name="logits", parameters={"binary_data": pb.InferParameter(bool_param=True)})
     resp = oip.ModelInfer(typed_request(model[0], images, outputs=[out]), timeout=TIMEOUT_S)
     assert not resp.outputs[0].HasField("contents")
     np.testing.assert_allclose(raw_logits(resp), expected, atol=1e-4, rtol=0)
 
 
-def test_classification_raw(oip: Stub, model: tuple[str, str], images: np.ndarray,
-                            expected: np.ndarray, labels: list[str]) -> None:
+def test_classification_raw(
+    oip: Stub, model: tuple[str, str], images: np.ndarray, expected: np.ndarray, labels: list[str]
+) -> None:
     out = OutputTensor(name="logits", parameters={"classification": pb.InferParameter(int64_param=3)})
     resp = oip.ModelInfer(raw_request(model[0], images, outputs=[out]), timeout=TIMEOUT_S)
     tensor = resp.outputs[0]
@@ -239,8 +246,9 @@ def test_classification_raw(oip: Stub, model: tuple[str, str], images: np.ndarra
     check_classification(rows, expected, labels, 3)
 
 
-def test_classification_large_answer(oip: Stub, model: tuple[str, str], sample: Any,
-                                     offline_logits: np.ndarray, labels: list[str]) -> None:
+def test_classification_large_answer(
+    oip: Stub, model: tuple[str, str], sample: Any, offline_logits: np.ndarray, labels: list[str]
+) -> None:
     # 300 images x 10 classes: enough strings that the server formats them off its event loop.
     x = np.ascontiguousarray(sample.images[:300])
     out = OutputTensor(name="logits", parameters={"classification": pb.InferParameter(int64_param=10)})
@@ -250,8 +258,9 @@ def test_classification_large_answer(oip: Stub, model: tuple[str, str], sample: 
     check_classification([items[i : i + 10] for i in range(0, 3000, 10)], offline_logits[:300], labels, 10)
 
 
-def test_classification_typed_and_clamped(oip: Stub, model: tuple[str, str], images: np.ndarray,
-                                          expected: np.ndarray, labels: list[str]) -> None:
+def test_classification_typed_and_clamped(
+    oip: Stub, model: tuple[str, str], images: np.ndarray, expected: np.ndarray, labels: list[str]
+) -> None:
     # More classes than the model has: every class, as Triton does.
     out = OutputTensor(name="logits", parameters={"classification": pb.InferParameter(int64_param=50)})
     resp = oip.ModelInfer(typed_request(model[0], images, outputs=[out]), timeout=TIMEOUT_S)
@@ -262,8 +271,7 @@ def test_classification_typed_and_clamped(oip: Stub, model: tuple[str, str], ima
     check_classification(rows, expected, labels, len(labels))
 
 
-def _good(oip: Stub, model_name: str, images: np.ndarray,
-          expected: np.ndarray) -> None:
+def _good(oip: Stub, model_name: str, images: np.ndarray, expected: np.ndarray) -> None:
     resp = oip.ModelInfer(raw_request(model_name, images[:3]), timeout=TIMEOUT_S)
     np.testing.assert_allclose(raw_logits(resp), expected[:3], atol=1e-4, rtol=0)
 
@@ -271,6 +279,7 @@ def _good(oip: Stub, model_name: str, images: np.ndarray,
 def _set(field: str, value: Any) -> Mutation:
     def mutate(req: pb.ModelInferRequest) -> None:
         setattr(req, field, value)
+
     return mutate
 
 
@@ -278,6 +287,7 @@ def _shape(*shape: int) -> Mutation:
     def mutate(req: pb.ModelInferRequest) -> None:
         del req.inputs[0].shape[:]
         req.inputs[0].shape.extend(shape)
+
     return mutate
 
 
@@ -296,6 +306,7 @@ def _raw_and_typed(req: pb.ModelInferRequest) -> None:
 def _output(name: str, **params: pb.InferParameter) -> Mutation:
     def mutate(req: pb.ModelInferRequest) -> None:
         req.outputs.append(OutputTensor(name=name, parameters=params))
+
     return mutate
 
 
@@ -326,6 +337,7 @@ def _typed(values: Callable[[bytes], list[Any]], field: str = "uint_contents") -
         raw = req.raw_input_contents[0]
         del req.raw_input_contents[:]
         getattr(req.inputs[0].contents, field).extend(values(raw))
+
     return mutate
 
 
@@ -354,25 +366,48 @@ ERROR_CASES: list[tuple[str, Mutation, grpc.StatusCode, str]] = [
     ("missing_input", _missing_input, INVALID, "'images'"),
     ("unknown_input", _unknown_input, INVALID, "input 'pixels'"),
     ("extra_raw_contents", _extra_raw, INVALID, "input 'images': raw_input_contents holds 2 entries"),
-    ("typed_wrong_field", _typed(lambda raw: [float(b) for b in raw], "fp32_contents"), INVALID,
-     "input 'images': UINT8 data goes in contents.uint_contents"),
-    ("typed_count", _typed(lambda raw: list(raw[:-3])), INVALID,
-     "input 'images': contents.uint_contents holds"),
+    (
+        "typed_wrong_field",
+        _typed(lambda raw: [float(b) for b in raw], "fp32_contents"),
+        INVALID,
+        "input 'images': UINT8 data goes in contents.uint_contents",
+    ),
+    (
+        "typed_count",
+        _typed(lambda raw: list(raw[:-3])),
+        INVALID,
+        "input 'images': contents.uint_contents holds",
+    ),
     ("typed_out_of_range", _typed(lambda raw: [*raw[:-1], 256]), INVALID, "input 'images': "),
     ("no_data", _no_data, INVALID, "input 'images': no data"),
-    ("classification_type", _output("logits", classification=pb.InferParameter(string_param="3")), INVALID,
-     "output 'logits': parameter 'classification'"),
-    ("classification_zero", _output("logits", classification=pb.InferParameter(int64_param=0)), INVALID,
-     "output 'logits': parameter 'classification'"),
+    (
+        "classification_type",
+        _output("logits", classification=pb.InferParameter(string_param="3")),
+        INVALID,
+        "output 'logits': parameter 'classification'",
+    ),
+    (
+        "classification_zero",
+        _output("logits", classification=pb.InferParameter(int64_param=0)),
+        INVALID,
+        "output 'logits': parameter 'classification'",
+    ),
     ("shared_memory", _shared_memory, INVALID, "input 'images': shared memory"),
 ]
 
 
-@pytest.mark.parametrize(("mutate", "code", "fragment"), [c[1:] for c in ERROR_CASES],
-                         ids=[c[0] for c in ERROR_CASES])
-def test_errors_then_next_request_succeeds(oip: Stub, model: tuple[str, str],
-                                           images: np.ndarray, expected: np.ndarray, mutate: Mutation,
-                                           code: grpc.StatusCode, fragment: str) -> None:
+@pytest.mark.parametrize(
+    ("mutate", "code", "fragment"), [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES]
+)
+def test_errors_then_next_request_succeeds(
+    oip: Stub,
+    model: tuple[str, str],
+    images: np.ndarray,
+    expected: np.ndarray,
+    mutate: Mutation,
+    code: grpc.StatusCode,
+    fragment: str,
+) -> None:
     req = raw_request(model[0], images[:3])
     mutate(req)
     with pytest.raises(grpc.RpcError) as err:
@@ -382,9 +417,9 @@ def test_errors_then_next_request_succeeds(oip: Stub, model: tuple[str, str],
     _good(oip, model[0], images, expected)
 
 
-def test_stream_answers_in_order_and_survives_errors(oip: Stub,
-                                                     model: tuple[str, str], images: np.ndarray,
-                                                     expected: np.ndarray) -> None:
+def test_stream_answers_in_order_and_survives_errors(
+    oip: Stub, model: tuple[str, str], images: np.ndarray, expected: np.ndarray
+) -> None:
     name = model[0]
     bad = raw_request(name, images[:2], id="s-2")
     bad.inputs[0].datatype = "INT8"
@@ -415,14 +450,18 @@ def _sample(server: Any, name: str, labels: dict[str, str] | None = None) -> flo
     return float(value or 0.0)
 
 
-def test_counts_in_the_shared_metrics(server: Any, oip: Stub,
-                                      model: tuple[str, str], images: np.ndarray) -> None:
+def test_counts_in_the_shared_metrics(
+    server: Any, oip: Stub, model: tuple[str, str], images: np.ndarray
+) -> None:
     ok = {"method": "ModelInfer", "code": "OK"}
     bad = {"method": "ModelInfer", "code": "INVALID_ARGUMENT"}
+
     def counts() -> tuple[float, float, float]:
-        return (_sample(server, "cifar_serve_requests_total", ok),
-                _sample(server, "cifar_serve_requests_total", bad),
-                _sample(server, "cifar_serve_images_total"))
+        return (
+            _sample(server, "cifar_serve_requests_total", ok),
+            _sample(server, "cifar_serve_requests_total", bad),
+            _sample(server, "cifar_serve_images_total"),
+        )
 
     before = counts()
     oip.ModelInfer(raw_request(model[0], images[:4]), timeout=TIMEOUT_S)
@@ -462,8 +501,13 @@ def test_v2_and_native_requests_share_one_batch(small_server: Any, sample: Any) 
         before_count = _sample(srv, "cifar_serve_batch_size_count")
         before_sum = _sample(srv, "cifar_serve_batch_size_sum")
         with ThreadPoolExecutor(2) as pool:
-            a = pool.submit(native.Classify, classifier_pb2.ClassifyRequest(
-                packed=classifier_pb2.PackedImages(data=x[:1].tobytes(), count=1)), timeout=TIMEOUT_S)
+            a = pool.submit(
+                native.Classify,
+                classifier_pb2.ClassifyRequest(
+                    packed=classifier_pb2.PackedImages(data=x[:1].tobytes(), count=1)
+                ),
+                timeout=TIMEOUT_S,
+            )
             b = pool.submit(v2.ModelInfer, raw_request(core.model_name, x[1:]), timeout=TIMEOUT_S)
             a.result()
             b.result()
@@ -477,7 +521,8 @@ def test_stream_request_limit(small_server: Any, sample: Any) -> None:
     x = sample.images[:3]
     with grpc.insecure_channel(small_server.address) as ch:
         call = pb_grpc.GRPCInferenceServiceStub(ch).ModelStreamInfer(
-            iter([raw_request(name, x[i : i + 1], id=f"r{i}") for i in range(3)]), timeout=TIMEOUT_S)
+            iter([raw_request(name, x[i : i + 1], id=f"r{i}") for i in range(3)]), timeout=TIMEOUT_S
+        )
         answers = []
         with pytest.raises(grpc.RpcError) as err:
             for answer in call:
@@ -504,21 +549,31 @@ def _field(d: dict[str, Any], snake: str) -> Any:
     return d[snake] if snake in d else d[camel]
 
 
-def test_grpcurl_model_infer_via_reflection(server: Any, model: tuple[str, str], images: np.ndarray,
-                                            expected: np.ndarray, labels: list[str]) -> None:
+def test_grpcurl_model_infer_via_reflection(
+    server: Any, model: tuple[str, str], images: np.ndarray, expected: np.ndarray, labels: list[str]
+) -> None:
     exe = _grpcurl()
-    listed = subprocess.run([exe, "-plaintext", server.address, "list"], capture_output=True, text=True,
-                            timeout=TIMEOUT_S)
+    listed = subprocess.run(
+        [exe, "-plaintext", server.address, "list"], capture_output=True, text=True, timeout=TIMEOUT_S
+    )
     assert listed.returncode == 0, listed.stderr
     assert SERVICE in listed.stdout.split()
 
     x = images[:2]
-    body = {"model_name": model[0], "id": "curl-1",
-            "inputs": [{"name": "images", "datatype": "UINT8", "shape": list(x.shape)}],
-            "raw_input_contents": [base64.b64encode(x.tobytes()).decode()],
-            "outputs": [{"name": "logits"}]}
-    proc = subprocess.run([exe, "-plaintext", "-d", "@", server.address, f"{SERVICE}/ModelInfer"],
-                          input=json.dumps(body), capture_output=True, text=True, timeout=TIMEOUT_S)
+    body = {
+        "model_name": model[0],
+        "id": "curl-1",
+        "inputs": [{"name": "images", "datatype": "UINT8", "shape": list(x.shape)}],
+        "raw_input_contents": [base64.b64encode(x.tobytes()).decode()],
+        "outputs": [{"name": "logits"}],
+    }
+    proc = subprocess.run(
+        [exe, "-plaintext", "-d", "@", server.address, f"{SERVICE}/ModelInfer"],
+        input=json.dumps(body),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert proc.returncode == 0, proc.stderr
     resp = json.loads(proc.stdout)
     assert resp["id"] == "curl-1"
@@ -526,20 +581,43 @@ def test_grpcurl_model_infer_via_reflection(server: Any, model: tuple[str, str],
     np.testing.assert_allclose(got, expected[:2], atol=1e-4, rtol=0)
 
     # Typed contents both ways, the form a person types by hand (one image, classification top 2).
-    body = {"model_name": model[0],
-            "inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 32, 32, 3],
-                        "contents": {"uint_contents": x[0].ravel().tolist()}}],
-            "outputs": [{"name": "logits", "parameters": {"classification": {"int64_param": 2}}}]}
-    proc = subprocess.run([exe, "-plaintext", "-d", "@", server.address, f"{SERVICE}/ModelInfer"],
-                          input=json.dumps(body), capture_output=True, text=True, timeout=TIMEOUT_S)
+    body = {
+        "model_name": model[0],
+        "inputs": [
+            {
+                "name": "images",
+                "datatype": "UINT8",
+                "shape": [1, 32, 32, 3],
+                "contents": {"uint_contents": x[0].ravel().tolist()},
+            }
+        ],
+        "outputs": [{"name": "logits", "parameters": {"classification": {"int64_param": 2}}}],
+    }
+    proc = subprocess.run(
+        [exe, "-plaintext", "-d", "@", server.address, f"{SERVICE}/ModelInfer"],
+        input=json.dumps(body),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)["outputs"][0]
     strings = [base64.b64decode(s).decode() for s in _field(out["contents"], "bytes_contents")]
     check_classification([strings], expected[:1], labels, 2)
 
-    bad = subprocess.run([exe, "-plaintext", "-d", json.dumps({"model_name": "no_such_model"}),
-                          server.address, f"{SERVICE}/ModelInfer"],
-                         capture_output=True, text=True, timeout=TIMEOUT_S)
+    bad = subprocess.run(
+        [
+            exe,
+            "-plaintext",
+            "-d",
+            json.dumps({"model_name": "no_such_model"}),
+            server.address,
+            f"{SERVICE}/ModelInfer",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert bad.returncode != 0 and "NotFound" in bad.stderr
 
 
@@ -547,12 +625,18 @@ def test_grpcurl_model_infer_via_reflection(server: Any, model: tuple[str, str],
 
 
 @pytest.fixture(scope="module")
-def triton_report(server: Any, model: tuple[str, str], images: np.ndarray,
-                  tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def triton_report(
+    server: Any, model: tuple[str, str], images: np.ndarray, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
     path = tmp_path_factory.mktemp("oip") / "images.npy"
     np.save(path, images)
-    proc = subprocess.run([sys.executable, str(CLIENT_CHECK), server.address, model[0], str(path)],
-                          capture_output=True, text=True, timeout=240, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(CLIENT_CHECK), server.address, model[0], str(path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return report
@@ -564,8 +648,9 @@ def test_triton_client_never_shares_our_process(triton_report: dict[str, Any]) -
     assert "tritonclient" not in sys.modules
 
 
-def test_triton_client_health_and_metadata(triton_report: dict[str, Any], model: tuple[str, str],
-                                           labels: list[str]) -> None:
+def test_triton_client_health_and_metadata(
+    triton_report: dict[str, Any], model: tuple[str, str], labels: list[str]
+) -> None:
     r = triton_report["sync"]
     assert (r["live"], r["ready"], r["model_ready"], r["unknown_model_ready"]) == (True, True, True, False)
     assert "classification" in r["server_metadata"]["extensions"]
@@ -573,13 +658,20 @@ def test_triton_client_health_and_metadata(triton_report: dict[str, Any], model:
     assert meta["name"] == model[0] and meta["versions"] == [model[1]]
     # tritonclient's as_json renders int64 as strings.
     assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in meta["inputs"]] == [
-        ("images", "UINT8", [-1, 32, 32, 3])]
+        ("images", "UINT8", [-1, 32, 32, 3])
+    ]
     assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in meta["outputs"]] == [
-        ("logits", "FP32", [-1, len(labels)])]
+        ("logits", "FP32", [-1, len(labels)])
+    ]
 
 
-def test_triton_client_infer_binary(triton_report: dict[str, Any], model: tuple[str, str],
-                                    channel: grpc.Channel, images: np.ndarray, expected: np.ndarray) -> None:
+def test_triton_client_infer_binary(
+    triton_report: dict[str, Any],
+    model: tuple[str, str],
+    channel: grpc.Channel,
+    images: np.ndarray,
+    expected: np.ndarray,
+) -> None:
     r = triton_report["sync"]["infer"]
     assert (r["dtype"], r["shape"]) == ("float32", [len(images), 10])
     assert (r["id"], r["model_name"]) == ("req-1", model[0])
@@ -589,12 +681,14 @@ def test_triton_client_infer_binary(triton_report: dict[str, Any], model: tuple[
     native, native_top1 = native_logits(channel, images)
     np.testing.assert_allclose(got, native, atol=1e-4, rtol=0)
     assert (got.argmax(1) == native_top1).all()
-    np.testing.assert_allclose(np.array(triton_report["sync"]["infer_default_outputs"]), expected, atol=1e-4,
-                               rtol=0)
+    np.testing.assert_allclose(
+        np.array(triton_report["sync"]["infer_default_outputs"]), expected, atol=1e-4, rtol=0
+    )
 
 
-def test_triton_client_class_count(triton_report: dict[str, Any], expected: np.ndarray,
-                                   labels: list[str]) -> None:
+def test_triton_client_class_count(
+    triton_report: dict[str, Any], expected: np.ndarray, labels: list[str]
+) -> None:
     r = triton_report["sync"]["classification"]
     assert (r["dtype"], r["shape"]) == ("BYTES", [len(expected), 3])
     check_classification(r["strings"], expected, labels, 3)
@@ -619,8 +713,9 @@ def test_triton_client_stream(triton_report: dict[str, Any], expected: np.ndarra
     np.testing.assert_allclose(np.array(stream[2]["logits"]), expected[:1], atol=1e-4, rtol=0)
 
 
-def test_triton_aio_client(triton_report: dict[str, Any], model: tuple[str, str], expected: np.ndarray,
-                           labels: list[str]) -> None:
+def test_triton_aio_client(
+    triton_report: dict[str, Any], model: tuple[str, str], expected: np.ndarray, labels: list[str]
+) -> None:
     r = triton_report["aio"]
     assert (r["live"], r["ready"], r["model_ready"], r["model_metadata_name"]) == (True, True, True, model[0])
     got = np.array(r["logits"], np.float32)
