@@ -144,18 +144,38 @@ def model_config(core: InferenceCore) -> dict[str, Any]:
 
 
 def model_stats(core: InferenceCore) -> dict[str, Any]:
-    """Triton-shaped statistics from the server's metrics (images classified, forward passes run)."""
-    registry = core.metrics.registry
-    images = registry.get_sample_value("cifar_serve_images_total") or 0.0
-    batches = registry.get_sample_value("cifar_serve_batch_size_count") or 0.0
+    """Triton's statistics JSON, from the same per-version accumulator as gRPC's ModelStatistics."""
+
+    def dur(d: Any) -> dict[str, int]:
+        return {"count": d.count, "ns": d.ns}
+
     return {
         "model_stats": [
             {
                 "name": core.model_name,
-                "version": core.model_version,
-                "inference_count": int(images),
-                "execution_count": int(batches),
+                "version": version,
+                "last_inference": snap.last_inference_ms,
+                "inference_count": snap.inference_count,
+                "execution_count": snap.execution_count,
+                "inference_stats": {
+                    "success": dur(snap.success),
+                    "fail": dur(snap.fail),
+                    "queue": dur(snap.queue),
+                    "compute_input": dur(snap.compute_input),
+                    "compute_infer": dur(snap.compute_infer),
+                    "compute_output": dur(snap.compute_output),
+                },
+                "batch_stats": [
+                    {
+                        "batch_size": size,
+                        "compute_input": dur(phases[0]),
+                        "compute_infer": dur(phases[1]),
+                        "compute_output": dur(phases[2]),
+                    }
+                    for size, phases in sorted(snap.batches.items())
+                ],
             }
+            for version, snap in core.statistics().items()
         ]
     }
 

@@ -471,6 +471,30 @@ def test_counts_in_the_shared_metrics(server: Any, model: tuple[str, str], image
     assert _metric(server, "cifar_serve_request_latency_seconds_count", {"method": "REST/ModelInfer"}) >= 2
 
 
+def test_rest_stats_are_the_grpc_statistics(server: Any, model: tuple[str, str], images: np.ndarray) -> None:
+    import grpc
+
+    from cifar_serve.v1 import open_inference_pb2 as oip
+    from cifar_serve.v1 import open_inference_pb2_grpc as oip_grpc
+
+    path = f"/v2/models/{model[0]}/stats"
+    before = call(server.http_address, "GET", path).json()["model_stats"]
+    assert infer(server.http_address, model[0], images[:5]).status == 200
+    rest = {s["version"]: s for s in call(server.http_address, "GET", path).json()["model_stats"]}
+    with grpc.insecure_channel(server.address) as ch:
+        reply = oip_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(
+            oip.ModelStatisticsRequest(name=model[0]), timeout=10
+        )
+    grpc_stats = {s.version: s for s in reply.model_stats}
+    assert set(rest) == set(grpc_stats)
+    for version, s in rest.items():
+        g = grpc_stats[version]
+        assert (s["inference_count"], s["execution_count"]) == (g.inference_count, g.execution_count)
+        assert s["inference_stats"]["success"]["count"] == g.inference_stats.success.count
+    served = {s["version"]: s for s in before}[model[1]]
+    assert rest[model[1]]["inference_count"] - served["inference_count"] == 5
+
+
 # ---------------------------------------------------------------------------- limits, batching, curl
 
 
