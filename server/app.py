@@ -241,7 +241,8 @@ class CifarServer:
             self.core.model_version,
             s.host,
             self.port,
-            ", ".join(f"{k} {v}" for k, v in d.items()),
+            # Scalars only: the runtime table has its own log line from the runtime.
+            ", ".join(f"{k} {v}" for k, v in d.items() if isinstance(v, (str, int, float, bool))),
         )
 
     async def stop(self, grace: float | None = None) -> None:

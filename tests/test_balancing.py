@@ -81,6 +81,8 @@ class Replica:
             str(self.port),
             "--metrics-port",
             str(self.metrics_port),
+            "--http-port",
+            "-1",
             "--model-dir",
             str(self.model_dir),
             "--max-batch-size",
