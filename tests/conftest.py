@@ -185,3 +185,50 @@ def fake_server(fake_runtime: FakeRuntime, tmp_path: Path) -> Iterator[object]:
     fake_runtime.warm_gate.set()
     for srv in started:
         srv.stop(grace=1.0)
+
+
+# --------------------------------------------------------------------------- server processes
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_serving(address: str, proc: object, timeout: float = 120) -> None:
+    """Block until the server at ``address`` reports SERVING; fail at once if ``proc`` exits."""
+    import subprocess
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    assert isinstance(proc, subprocess.Popen)
+    end = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < end:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise AssertionError(f"the server at {address} never became SERVING")
+
+
+@pytest.fixture(scope="session")
+def free_port():  # type: ignore[no-untyped-def]
+    """``free_port()``: a loopback port nothing listens on."""
+    return _free_port
+
+
+@pytest.fixture(scope="session")
+def wait_serving():  # type: ignore[no-untyped-def]
+    """``wait_serving(address, proc)``: block until a ``cifar-serve`` subprocess is SERVING."""
+    return _wait_serving

@@ -12,22 +12,16 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cifar_serve.v1 import classifier_pb2 as pb
 from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _cmd(model_dir: Path, port: int, metrics_port: int, *extra: str) -> list[str]:
@@ -45,24 +39,6 @@ def _cmd(model_dir: Path, port: int, metrics_port: int, *extra: str) -> list[str
     ]
 
 
-def _wait_serving(address: str, proc: subprocess.Popen[str], timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < end:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                if (
-                    stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise AssertionError("server never became SERVING")
-
-
 @pytest.fixture
 def busy_port() -> Iterator[int]:
     with socket.socket() as s:
@@ -72,8 +48,10 @@ def busy_port() -> Iterator[int]:
 
 
 @pytest.mark.parametrize("which", ["port", "metrics-port"])
-def test_a_port_in_use_is_one_line_naming_the_flag(which: str, busy_port: int, model_dir: Path) -> None:
-    port, metrics_port = (busy_port, _free_port()) if which == "port" else (_free_port(), busy_port)
+def test_a_port_in_use_is_one_line_naming_the_flag(
+    which: str, busy_port: int, model_dir: Path, free_port: Any
+) -> None:
+    port, metrics_port = (busy_port, free_port()) if which == "port" else (free_port(), busy_port)
     proc = subprocess.run(_cmd(model_dir, port, metrics_port), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if "cannot start" in ln]
@@ -84,8 +62,10 @@ def test_a_port_in_use_is_one_line_naming_the_flag(which: str, busy_port: int, m
 
 
 @pytest.fixture(scope="module")
-def served(model_dir: Path) -> Iterator[tuple[str, int, subprocess.Popen[str]]]:
-    port, metrics_port = _free_port(), _free_port()
+def served(
+    model_dir: Path, free_port: Any, wait_serving: Any
+) -> Iterator[tuple[str, int, subprocess.Popen[str]]]:
+    port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen(
         _cmd(model_dir, port, metrics_port, "--max-batch-size", "16"),
         stdout=subprocess.PIPE,
@@ -93,7 +73,7 @@ def served(model_dir: Path) -> Iterator[tuple[str, int, subprocess.Popen[str]]]:
         text=True,
     )
     try:
-        _wait_serving(f"127.0.0.1:{port}", proc)
+        wait_serving(f"127.0.0.1:{port}", proc)
         yield f"127.0.0.1:{port}", metrics_port, proc
     finally:
         if proc.poll() is None:
@@ -179,13 +159,13 @@ def test_a_stream_nobody_reads_holds_no_memory_and_ends_clean(
     sys.stderr.write(f"sent {sent} of 50000, server RSS grew {grown:.1f} MiB, peak stream items {peak:.0f}\n")
 
 
-def test_idle_shutdown_log_says_so(model_dir: Path) -> None:
-    port = _free_port()
+def test_idle_shutdown_log_says_so(model_dir: Path, free_port: Any, wait_serving: Any) -> None:
+    port = free_port()
     proc = subprocess.Popen(
         _cmd(model_dir, port, -1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        _wait_serving(f"127.0.0.1:{port}", proc)
+        wait_serving(f"127.0.0.1:{port}", proc)
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=60)
     finally:

@@ -218,12 +218,6 @@ def test_overload_refused_with_resource_exhausted(small_server, sample, offline_
 # --------------------------------------------------------------------------- real processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _serve_cmd(model_dir: Path, port: int, *extra: str) -> list[str]:
     return [
         sys.executable,
@@ -241,26 +235,10 @@ def _serve_cmd(model_dir: Path, port: int, *extra: str) -> list[str]:
     ]
 
 
-def _wait_serving(address: str, proc: subprocess.Popen[str], timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < end:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                if (
-                    stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise AssertionError("server never became SERVING")
-
-
-def test_sigterm_under_load_loses_no_accepted_request(model_dir, sample, offline_logits) -> None:  # type: ignore[no-untyped-def]
-    port = _free_port()
+def test_sigterm_under_load_loses_no_accepted_request(
+    model_dir, sample, offline_logits, free_port, wait_serving
+) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
     address = f"127.0.0.1:{port}"
     proc = subprocess.Popen(
         _serve_cmd(model_dir, port, "--grace-period-s", "20", "--max-batch-delay-ms", "5"),
@@ -269,7 +247,7 @@ def test_sigterm_under_load_loses_no_accepted_request(model_dir, sample, offline
         text=True,
     )
     try:
-        _wait_serving(address, proc)
+        wait_serving(address, proc)
         ch = grpc.insecure_channel(address)
         stub = pb_grpc.ClassifierStub(ch)
         watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=60)
@@ -336,7 +314,7 @@ def _tamper(model_dir: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("problem", ["tampered", "missing", "corrupt-unverified"])
-def test_bad_artifact_stops_startup_before_binding(problem, model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_bad_artifact_stops_startup_before_binding(problem, model_dir, tmp_path, free_port) -> None:  # type: ignore[no-untyped-def]
     extra: list[str] = []
     if problem == "tampered":
         target, expect = _tamper(model_dir, tmp_path), "sha256"
@@ -347,7 +325,7 @@ def test_bad_artifact_stops_startup_before_binding(problem, model_dir, tmp_path)
         shutil.copytree(model_dir, target)
         (target / "model.torchscript.pt").write_bytes(b"not a model")
         extra, expect = ["--verify-sha256", "false"], "cannot load TorchScript"
-    port = _free_port()
+    port = free_port()
     proc = subprocess.run(_serve_cmd(target, port, *extra), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert expect in proc.stderr, proc.stderr
@@ -479,15 +457,17 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_soak_mixed_good_and_bad(model_dir, sample, sample_jpegs, offline_logits) -> None:  # type: ignore[no-untyped-def]
+def test_soak_mixed_good_and_bad(
+    model_dir, sample, sample_jpegs, offline_logits, free_port, wait_serving
+) -> None:  # type: ignore[no-untyped-def]
     seconds = float(os.environ.get("CIFAR_SERVE_SOAK_SECONDS", "12"))
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     proc = subprocess.Popen(
         _serve_cmd(model_dir, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        _wait_serving(address, proc)
+        wait_serving(address, proc)
         ch = grpc.insecure_channel(address)
         stub = pb_grpc.ClassifierStub(ch)
         bad = [BAD_REQUESTS[k][0] for k in sorted(BAD_REQUESTS) if k != "too many images"]

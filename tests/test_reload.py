@@ -8,7 +8,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +18,6 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cifar_serve.v1 import classifier_pb2 as pb
 from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
@@ -136,15 +134,11 @@ def test_new_version_swapped_in_under_load_and_broken_ones_refused(
         channel.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def test_sighup_reloads_the_model_dir(model_dir: Path, tmp_path: Path) -> None:
+def test_sighup_reloads_the_model_dir(
+    model_dir: Path, tmp_path: Path, free_port: Any, wait_serving: Any
+) -> None:
     served = _copy(model_dir, tmp_path / "served", "1")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -163,16 +157,9 @@ def test_sighup_reloads_the_model_dir(model_dir: Path, tmp_path: Path) -> None:
     )
     address = f"127.0.0.1:{port}"
     try:
+        wait_serving(address, proc)
+        end = time.monotonic() + 120
         with grpc.insecure_channel(address) as ch:
-            health = health_pb2_grpc.HealthStub(ch)
-            end = time.monotonic() + 120
-            while True:
-                assert proc.poll() is None and time.monotonic() < end
-                try:
-                    if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
-                        break
-                except grpc.RpcError:
-                    time.sleep(0.2)
             manifest = json.loads((served / "manifest.json").read_text())
             manifest["model"]["version"] = "7"
             tmp = served / "manifest.json.new"
