@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cifar_serve.v1 import classifier_pb2, classifier_pb2_grpc
 
-from .core import InferenceCore, Phase, Runtime
+from .core import InferenceCore, Phase, Runtime, ServingCore
 from .edge import ByteBudget, Edge
 from .errors import InferenceError
 from .metrics import Metrics
@@ -25,6 +25,9 @@ from .oip import add_oip_to_server
 from .servicer import ClassifierServicer
 from .settings import Settings
 from .shm import SharedMemoryRegistry
+
+if TYPE_CHECKING:
+    from .workers import Supervisor
 
 __all__ = ["CifarServer", "ServerThread", "StartupError", "serve"]
 
@@ -88,10 +91,17 @@ class CifarServer:
     by default the settings' artifacts are loaded, and checked, before any port is bound.
     """
 
-    def __init__(self, settings: Settings, runtime: Runtime | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        runtime: Runtime | None = None,
+        core: ServingCore | None = None,
+        shm: SharedMemoryRegistry | None = None,
+    ) -> None:
         self.settings = settings
-        self.metrics = Metrics()
-        self.core = InferenceCore(settings, self.metrics, runtime)
+        # A worker process of --workers N passes the model process's core (server/remote.py).
+        self.core: ServingCore = core if core is not None else InferenceCore(settings, Metrics(), runtime)
+        self.metrics = self.core.metrics
         self.readiness = self.core.readiness
         self.health = _Health()
         self.port = 0
@@ -102,7 +112,7 @@ class CifarServer:
         self._failed = asyncio.Event()
         self.service_names: list[str] = []
         # HTTP/REST (server/rest.py) and the shared memory regions both APIs read and write.
-        self.shm = SharedMemoryRegistry()
+        self.shm = shm if shm is not None else SharedMemoryRegistry()
         self.http_port = -1
         self._rest: Any = None
 
@@ -172,7 +182,9 @@ class CifarServer:
             options=[
                 ("grpc.max_receive_message_length", s.max_receive_message_bytes),
                 ("grpc.max_send_message_length", s.max_receive_message_bytes),
-                ("grpc.so_reuseport", 0),
+                # Worker processes of --workers N share the port; a lone server must not
+                # silently share it with another process that happens to bind it too.
+                ("grpc.so_reuseport", 1 if s.workers > 1 else 0),
             ],
         )
         self._add_services(server)
@@ -228,7 +240,7 @@ class CifarServer:
     async def warm_up(self) -> None:
         """Warm the model up, then turn SERVING."""
         s = self.settings
-        await asyncio.to_thread(self.core.warmup)
+        await self.core.warm_up()
         if self.readiness.phase is not Phase.STARTING:
             return  # failed or told to stop while warming up
         self.readiness.set(Phase.SERVING)
@@ -302,6 +314,10 @@ class CifarServer:
 
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT (exit status 0) or a fatal failure (1), shutting down gracefully."""
+    if settings.workers > 1:
+        from .workers import serve_workers
+
+        return await serve_workers(settings)
     server = CifarServer(settings)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -334,10 +350,22 @@ class ServerThread:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="cifar-serve", daemon=True)
         self.server: CifarServer | None = None
+        self.supervisor: Supervisor | None = None
 
     def start(self, wait_ready: bool = True) -> ServerThread:
         """Start serving; with ``wait_ready=False``, return once the port is bound (still warming up)."""
         self._thread.start()
+        if self.settings.workers > 1 and self._runtime is None:
+            from .workers import Supervisor
+
+            self.supervisor = Supervisor(self.settings)
+            run = asyncio.run_coroutine_threadsafe(self.supervisor.start(wait_ready), self._loop)
+            try:
+                run.result()
+            except BaseException:
+                self.stop()
+                raise
+            return self
 
         async def boot() -> CifarServer:
             srv = CifarServer(self.settings, self._runtime)
@@ -351,9 +379,14 @@ class ServerThread:
         return self
 
     @property
+    def _running(self) -> CifarServer | Supervisor:
+        running = self.supervisor or self.server
+        assert running is not None, "not started"
+        return running
+
+    @property
     def port(self) -> int:
-        assert self.server is not None
-        return self.server.port
+        return self._running.port
 
     @property
     def address(self) -> str:
@@ -361,19 +394,20 @@ class ServerThread:
 
     @property
     def metrics_port(self) -> int:
-        assert self.server is not None
-        return self.server.metrics_port
+        return self._running.metrics_port
 
     @property
     def http_port(self) -> int:
-        assert self.server is not None
-        return self.server.http_port
+        return self._running.http_port
 
     @property
     def http_address(self) -> str:
         return f"{self.settings.host}:{self.http_port}"
 
     def stop(self, grace: float | None = None) -> None:
+        if self.supervisor is not None:
+            asyncio.run_coroutine_threadsafe(self.supervisor.stop(grace), self._loop).result()
+            self.supervisor = None
         if self.server is not None:
             asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result()
             self.server = None

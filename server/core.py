@@ -24,7 +24,17 @@ from .metrics import Metrics
 from .settings import Settings
 from .stats import ModelStats, RequestTimes, StatsSnapshot
 
-__all__ = ["InferenceCore", "Phase", "Ranked", "Readiness", "Runtime", "check_sample", "rank"]
+__all__ = [
+    "InferenceCore",
+    "Phase",
+    "Ranked",
+    "Readiness",
+    "Runtime",
+    "RuntimeInfo",
+    "ServingCore",
+    "check_sample",
+    "rank",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,21 +72,27 @@ class ManifestInfo(Protocol):
     def test_accuracy(self) -> float: ...
 
 
-class Runtime(Protocol):
-    """What the core needs of a model runtime (:class:`.runtime.ModelRuntime`, or a test's fake)."""
+class RuntimeInfo(Protocol):
+    """What the servicers read of a runtime (in a worker process, the model process's description)."""
 
-    @property
-    def manifest(self) -> ManifestInfo: ...
     @property
     def sha256(self) -> str: ...
     @property
     def backend(self) -> str: ...
     @property
-    def device(self) -> Any: ...  # has ``.type``: "cpu" or "cuda"
+    def device(self) -> Any: ...  # has ``.type``: "cpu" or "cuda", and ``.index``
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class Runtime(RuntimeInfo, Protocol):
+    """What the core needs of a model runtime (:class:`.runtime.ModelRuntime`, or a test's fake)."""
+
+    @property
+    def manifest(self) -> ManifestInfo: ...
 
     def infer(self, images: np.ndarray) -> np.ndarray: ...
     def warmup(self) -> None: ...
-    def describe(self) -> dict[str, Any]: ...
 
 
 class Phase(enum.Enum):
@@ -110,6 +126,48 @@ class Readiness:
         if self.phase is Phase.DRAINING:
             raise Unavailable("shutting down: not taking new calls; use another replica")
         raise Unavailable(f"server failed ({self.reason}); it is exiting")
+
+
+class ServingCore(Protocol):
+    """What servicers, the edge and the app use of a core: :class:`InferenceCore` in this
+    process, or :class:`.remote.RemoteCore` in a worker process of ``--workers N``."""
+
+    settings: Settings
+    metrics: Metrics
+    readiness: Readiness
+
+    @property
+    def model_name(self) -> str: ...
+    @property
+    def labels(self) -> tuple[str, ...]: ...
+    @property
+    def num_classes(self) -> int: ...
+    @property
+    def model_version(self) -> str: ...
+    @property
+    def max_inflight(self) -> int: ...
+    @property
+    def unloaded(self) -> bool: ...
+    @property
+    def loading(self) -> bool: ...
+    @property
+    def last_load_error(self) -> str: ...
+    @property
+    def runtime(self) -> RuntimeInfo: ...
+
+    def info(self) -> dict[str, Any]: ...
+    def check_model(self, name: str, version: str = "") -> None: ...
+    def check_count(self, n: int) -> None: ...
+    def check_top_k(self, k: int) -> None: ...
+    async def infer(self, images: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, str]: ...
+    async def logits(self, images: np.ndarray, deadline: float | None = None) -> np.ndarray: ...
+    async def statistics(self) -> dict[str, StatsSnapshot]: ...
+    async def load(self, model_dir: str = "") -> str: ...
+    async def unload(self) -> None: ...
+    async def connect(self) -> None: ...
+    def start(self, on_failure: Callable[[BaseException], None] | None = None) -> None: ...
+    async def warm_up(self) -> None: ...
+    async def stop(self) -> None: ...
 
 
 def load_runtime(settings: Settings, slots: int) -> Runtime:
@@ -218,6 +276,8 @@ class InferenceCore:
 
     def _set_version_metric(self, old: str | None, new: str) -> None:
         if old is not None and old != new:
+            # Zeroed first: with --workers N the series lives in a file that removal leaves alone.
+            self.metrics.model_version.labels(self.model_name, old).set(0)
             self.metrics.model_version.remove(self.model_name, old)
         self.metrics.model_version.labels(self.model_name, new).set(1)
 
@@ -239,6 +299,13 @@ class InferenceCore:
 
     def warmup(self) -> None:
         self.runtime.warmup()
+
+    async def warm_up(self) -> None:
+        """Warm the runtime up off the event loop (calls meanwhile get UNAVAILABLE)."""
+        await asyncio.to_thread(self.runtime.warmup)
+
+    async def connect(self) -> None:
+        """Nothing to connect to: the model is in this process (see :class:`.remote.RemoteCore`)."""
 
     def start(self, on_failure: Callable[[BaseException], None] | None = None) -> None:
         """Create the batcher on the running event loop (before warm-up: calls meanwhile get
@@ -305,7 +372,7 @@ class InferenceCore:
             stats = self._stats[version] = ModelStats()
         return stats
 
-    def statistics(self) -> dict[str, StatsSnapshot]:
+    async def statistics(self) -> dict[str, StatsSnapshot]:
         """Every version's statistics that has served (the serving version always included)."""
         self.stats_for(self.model_version)
         return {version: stats.snapshot() for version, stats in self._stats.items()}
@@ -377,7 +444,7 @@ class InferenceCore:
             raise ModelLoadFailed(f"{source}: warm-up or check failed: {type(exc).__name__}: {exc}") from exc
         return runtime, checked
 
-    def unload(self) -> None:
+    async def unload(self) -> None:
         self.unloaded = True
         logger.warning(
             "model %s version %s unloaded: inference answers UNAVAILABLE until a load",

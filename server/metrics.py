@@ -19,7 +19,7 @@ from prometheus_client import (
     make_wsgi_app,
 )
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "enter_multiprocess_mode", "multiprocess_registry", "serve_registry"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,12 @@ class Metrics:
         self.images = Counter(
             "cifar_serve_images", "images classified (rate() gives images per second)", registry=r
         )
-        self.queued_images = Gauge("cifar_serve_queued_images", "images waiting in the queue", registry=r)
+        self.queued_images = Gauge(
+            "cifar_serve_queued_images",
+            "images waiting in the queue",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.dropped = Counter(
             "cifar_serve_dropped_images",
             "queued images dropped before compute, by reason",
@@ -89,17 +94,22 @@ class Metrics:
             "cifar_serve_batch_failures", "batches whose forward pass failed", ["reason"], registry=r
         )
         self.inflight = Gauge(
-            "cifar_serve_inflight_requests", "calls being answered (a stream is one)", registry=r
+            "cifar_serve_inflight_requests",
+            "calls being answered (a stream is one)",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.inflight_bytes = Gauge(
             "cifar_serve_inflight_request_bytes",
             "request bytes held from parsing until answered (bounded by --max-inflight-request-bytes)",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.stream_items = Gauge(
             "cifar_serve_stream_items",
             "requests of open streams being computed or awaiting delivery",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.stream_messages = Counter(
             "cifar_serve_stream_messages",
@@ -108,9 +118,19 @@ class Metrics:
             registry=r,
         )
         self.model_version = Gauge(
-            "cifar_serve_model_version", "1 for the model version serving", ["model", "version"], registry=r
+            "cifar_serve_model_version",
+            "1 for the model version serving",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
-        self.ready = Gauge("cifar_serve_ready", "1 when the server takes inference calls", registry=r)
+        # With --workers N, the least of every process's: 1 only when all take calls.
+        self.ready = Gauge(
+            "cifar_serve_ready",
+            "1 when the server takes inference calls",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
         self._inflight = 0
         self._http: WSGIServer | None = None
 
@@ -140,28 +160,56 @@ class Metrics:
         self.inflight.set(self._inflight)
 
     def serve_http(self, host: str, port: int) -> int:
-        """Expose ``/metrics`` on ``port`` (0: a free one); returns the bound port.
-
-        Only ``/metrics`` answers (404 elsewhere), so a probe pointed at ``/`` or ``/healthz``
-        by mistake fails loudly instead of reading a metrics page as "healthy".
-        """
-        metrics_app = make_wsgi_app(self.registry)
-
-        def app(environ: dict[str, Any], start_response: _StartResponse) -> Iterable[bytes]:
-            if environ.get("PATH_INFO", "") == "/metrics":
-                result: Iterable[bytes] = metrics_app(environ, start_response)
-                return result
-            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
-            return [b"not found: metrics are at /metrics\n"]
-
-        server_class = _ThreadingWSGIServer6 if ":" in host else _ThreadingWSGIServer
-        server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
-        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
-        self._http = server
-        return int(server.server_address[1])
+        """Expose ``/metrics`` on ``port`` (0: a free one); returns the bound port."""
+        self._http = serve_registry(self.registry, host, port)
+        return int(self._http.server_address[1])
 
     def close(self) -> None:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+def serve_registry(registry: CollectorRegistry, host: str, port: int) -> WSGIServer:
+    """Serve ``registry`` at ``/metrics`` on ``host:port`` (0: a free one) from a daemon thread.
+
+    Only ``/metrics`` answers (404 elsewhere), so a probe pointed at ``/`` or ``/healthz``
+    by mistake fails loudly instead of reading a metrics page as "healthy".
+    """
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: _StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO", "") == "/metrics":
+            result: Iterable[bytes] = metrics_app(environ, start_response)
+            return result
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found: metrics are at /metrics\n"]
+
+    server_class = _ThreadingWSGIServer6 if ":" in host else _ThreadingWSGIServer
+    server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server
+
+
+def multiprocess_registry(path: str) -> CollectorRegistry:
+    """One registry over the metrics every process of ``--workers N`` writes under ``path``."""
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=path)
+    return registry
+
+
+def enter_multiprocess_mode(path: str) -> None:
+    """Make metrics created from now on in this process write to ``path`` (a child of ``--workers``).
+
+    prometheus-client picks its value class when first imported, which a spawned child may have
+    done (importing its parent's main module) before it learnt the folder: pick it again.
+    """
+    import os
+
+    from prometheus_client import values
+
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    values.ValueClass = values.get_value_class()

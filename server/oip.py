@@ -1,6 +1,6 @@
 """The Open Inference Protocol (KServe v2) API, ``inference.GRPCInferenceService``.
 
-A thin translation layer like :mod:`.servicer`: protocol tensors in, one :class:`InferenceCore`
+A thin translation layer like :mod:`.servicer`: protocol tensors in, one core
 call, protocol tensors out. v2 requests join the same dynamic batcher as the native API and count
 in the same metrics, under their own method names. Triton's and KServe's clients work unchanged.
 
@@ -29,7 +29,7 @@ import numpy as np
 from cifar_serve.v1 import open_inference_pb2 as pb
 from cifar_serve.v1 import open_inference_pb2_grpc as pb_grpc
 
-from .core import InferenceCore
+from .core import ServingCore
 from .edge import Received, ordered_stream
 from .errors import InferenceError, InvalidInput, ModelNotFound
 from .servicer import STREAM_WINDOW, deadline_of
@@ -304,7 +304,7 @@ def serialize_bytes_tensor(elements: Iterable[bytes]) -> bytes:
     return b"".join(len(e).to_bytes(4, "little") + e for e in elements)
 
 
-def repository_state(core: InferenceCore) -> tuple[str, str]:
+def repository_state(core: ServingCore) -> tuple[str, str]:
     """The model's state in the repository extension (READY, UNAVAILABLE, LOADING) and why."""
     if core.loading:
         return "LOADING", "a new version is loading beside the serving one"
@@ -314,7 +314,7 @@ def repository_state(core: InferenceCore) -> tuple[str, str]:
 
 
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, core: InferenceCore, shm: SharedMemoryRegistry | None = None) -> None:
+    def __init__(self, core: ServingCore, shm: SharedMemoryRegistry | None = None) -> None:
         self.core = core
         self.version = _server_version()
         self.shm = shm if shm is not None else SharedMemoryRegistry()
@@ -472,7 +472,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
         self._repository_model(request.model_name)
-        self.core.unload()
+        await self.core.unload()
         return pb.RepositoryModelUnloadResponse()
 
     # ------------------------------------------------------------------ configuration and statistics
@@ -526,7 +526,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             core.check_model(request.name)
         elif request.version:
             raise InvalidInput("a model version needs a model name")
-        snaps = core.statistics()  # one entry per version that has served
+        snaps = await core.statistics()  # one entry per version that has served
         if request.version:
             if request.version not in snaps:
                 raise ModelNotFound(
@@ -595,7 +595,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def add_oip_to_server(
-    server: grpc.aio.Server, core: InferenceCore, shm: SharedMemoryRegistry | None = None
+    server: grpc.aio.Server, core: ServingCore, shm: SharedMemoryRegistry | None = None
 ) -> str:
     """Serve the Open Inference Protocol on ``server``; returns its full service name (for reflection).
 

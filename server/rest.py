@@ -1,7 +1,7 @@
 """The Open Inference Protocol (KServe v2) over HTTP/REST, as Triton's HTTP endpoint speaks it.
 
 Starlette routes, uvicorn serves (both the maintained standard of Python ASGI; uvicorn runs in
-the server's own event loop, so REST and gRPC calls share one :class:`InferenceCore`, one
+the server's own event loop, so REST and gRPC calls share one core, one
 batcher, one shared memory registry and one set of metrics). Starlette is used without
 FastAPI's request models on purpose: the v2 JSON is translated into the gRPC
 ``ModelInferRequest`` and validated by :func:`.oip.parse_request`, so both APIs accept and
@@ -43,7 +43,7 @@ from starlette.routing import Route
 
 from cifar_serve.v1 import open_inference_pb2 as pb
 
-from .core import InferenceCore
+from .core import ServingCore
 from .edge import ByteBudget
 from .errors import (
     DeadlineExceeded,
@@ -72,6 +72,7 @@ from .oip import (
 )
 from .settings import Settings
 from .shm import SharedMemoryRegistry
+from .stats import StatsSnapshot
 
 __all__ = ["HTTP_STATUS", "RestServer", "build_app", "model_config", "model_stats"]
 
@@ -108,7 +109,7 @@ class BodyTooLarge(ResourceExhausted):
 # exist; then both APIs should answer from one function.
 
 
-def model_metadata(core: InferenceCore) -> dict[str, Any]:
+def model_metadata(core: ServingCore) -> dict[str, Any]:
     return {
         "name": core.model_name,
         "versions": [core.model_version],
@@ -118,7 +119,7 @@ def model_metadata(core: InferenceCore) -> dict[str, Any]:
     }
 
 
-def model_config(core: InferenceCore) -> dict[str, Any]:
+def model_config(core: ServingCore) -> dict[str, Any]:
     """The model's configuration in the shape of Triton's ``model_config`` JSON (the fields that apply)."""
     s = core.settings
     return {
@@ -143,7 +144,7 @@ def model_config(core: InferenceCore) -> dict[str, Any]:
     }
 
 
-def model_stats(core: InferenceCore) -> dict[str, Any]:
+def model_stats(core: ServingCore, snaps: dict[str, StatsSnapshot]) -> dict[str, Any]:
     """Triton's statistics JSON, from the same per-version accumulator as gRPC's ModelStatistics."""
 
     def dur(d: Any) -> dict[str, int]:
@@ -175,7 +176,7 @@ def model_stats(core: InferenceCore) -> dict[str, Any]:
                     for size, phases in sorted(snap.batches.items())
                 ],
             }
-            for version, snap in core.statistics().items()
+            for version, snap in snaps.items()
         ]
     }
 
@@ -339,7 +340,7 @@ def decode_infer(doc: Any, binary: memoryview, model: str, version: str, max_ima
 
 
 def encode_infer(
-    core: InferenceCore,
+    core: ServingCore,
     request_id: str,
     plan: InferPlan,
     binary: tuple[bool, ...],
@@ -399,7 +400,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 class _Api:
     def __init__(
-        self, core: InferenceCore, shm: SharedMemoryRegistry, budget: ByteBudget, settings: Settings
+        self, core: ServingCore, shm: SharedMemoryRegistry, budget: ByteBudget, settings: Settings
     ) -> None:
         self.core = core
         self.shm = shm
@@ -483,7 +484,7 @@ class _Api:
     async def model_stats(self, request: Request) -> Response:
         if "model" in request.path_params:
             self._model(request)
-        return JSONResponse(model_stats(self.core))
+        return JSONResponse(model_stats(self.core, await self.core.statistics()))
 
     # ------------------------------------------------------------------ inference
 
@@ -602,7 +603,7 @@ class _Api:
 
     async def repository_unload(self, request: Request) -> Response:
         self._repository_model(request)
-        self.core.unload()
+        await self.core.unload()
         return JSONResponse({})
 
     # ------------------------------------------------------------------ system shared memory
@@ -631,7 +632,7 @@ class _Api:
 
 
 def build_app(
-    core: InferenceCore, shm: SharedMemoryRegistry, budget: ByteBudget, settings: Settings
+    core: ServingCore, shm: SharedMemoryRegistry, budget: ByteBudget, settings: Settings
 ) -> Starlette:
     api = _Api(core, shm, budget, settings)
     e = api.endpoint
@@ -711,7 +712,7 @@ class RestServer:
     """uvicorn serving :func:`build_app` in the running event loop, on its own port."""
 
     def __init__(
-        self, core: InferenceCore, shm: SharedMemoryRegistry, budget: ByteBudget, settings: Settings
+        self, core: ServingCore, shm: SharedMemoryRegistry, budget: ByteBudget, settings: Settings
     ) -> None:
         self._app = build_app(core, shm, budget, settings)
         self._settings = settings
@@ -726,6 +727,8 @@ class RestServer:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if s.workers > 1:  # every worker process listens on the port; the kernel spreads connections
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             # Accepted connections inherit it: without it a keep-alive response's body waits for
             # the client's delayed ACK of its headers (Nagle), ~40 ms per request.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

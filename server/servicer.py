@@ -13,7 +13,7 @@ import numpy as np
 from cifar_serve.v1 import classifier_pb2 as pb
 from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
 
-from .core import InferenceCore, rank
+from .core import ServingCore, rank
 from .edge import Received, ordered_stream
 from .errors import InferenceError, InvalidInput
 from .preprocess import decode_image, packed_to_array, raw_to_array
@@ -64,7 +64,7 @@ def request_images(request: pb.ClassifyRequest, max_images: int, max_pixels: int
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
-    def __init__(self, core: InferenceCore) -> None:
+    def __init__(self, core: ServingCore) -> None:
         self.core = core
 
     async def _decode(self, request: pb.ClassifyRequest) -> np.ndarray:

@@ -81,6 +81,13 @@ class Settings:
         "free one, -1: off)",
     )
 
+    # --- processes (server/workers.py) ---
+    workers: int = _opt(
+        1,
+        "front-end processes accepting gRPC and REST calls on the same ports (SO_REUSEPORT); with "
+        "2 or more, the model runs in one more process that batches the calls of all of them",
+    )
+
     def __post_init__(self) -> None:
         # Validated here, not in the CLI, so settings built from the environment, from flags or
         # in code are held to the same rules.
@@ -172,6 +179,8 @@ def _problems(s: Settings) -> Sequence[str]:
     for name in positive:
         if getattr(s, name) < 1:
             out.append(f"{_flag(name)} must be at least 1, got {getattr(s, name)}")
+    if not 1 <= s.workers <= 64:
+        out.append(f"--workers must be between 1 and 64, got {s.workers}")
     for name in ("max_batch_delay_ms", "grace_period_s", "max_inflight_batches", "torch_threads"):
         if getattr(s, name) < 0:
             out.append(f"{_flag(name)} must not be negative, got {getattr(s, name)}")

@@ -14,13 +14,20 @@ shrunk, and it checks before each access that the key still names the object it 
 A bad region is the caller's problem (:class:`InvalidInput`), never a crash.
 
 Only the event loop touches the registry (gRPC and REST handlers run there), so it has no lock.
+With ``--workers N`` each worker process has a registry over one shared ``store`` folder: a
+region registered through one worker (one connection) is usable through every other, as a
+client with several connections expects of one server. The folder holds one small record per
+region, written whole before it appears (``link``), and every access reads it again, so an
+unregistration through any worker takes effect everywhere at once.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
+import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +57,7 @@ class _Region:
     fd: int
     ident: tuple[int, int]  # (st_dev, st_ino) of the object opened at registration
     writable: bool
+    token: str = ""  # the shared record this was opened from (``store`` mode)
 
     @property
     def end(self) -> int:
@@ -70,17 +78,18 @@ def _path_for(key: str) -> Path:
 class SharedMemoryRegistry:
     """Registered system shared memory regions, by name."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: Path | None = None) -> None:
         self._regions: dict[str, _Region] = {}
+        self._store = store
 
     # ------------------------------------------------------------------ the extension's API
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         if not name:
             raise InvalidInput("a shared memory region needs a name")
-        if name in self._regions:
+        if self._get(name) is not None:
             raise AlreadyExists(f"shared memory region {name!r} is already registered; unregister it first")
-        if len(self._regions) >= MAX_REGIONS:
+        if len(self) >= MAX_REGIONS:
             raise ResourceExhausted(
                 f"{MAX_REGIONS} shared memory regions are registered, the most this server holds; "
                 "unregister some"
@@ -109,33 +118,63 @@ class SharedMemoryRegistry:
             os.close(fd)
             raise
         status = RegionStatus(name, key, offset, byte_size)
-        self._regions[name] = _Region(status, path, fd, (st.st_dev, st.st_ino), writable)
+        region = _Region(status, path, fd, (st.st_dev, st.st_ino), writable)
+        if self._store is not None:
+            try:
+                region.token = self._publish(region)
+            except BaseException:
+                os.close(fd)
+                raise
+        self._regions[name] = region
         logger.info(
             "registered shared memory region %r: key %r, offset %d, %d bytes", name, key, offset, byte_size
         )
 
     def unregister(self, name: str = "") -> None:
         """Unregister ``name``, or every region when ``name`` is empty (as Triton; unknown names are fine)."""
+        if self._store is not None:
+            for record in [self._record_path(name)] if name else list(self._store.iterdir()):
+                record.unlink(missing_ok=True)
         names = [name] if name else list(self._regions)
         for n in names:
-            region = self._regions.pop(n, None)
-            if region is not None:
-                os.close(region.fd)
+            if self._drop(n):
                 logger.info("unregistered shared memory region %r", n)
 
     def status(self, name: str = "") -> list[RegionStatus]:
         """Every region, or the one named (:class:`NotFound` when unknown)."""
         if not name:
-            return [r.status for r in self._regions.values()]
+            if self._store is None:
+                return [r.status for r in self._regions.values()]
+            records = (self._read_record(p) for p in sorted(self._store.iterdir()))
+            return [
+                RegionStatus(str(r["name"]), str(r["key"]), int(str(r["offset"])), int(str(r["byte_size"])))
+                for r in records
+                if r
+            ]
+        if self._store is not None:
+            record = self._read_record(self._record_path(name))
+            if record is None or record.get("name") != name:
+                raise NotFound(f"shared memory region {name!r} is not registered")
+            return [
+                RegionStatus(
+                    name, str(record["key"]), int(str(record["offset"])), int(str(record["byte_size"]))
+                )
+            ]
         region = self._regions.get(name)
         if region is None:
             raise NotFound(f"shared memory region {name!r} is not registered")
         return [region.status]
 
     def close(self) -> None:
-        self.unregister()
+        """Close this process's descriptors (shared records stay for the other workers)."""
+        if self._store is None:
+            self.unregister()
+        for n in list(self._regions):
+            self._drop(n)
 
     def __len__(self) -> int:
+        if self._store is not None:
+            return sum(1 for _ in self._store.iterdir())
         return len(self._regions)
 
     # ------------------------------------------------------------------ tensor access
@@ -184,8 +223,81 @@ class SharedMemoryRegistry:
         except OSError as exc:
             raise InvalidInput(_open_error(name, key, exc)) from None
 
+    def _drop(self, name: str) -> bool:
+        region = self._regions.pop(name, None)
+        if region is None:
+            return False
+        os.close(region.fd)
+        return True
+
+    def _record_path(self, name: str) -> Path:
+        assert self._store is not None
+        return self._store / name.encode().hex()[:200]
+
+    @staticmethod
+    def _read_record(path: Path) -> dict[str, object] | None:
+        try:
+            record: dict[str, object] = json.loads(path.read_bytes())
+        except (FileNotFoundError, ValueError):
+            return None
+        return record
+
+    def _publish(self, region: _Region) -> str:
+        """Write ``region``'s record to the store; :class:`AlreadyExists` if another worker has one."""
+        assert self._store is not None
+        token = secrets.token_hex(8)
+        st = region.status
+        record = {
+            "name": st.name,
+            "key": st.key,
+            "offset": st.offset,
+            "byte_size": st.byte_size,
+            "ident": list(region.ident),
+            "token": token,
+        }
+        final = self._record_path(st.name)
+        partial = self._store.parent / f".{final.name}.{token}"
+        partial.write_text(json.dumps(record))
+        try:
+            os.link(partial, final)  # appears whole, and only if no record of that name exists
+        except FileExistsError:
+            raise AlreadyExists(
+                f"shared memory region {st.name!r} is already registered; unregister it first"
+            ) from None
+        finally:
+            partial.unlink()
+        return token
+
+    def _get(self, name: str) -> _Region | None:
+        """The region registered as ``name`` now, opened in this process; None if there is none."""
+        local = self._regions.get(name)
+        if self._store is None:
+            return local
+        record = self._read_record(self._record_path(name))
+        if record is None or record.get("name") != name:
+            self._drop(name)
+            return None
+        if local is not None and local.token == record["token"]:
+            return local
+        self._drop(name)  # unregistered and registered again through another worker
+        key = str(record["key"])
+        path = _path_for(key)
+        fd, writable = self._open(name, key, path)
+        st = os.fstat(fd)
+        ident = (st.st_dev, st.st_ino)
+        if list(ident) != record["ident"]:
+            os.close(fd)
+            raise InvalidInput(
+                f"shared memory region {name!r}: key {key!r} now names another object "
+                "than the one registered; unregister and register it again"
+            )
+        status = RegionStatus(name, key, int(str(record["offset"])), int(str(record["byte_size"])))
+        region = _Region(status, path, fd, ident, writable, str(record["token"]))
+        self._regions[name] = region
+        return region
+
     def _span(self, name: str, offset: int, byte_size: int, what: str) -> tuple[_Region, int]:
-        region = self._regions.get(name)
+        region = self._get(name)
         if region is None:
             raise InvalidInput(f"{what}: shared memory region {name!r} is not registered")
         size = region.status.byte_size

@@ -1,0 +1,557 @@
+"""The link between front-end worker processes and the one model process (``--workers N``).
+
+Each worker keeps its own arena: a file in the server's run folder (on ``/dev/shm`` where the
+host has it, so it is memory) that the worker maps and the model process reads and writes by
+offset. A request's uint8 images go into a slot of the arena, only ``(slot, offset, count)``
+crosses the Unix socket, the model process batches the images of every worker together and
+writes the logits back into the same slot. Requests too large for a slot, or arriving when
+every slot is taken, get a segment file of their own for their lifetime.
+
+:class:`RemoteCore` is the worker's stand-in for :class:`~.core.InferenceCore`: the servicers
+and the edge cannot tell them apart. :class:`ModelHost` serves the model process's core to
+the workers. Control calls (statistics, load, unload) travel over the same socket; the model
+process pushes its state (phase, version, model description) whenever it changes.
+
+The model process reads and writes arenas with ``pread``/``pwrite``, never a mapping, so a
+worker that dies or truncates its file cannot crash the process every worker depends on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import mmap
+import os
+import pickle
+import struct
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from .core import InferenceCore, Phase, Readiness
+from .errors import InferenceError, InternalError, InvalidInput, ModelNotFound, Unavailable
+from .metrics import Metrics
+from .settings import Settings
+from .stats import StatsSnapshot
+
+__all__ = ["ModelHost", "RemoteCore"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_BYTES = 32 * 32 * 3
+SLOT_BYTES = 64 * 1024  # 20 single images with their logits: every small request fits one slot
+ARENA_SLOTS = 256  # slots per worker (16 MiB); more requests at once spill into segment files
+_HEADER = struct.Struct("!I")
+
+
+# ---------------------------------------------------------------------------- framing
+
+
+def _frame(message: object) -> bytes:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(body)) + body
+
+
+async def _read(reader: asyncio.StreamReader) -> Any:
+    """The next message, or None at end of stream."""
+    try:
+        head = await reader.readexactly(_HEADER.size)
+        (size,) = _HEADER.unpack(head)
+        body = await reader.readexactly(size)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    # Only processes of this server, started by its supervisor, can reach the socket (its folder
+    # is private to the user running the server): these messages are our own.
+    return pickle.loads(body)
+
+
+def _pad(n: int) -> int:
+    return (n + 63) // 64 * 64
+
+
+def _layout(n: int, num_classes: int) -> tuple[int, int]:
+    """Bytes of ``n`` images (padded), and the total with their float32 logits after them."""
+    images = _pad(n * IMAGE_BYTES)
+    return images, images + _pad(n * num_classes * 4)
+
+
+# ---------------------------------------------------------------------------- worker side
+
+
+@dataclass
+class _Pending:
+    future: asyncio.Future[tuple[np.ndarray, str]]
+    n: int
+    out_offset: int
+    slot: int | None  # arena slot, or None for a segment of its own
+    segment: tuple[Path, int] | None = None  # (path, fd)
+
+
+@dataclass
+class _RuntimeView:
+    """What the servicers read of the runtime, as the model process last described it."""
+
+    backend: str = ""
+    sha256: str = ""
+    device: Any = field(default_factory=lambda: SimpleNamespace(type="cpu", index=None))
+    description: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.description)
+
+
+class RemoteCore:
+    """A worker's view of the core in the model process (same surface as ``InferenceCore``)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, socket_path: str, run_dir: str, index: int):
+        self.settings = settings
+        self.metrics = metrics
+        self.readiness = Readiness()
+        self._socket_path = socket_path
+        self._dir = Path(run_dir)
+        self._index = index
+        self._state: dict[str, Any] = {}
+        self._runtime = _RuntimeView()
+        self._changed = asyncio.Event()
+        self._pending: dict[int, _Pending] = {}
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._ids = itertools.count(1)
+        self._free = list(range(ARENA_SLOTS - 1, -1, -1))
+        self._arena_path = self._dir / f"worker-{index}.arena"
+        self._arena: mmap.mmap | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._on_failure: Callable[[BaseException], None] | None = None
+        self._closing = False
+        self.lost: BaseException | None = None
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def connect(self) -> None:
+        """Create the arena, connect to the model process and read its first state."""
+        fd = os.open(self._arena_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, ARENA_SLOTS * SLOT_BYTES)
+            self._arena = mmap.mmap(fd, ARENA_SLOTS * SLOT_BYTES)
+        finally:
+            os.close(fd)
+        reader, self._writer = await asyncio.open_unix_connection(self._socket_path)
+        self._writer.write(_frame(("hello", self._index, str(self._arena_path))))
+        first = await _read(reader)
+        if first is None or first[0] != "state":
+            raise Unavailable("the model process closed the connection at start-up")
+        self._apply(first[1])
+        self._reader_task = asyncio.get_running_loop().create_task(self._read_loop(reader), name="model-link")
+
+    def start(self, on_failure: Callable[[BaseException], None] | None = None) -> None:
+        self._on_failure = on_failure
+
+    async def warm_up(self) -> None:
+        """Wait until the model process is warm (or has failed: readiness then says so)."""
+        while self._state.get("phase") == Phase.STARTING.value and self.lost is None:
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def stop(self) -> None:
+        self._closing = True
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(ConnectionError):
+                await self._writer.wait_closed()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader_task
+        for p in list(self._pending.values()):
+            self._release(p)
+        self._pending.clear()
+        if self._arena is not None:
+            with contextlib.suppress(BufferError):
+                self._arena.close()
+        with contextlib.suppress(FileNotFoundError):
+            self._arena_path.unlink()
+
+    # ------------------------------------------------------------------ state pushed by the model
+
+    def _apply(self, state: dict[str, Any]) -> None:
+        self._state = state
+        rt = state["runtime"]
+        self._runtime = _RuntimeView(
+            rt["backend"],
+            rt["sha256"],
+            SimpleNamespace(type=rt["device_type"], index=rt["device_index"]),
+            rt["describe"],
+        )
+        if state["phase"] == Phase.FAILED.value and self.readiness.phase is not Phase.FAILED:
+            self._fail(Unavailable(state["reason"] or "the model process failed"))
+        self._changed.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        self.lost = exc
+        self.readiness.set(Phase.FAILED, str(exc))
+        for p in list(self._pending.values()):
+            if not p.future.done():
+                p.future.set_exception(Unavailable(f"model process lost: {exc}"))
+        for fut in self._calls.values():
+            if not fut.done():
+                fut.set_exception(Unavailable(f"model process lost: {exc}"))
+        self._calls.clear()
+        self._changed.set()
+        if self._on_failure is not None:
+            self._on_failure(exc)
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            message = await _read(reader)
+            if message is None:
+                if not self._closing:
+                    logger.error("worker %d: the model process closed its connection", self._index)
+                    self._fail(ConnectionError("the model process exited"))
+                return
+            kind = message[0]
+            if kind == "state":
+                self._apply(message[1])
+            elif kind in ("done", "error"):
+                self._answered(message)
+            elif kind in ("result", "raise"):
+                fut = self._calls.pop(message[1], None)
+                if fut is not None and not fut.done():
+                    if kind == "result":
+                        fut.set_result(message[2])
+                    else:
+                        fut.set_exception(message[2])
+
+    def _answered(self, message: tuple[Any, ...]) -> None:
+        p = self._pending.pop(message[1], None)
+        if p is None:
+            return
+        try:
+            if p.future.done():  # cancelled by its caller: only the space is given back
+                return
+            if message[0] == "error":
+                p.future.set_exception(message[2])
+                return
+            shape = (p.n, self.num_classes)
+            if p.slot is not None:
+                assert self._arena is not None
+                start = p.slot * SLOT_BYTES + p.out_offset
+                logits = np.frombuffer(self._arena, np.float32, p.n * self.num_classes, start).reshape(shape)
+                p.future.set_result((logits.copy(), message[2]))
+            else:
+                assert p.segment is not None
+                raw = os.pread(p.segment[1], p.n * self.num_classes * 4, p.out_offset)
+                p.future.set_result((np.frombuffer(raw, np.float32).reshape(shape), message[2]))
+        finally:
+            self._release(p)
+
+    def _release(self, p: _Pending) -> None:
+        if p.slot is not None:
+            self._free.append(p.slot)
+        elif p.segment is not None:
+            path, fd = p.segment
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    # ------------------------------------------------------------------ what the servicers read
+
+    @property
+    def model_name(self) -> str:
+        return str(self._state["model_name"])
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self._state["labels"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._state["labels"])
+
+    @property
+    def model_version(self) -> str:
+        return str(self._state["version"])
+
+    @property
+    def max_inflight(self) -> int:
+        return int(self._state["max_inflight"])
+
+    @property
+    def unloaded(self) -> bool:
+        return bool(self._state["unloaded"])
+
+    @property
+    def loading(self) -> bool:
+        return bool(self._state["loading"])
+
+    @property
+    def last_load_error(self) -> str:
+        return str(self._state["last_load_error"])
+
+    @property
+    def runtime(self) -> _RuntimeView:
+        return self._runtime
+
+    def info(self) -> dict[str, Any]:
+        return dict(self._state["info"])
+
+    def check_model(self, name: str, version: str = "") -> None:
+        if name != self.model_name:
+            raise ModelNotFound(f"unknown model {name!r}; this server serves {self.model_name!r}")
+        if version and version != self.model_version:
+            raise ModelNotFound(
+                f"model {name!r} has no version {version!r}; available: {self.model_version!r}"
+            )
+
+    def check_count(self, n: int) -> None:
+        if n == 0:
+            raise InvalidInput("request holds no images")
+        if n > self.settings.max_images_per_request:
+            raise InvalidInput(
+                f"request holds {n} images, more than the limit of {self.settings.max_images_per_request} "
+                "per request; split it"
+            )
+
+    def check_top_k(self, k: int) -> None:
+        if not 1 <= k <= self.num_classes:
+            raise InvalidInput(f"top_k must be between 1 and {self.num_classes}, got {k}")
+
+    # ------------------------------------------------------------------ calls
+
+    def _send(self, message: object) -> None:
+        if self.lost is not None or self._writer is None or self._writer.is_closing():
+            raise Unavailable("the model process is gone; this server is exiting")
+        self._writer.write(_frame(message))
+
+    async def logits(self, images: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        return (await self.infer(images, deadline))[0]
+
+    async def infer(self, images: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, str]:
+        """Logits for uint8 ``[n,32,32,3]`` images from the model process, and their version."""
+        n = int(images.shape[0])
+        self.check_count(n)
+        if self.unloaded:
+            raise Unavailable(
+                f"model {self.model_name!r} is unloaded; load it again with RepositoryModelLoad"
+            )
+        images_bytes, total = _layout(n, self.num_classes)
+        rid = next(self._ids)
+        future: asyncio.Future[tuple[np.ndarray, str]] = asyncio.get_running_loop().create_future()
+        if total <= SLOT_BYTES and self._free and self._arena is not None:
+            slot = self._free.pop()
+            base = slot * SLOT_BYTES
+            np.frombuffer(self._arena, np.uint8, n * IMAGE_BYTES, base).reshape(images.shape)[...] = images
+            pending = _Pending(future, n, images_bytes, slot)
+            message: tuple[Any, ...] = ("infer", rid, -1, base, n, base + images_bytes, deadline)
+        else:
+            path = self._dir / f"worker-{self._index}-{rid}.segment"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            pending = _Pending(future, n, images_bytes, None, (path, fd))
+            try:
+                os.ftruncate(fd, total)
+                os.pwrite(fd, np.ascontiguousarray(images, np.uint8).data, 0)
+            except BaseException:
+                self._release(pending)
+                raise
+            message = ("infer", rid, str(path), 0, n, images_bytes, deadline)
+        try:
+            self._send(message)
+        except BaseException:
+            self._release(pending)
+            raise
+        self._pending[rid] = pending
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # The model process may be computing it: its space is given back when it answers.
+            if rid in self._pending and self.lost is None and self._writer is not None:
+                self._writer.write(_frame(("cancel", rid)))
+            raise
+
+    async def _call(self, name: str, *args: Any) -> Any:
+        rid = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._send(("call", rid, name, args))
+        self._calls[rid] = future
+        return await future
+
+    async def statistics(self) -> dict[str, StatsSnapshot]:
+        result: dict[str, StatsSnapshot] = await self._call("statistics")
+        return result
+
+    async def load(self, model_dir: str = "") -> str:
+        return str(await self._call("load", model_dir))
+
+    async def unload(self) -> None:
+        await self._call("unload")
+
+
+# ---------------------------------------------------------------------------- model side
+
+
+class _Link:
+    """One worker's connection, and the files it named."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.arena_fd = -1
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+
+    def start(self, rid: int, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks[rid] = task
+        task.add_done_callback(lambda _t: self.tasks.pop(rid, None))
+
+    def cancel(self, rid: int) -> None:
+        task = self.tasks.get(rid)
+        if task is not None:
+            task.cancel()
+
+    def send(self, message: object) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(_frame(message))
+
+    def close(self) -> None:
+        for task in self.tasks.values():
+            task.cancel()
+        if self.arena_fd >= 0:
+            os.close(self.arena_fd)
+            self.arena_fd = -1
+        self.writer.close()
+
+
+class ModelHost:
+    """Serves an :class:`InferenceCore` to the worker processes over a Unix socket."""
+
+    def __init__(self, core: InferenceCore, socket_path: str) -> None:
+        self.core = core
+        self.socket_path = socket_path
+        self._links: set[_Link] = set()
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_unix_server(self._serve_link, self.socket_path)
+        os.chmod(self.socket_path, 0o600)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for link in list(self._links):
+            link.close()
+        self._links.clear()
+
+    def state(self) -> dict[str, Any]:
+        core = self.core
+        rt = core.runtime
+        device = rt.device
+        return {
+            "phase": core.readiness.phase.value,
+            "reason": core.readiness.reason,
+            "model_name": core.model_name,
+            "labels": list(core.labels),
+            "version": core.model_version,
+            "max_inflight": core.max_inflight,
+            "unloaded": core.unloaded,
+            "loading": core.loading,
+            "last_load_error": core.last_load_error,
+            "info": core.info(),
+            "runtime": {
+                "backend": rt.backend,
+                "sha256": rt.sha256,
+                "device_type": device.type,
+                "device_index": getattr(device, "index", None),
+                "describe": rt.describe(),
+            },
+        }
+
+    def publish(self) -> None:
+        """Tell every worker the current state (after warm-up, a load, an unload, a failure)."""
+        state = self.state()
+        for link in self._links:
+            link.send(("state", state))
+
+    async def _serve_link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        link = _Link(writer)
+        self._links.add(link)
+        try:
+            hello = await _read(reader)
+            if hello is None or hello[0] != "hello":
+                return
+            link.arena_fd = os.open(hello[2], os.O_RDWR | os.O_CLOEXEC)
+            link.send(("state", self.state()))
+            while (message := await _read(reader)) is not None:
+                kind = message[0]
+                if kind == "infer":
+                    link.start(message[1], self._infer(link, *message[1:]))
+                elif kind == "cancel":
+                    link.cancel(message[1])
+                elif kind == "call":
+                    asyncio.get_running_loop().create_task(self._call(link, *message[1:]))
+        except Exception:
+            logger.exception("model process: a worker's connection failed")
+        finally:
+            self._links.discard(link)
+            link.close()
+
+    async def _infer(
+        self,
+        link: _Link,
+        rid: int,
+        segment: str | int,
+        in_offset: int,
+        n: int,
+        out_offset: int,
+        deadline: float | None,
+    ) -> None:
+        own = isinstance(segment, str)
+        fd = os.open(segment, os.O_RDWR | os.O_CLOEXEC) if isinstance(segment, str) else link.arena_fd
+        try:
+            images = np.empty((n, 32, 32, 3), np.uint8)
+            if os.preadv(fd, [images.data], in_offset) != images.nbytes:
+                raise InternalError("a worker's request vanished from shared memory before it was read")
+            logits, version = await self.core.infer(images, deadline)
+            data = np.ascontiguousarray(logits, np.float32).data
+            if os.pwrite(fd, data, out_offset) != data.nbytes:
+                raise InternalError("could not write logits back to the worker's shared memory")
+            link.send(("done", rid, version))
+        except asyncio.CancelledError:
+            link.send(("error", rid, Unavailable("cancelled")))
+        except InferenceError as exc:
+            link.send(("error", rid, exc))
+        except Exception as exc:
+            logger.exception("model process: inference failed")
+            link.send(("error", rid, InternalError(f"inference failed: {type(exc).__name__}")))
+        finally:
+            if own:
+                os.close(fd)
+
+    async def _call(self, link: _Link, rid: int, name: str, args: tuple[Any, ...]) -> None:
+        core = self.core
+        try:
+            if name == "statistics":
+                result: Any = await core.statistics()
+            elif name == "load":
+                task = asyncio.ensure_future(core.load(*args))
+                await asyncio.sleep(0)  # the core marks itself loading: tell the workers
+                self.publish()
+                try:
+                    result = await task
+                finally:
+                    self.publish()
+            elif name == "unload":
+                await core.unload()
+                result = None
+                self.publish()
+            else:
+                raise InternalError(f"unknown call {name!r}")
+            link.send(("result", rid, result))
+        except InferenceError as exc:
+            link.send(("raise", rid, exc))
+        except Exception as exc:
+            logger.exception("model process: %s failed", name)
+            link.send(("raise", rid, InternalError(f"{name} failed: {type(exc).__name__}: {exc}")))

@@ -1,0 +1,462 @@
+"""``--workers N``: N front-end processes on the same ports, one model process behind them.
+
+The supervisor (the process ``cifar-serve`` starts as) binds nothing itself but placeholder
+sockets that reserve the ports, serves ``/metrics`` for all processes (prometheus-client's
+multiprocess mode), and starts the children with the ``spawn`` method, so no child inherits
+a gRPC object, a thread or a loaded model:
+
+* the **model process** loads and warms the model and runs the one batcher; workers reach it
+  over a Unix socket and hand it uint8 images through shared memory (:mod:`.remote`);
+* each **worker** runs the whole gRPC and REST edge (TLS, token, limits, health, reflection,
+  decoding, both APIs and their streams) on ports shared with ``SO_REUSEPORT``, so the kernel
+  spreads connections over the workers and every core parses and decodes.
+
+Shutdown keeps every accepted call: SIGTERM (or SIGINT) makes every worker drain as a single
+server does (NOT_SERVING, refuse new calls, finish accepted ones within the grace period), and
+only when all have exited is the model process told to stop. A child that dies on its own is
+noticed at once: the others turn NOT_SERVING and drain, and the supervisor exits 1, so an
+orchestrator restarts the whole server; no caller waits on a process that is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from .settings import Settings
+
+__all__ = ["Supervisor", "serve_workers"]
+
+logger = logging.getLogger(__name__)
+
+_CTX = multiprocessing.get_context("spawn")
+_START_TIMEOUT_S = 600.0  # loading a model on a cold GPU host can take minutes
+
+
+class StartupFailed(RuntimeError):
+    """A child could not start; its one-line reason."""
+
+
+def _run_dir() -> Path:
+    # /dev/shm is memory on Linux: the arenas live there. Elsewhere a temporary folder does.
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    path = Path(tempfile.mkdtemp(prefix="cifar-serve-", dir=base))
+    for sub in ("metrics", "regions"):
+        (path / sub).mkdir()
+    return path
+
+
+def _reserve(host: str, port: int, flag: str) -> socket.socket:
+    """A bound, never listening SO_REUSEPORT socket: holds ``port`` (0: a free one) for the workers."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        from .app import StartupError
+
+        raise StartupError(f"cannot listen on {host}:{port} ({flag}): {exc.strerror or exc}") from None
+    return sock
+
+
+def _child_setup(settings: Settings, run_dir: str, name: str) -> None:
+    from .metrics import enter_multiprocess_mode
+
+    enter_multiprocess_mode(str(Path(run_dir) / "metrics"))
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s {name}[%(process)d] %(name)s: %(message)s",
+    )
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
+
+
+def _watch_parent(conn: Connection, on_message: Any) -> None:
+    """Call ``on_message(msg)`` for each message from the supervisor, ``on_message(None)`` at its end."""
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            loop.remove_reader(conn.fileno())
+            on_message(None)
+            return
+        on_message(message)
+
+    loop.add_reader(conn.fileno(), readable)
+
+
+# ---------------------------------------------------------------------------- the model process
+
+
+def model_main(settings: Settings, run_dir: str, conn: Connection) -> None:
+    _child_setup(settings, run_dir, "model")
+    # Ctrl-C reaches the whole process group: the model keeps serving while the workers drain,
+    # and stops when the supervisor says so.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    raise SystemExit(asyncio.run(_model(settings, run_dir, conn)))
+
+
+async def _model(settings: Settings, run_dir: str, conn: Connection) -> int:
+    from .core import InferenceCore, Phase
+    from .errors import InferenceError
+    from .metrics import Metrics
+    from .remote import ModelHost
+
+    try:
+        core = InferenceCore(settings, Metrics())
+    except Exception as exc:  # the artifact is missing, corrupt or fails its sha256
+        conn.send(("failed", str(exc)))
+        return 2
+    host = ModelHost(core, str(Path(run_dir) / "model.sock"))
+    failed = asyncio.Event()
+    stop = asyncio.Event()
+    loads: set[asyncio.Task[None]] = set()
+
+    def on_failure(exc: BaseException) -> None:
+        core.readiness.set(Phase.FAILED, f"batcher died: {type(exc).__name__}: {exc}")
+        core.metrics.ready.set(0)
+        host.publish()
+        failed.set()
+
+    async def reload() -> None:
+        if not core.readiness.serving:
+            logger.warning("SIGHUP ignored: not serving yet (or draining)")
+            return
+        logger.info("SIGHUP: loading %s", settings.model_dir)
+        with contextlib.suppress(InferenceError):  # the core logs why; the old version serves on
+            task = asyncio.ensure_future(core.load())
+            await asyncio.sleep(0)
+            host.publish()
+            try:
+                await task
+            finally:
+                host.publish()
+
+    def on_message(message: Any) -> None:
+        if message == "reload":
+            task = asyncio.get_running_loop().create_task(reload())
+            loads.add(task)
+            task.add_done_callback(loads.discard)
+        else:  # "stop", or the supervisor is gone
+            stop.set()
+
+    core.start(on_failure=on_failure)
+    await host.start()
+    _watch_parent(conn, on_message)
+    conn.send(("listening",))
+    await core.warm_up()
+    if core.readiness.phase is Phase.STARTING:
+        core.readiness.set(Phase.SERVING)
+        core.metrics.ready.set(1)
+        host.publish()
+        d = core.runtime.describe()
+        logger.info(
+            "model %s v%s warm: %s",
+            core.model_name,
+            core.model_version,
+            ", ".join(f"{k} {v}" for k, v in d.items() if isinstance(v, (str, int, float, bool))),
+        )
+        conn.send(("ready",))
+    waits = [asyncio.ensure_future(e.wait()) for e in (stop, failed)]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()
+    await core.stop()
+    await host.close()
+    return 1 if failed.is_set() else 0
+
+
+# ---------------------------------------------------------------------------- a worker process
+
+
+def worker_main(settings: Settings, run_dir: str, index: int, conn: Connection) -> None:
+    _child_setup(settings, run_dir, f"worker-{index}")
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads go to the model process
+    raise SystemExit(asyncio.run(_worker(settings, run_dir, index, conn)))
+
+
+async def _worker(settings: Settings, run_dir: str, index: int, conn: Connection) -> int:
+    from .app import CifarServer, StartupError
+    from .metrics import Metrics
+    from .remote import RemoteCore
+    from .shm import SharedMemoryRegistry
+
+    core = RemoteCore(settings, Metrics(), str(Path(run_dir) / "model.sock"), run_dir, index)
+    try:
+        await core.connect()
+        server = CifarServer(settings, core=core, shm=SharedMemoryRegistry(Path(run_dir) / "regions"))
+        await server.bind()
+    except (OSError, StartupError) as exc:
+        conn.send(("failed", str(exc)))
+        await core.stop()
+        return 2
+    conn.send(("bound", server.port, server.http_port))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    _watch_parent(conn, lambda message: stop.set())
+    await server.warm_up()
+    waits = [asyncio.ensure_future(e.wait()) for e in (stop, server.failed)]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()
+    await server.stop()
+    return server.exit_code
+
+
+# ---------------------------------------------------------------------------- the supervisor
+
+
+@dataclasses.dataclass
+class _Child:
+    name: str
+    process: BaseProcess
+    conn: Connection
+
+
+class Supervisor:
+    """Starts, watches and stops the model process and the workers (``--workers N``)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port = 0
+        self.http_port = -1
+        self.metrics_port = -1
+        self.exit_code = 0
+        self.failed = asyncio.Event()
+        self._model: _Child | None = None
+        self._workers: list[_Child] = []
+        self._reserved: list[socket.socket] = []
+        self._run_dir: Path | None = None
+        self._metrics_http: Any = None
+        self._ready = asyncio.Event()
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self._watch: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    async def start(self, wait_ready: bool = True) -> None:
+        s = self.settings
+        self._run_dir = _run_dir()
+        try:
+            await self._start(s)
+        except BaseException:
+            await self._teardown()
+            raise
+        self._watch = asyncio.get_running_loop().create_task(self._watch_children(), name="supervisor")
+        if wait_ready:
+            await self.wait_ready()
+
+    async def _start(self, s: Settings) -> None:
+        from .app import StartupError
+        from .metrics import multiprocess_registry, serve_registry
+
+        assert self._run_dir is not None
+        grpc_sock = _reserve(s.host, s.port, "--host/--port")
+        self._reserved.append(grpc_sock)
+        self.port = int(grpc_sock.getsockname()[1])
+        if s.http_port >= 0:
+            http_sock = _reserve(s.host, s.http_port, "--http-port")
+            self._reserved.append(http_sock)
+            self.http_port = int(http_sock.getsockname()[1])
+        if s.metrics_port >= 0:
+            try:
+                registry = multiprocess_registry(str(self._run_dir / "metrics"))
+                self._metrics_http = serve_registry(registry, s.host, s.metrics_port)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot serve metrics on {s.host}:{s.metrics_port} (--metrics-port): "
+                    f"{exc.strerror or exc}"
+                ) from None
+            self.metrics_port = int(self._metrics_http.server_address[1])
+        child = dataclasses.replace(s, port=self.port, http_port=self.http_port, metrics_port=-1)
+        run_dir = str(self._run_dir)
+        self._model = self._spawn("model", model_main, (child, run_dir))
+        await self._expect(self._model, "listening")
+        for i in range(s.workers):
+            self._workers.append(self._spawn(f"worker-{i}", worker_main, (child, run_dir, i)))
+        for w in self._workers:
+            await self._expect(w, "bound")
+        logger.info(
+            "listening on %s:%d (REST %d, metrics %d) with %d worker processes; warming up",
+            s.host,
+            self.port,
+            self.http_port,
+            self.metrics_port,
+            s.workers,
+        )
+
+    def _spawn(self, name: str, target: Any, args: tuple[Any, ...]) -> _Child:
+        parent, child = _CTX.Pipe()
+        process = _CTX.Process(target=target, args=(*args, child), name=f"cifar-serve-{name}", daemon=False)
+        process.start()
+        child.close()
+        return _Child(name, process, parent)
+
+    async def _recv(self, child: _Child, timeout: float) -> Any:
+        """The child's next message; StartupFailed if it exits first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not child.conn.poll():
+            if not child.process.is_alive():
+                raise StartupFailed(f"{child.name} exited with status {child.process.exitcode}")
+            if loop.time() > deadline:
+                raise StartupFailed(f"{child.name} did not start within {timeout:.0f}s")
+            await asyncio.sleep(0.02)
+        try:
+            return child.conn.recv()
+        except EOFError:
+            raise StartupFailed(f"{child.name} exited with status {child.process.exitcode}") from None
+
+    async def _expect(self, child: _Child, what: str) -> Any:
+        from .app import StartupError
+
+        try:
+            message = await self._recv(child, _START_TIMEOUT_S)
+        except StartupFailed as exc:
+            raise StartupError(str(exc)) from None
+        if message[0] == "failed":
+            raise StartupError(message[1])
+        if message[0] != what:
+            raise StartupError(f"{child.name}: unexpected {message!r}")
+        return message
+
+    async def wait_ready(self) -> None:
+        """Wait until the model process is warm (workers then turn SERVING by themselves)."""
+        if self._ready.is_set():
+            return
+        assert self._model is not None
+        await self._expect(self._model, "ready")
+        self._ready.set()
+
+    def reload(self) -> None:
+        """SIGHUP: the model process loads ``--model-dir`` again as a new version."""
+        if self._model is not None:
+            with contextlib.suppress(OSError):
+                self._model.conn.send("reload")
+
+    async def _watch_children(self) -> None:
+        loop = asyncio.get_running_loop()
+        children = [c for c in (self._model, *self._workers) if c is not None]
+        ended: asyncio.Future[_Child] = loop.create_future()
+
+        def on_exit(child: _Child) -> None:
+            loop.remove_reader(child.process.sentinel)
+            if not ended.done():
+                ended.set_result(child)
+
+        for c in children:
+            loop.add_reader(c.process.sentinel, on_exit, c)
+        try:
+            child = await ended
+        finally:
+            for c in children:
+                loop.remove_reader(c.process.sentinel)
+        if self._stopping:
+            return
+        child.process.join()
+        logger.error(
+            "%s exited unexpectedly (status %s): shutting the server down",
+            child.name,
+            child.process.exitcode,
+        )
+        self.exit_code = 1
+        self.failed.set()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain every worker (each within the grace period), then stop the model process."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.settings.grace_period_s if grace is None else grace
+        started = time.monotonic()
+        if self._watch is not None:
+            self._watch.cancel()
+        for w in self._workers:
+            if w.process.is_alive() and w.process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.process.pid, signal.SIGTERM)
+        for w in self._workers:
+            await self._join(w, grace + 5.0)
+            if w.process.exitcode not in (0, None) and self.exit_code == 0:
+                self.exit_code = 1
+        if self._model is not None:
+            with contextlib.suppress(OSError):
+                self._model.conn.send("stop")
+            await self._join(self._model, 10.0)
+        await self._teardown()
+        logger.info(
+            "stopped %d workers and the model process in %.2fs",
+            len(self._workers),
+            time.monotonic() - started,
+        )
+        self._stopped.set()
+
+    @staticmethod
+    async def _join(child: _Child, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while child.process.is_alive() and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        if child.process.is_alive():
+            logger.error("%s did not exit within %.1fs: killing it", child.name, timeout)
+            child.process.kill()
+        child.process.join()
+        child.conn.close()
+
+    async def _teardown(self) -> None:
+        for c in [*self._workers, *([self._model] if self._model else [])]:
+            if c.process.is_alive():
+                c.process.kill()
+            c.process.join()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
+        for sock in self._reserved:
+            sock.close()
+        self._reserved.clear()
+        if self._run_dir is not None:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+            self._run_dir = None
+
+
+async def serve_workers(settings: Settings) -> int:
+    """``cifar-serve --workers N``: run until SIGTERM/SIGINT (0) or a child's failure (1)."""
+    supervisor = Supervisor(settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, supervisor.reload)
+    await supervisor.start(wait_ready=False)  # each worker turns SERVING once the model is warm
+    stopping = asyncio.ensure_future(stop.wait())
+    failing = asyncio.ensure_future(supervisor.failed.wait())
+    await asyncio.wait({stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (stopping, failing):
+        task.cancel()
+    await supervisor.stop()
+    return supervisor.exit_code
