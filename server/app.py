@@ -49,6 +49,10 @@ _UNGATED = tuple(
 )
 
 
+def format_answered(answered: dict[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(answered.items())) if answered else "no calls"
+
+
 class StartupError(RuntimeError):
     """The server cannot start (a port taken, a file unreadable): one line for the operator."""
 
@@ -290,11 +294,12 @@ class CifarServer:
         self.metrics.close()
         self._server = None
         self._stopped.set()
-        # One line a supervisor (or a test) can read: what was answered, and how.
-        answered = self.metrics.answered()
+        # One line a supervisor (or a test) can read: what was answered, and how. A worker of
+        # --workers N says what it answered; the supervisor then logs the server's total.
         logger.info(
-            "stopped; answered %s",
-            " ".join(f"{k}={v}" for k, v in sorted(answered.items())) if answered else "no calls",
+            "%s; answered %s",
+            "stopped" if self.settings.workers == 1 else "worker exiting",
+            format_answered(self.metrics.answered()),
         )
 
     async def reload(self) -> None:
@@ -399,6 +404,15 @@ class ServerThread:
     @property
     def http_port(self) -> int:
         return self._running.http_port
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """A sample's current value over every process of the server (0 when absent)."""
+        if self.supervisor is not None:
+            registry = self.supervisor.registry()
+        else:
+            assert self.server is not None
+            registry = self.server.metrics.registry
+        return float(registry.get_sample_value(name, labels or {}) or 0.0)
 
     @property
     def http_address(self) -> str:

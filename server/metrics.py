@@ -19,7 +19,7 @@ from prometheus_client import (
     make_wsgi_app,
 )
 
-__all__ = ["Metrics", "enter_multiprocess_mode", "multiprocess_registry", "serve_registry"]
+__all__ = ["Metrics", "answered", "enter_multiprocess_mode", "multiprocess_registry", "serve_registry"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,12 +136,7 @@ class Metrics:
 
     def answered(self) -> dict[str, int]:
         """Calls answered so far, as ``{"Method/CODE": count}``."""
-        out: dict[str, int] = {}
-        for metric in self.requests.collect():
-            for s in metric.samples:
-                if s.name.endswith("_total"):
-                    out[f"{s.labels['method']}/{s.labels['code']}"] = int(s.value)
-        return out
+        return answered(self.registry)
 
     @property
     def inflight_count(self) -> int:
@@ -213,3 +208,13 @@ def enter_multiprocess_mode(path: str) -> None:
 
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     values.ValueClass = values.get_value_class()
+
+
+def answered(registry: CollectorRegistry) -> dict[str, int]:
+    """Calls answered, as ``{"Method/CODE": count}``, from ``cifar_serve_requests_total``."""
+    out: dict[str, int] = {}
+    for metric in registry.collect():
+        for s in metric.samples:
+            if s.name == "cifar_serve_requests_total" and s.value:
+                out[f"{s.labels['method']}/{s.labels['code']}"] = int(s.value)
+    return out

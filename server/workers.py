@@ -34,9 +34,12 @@ import time
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 __all__ = ["Supervisor", "serve_workers"]
 
@@ -80,7 +83,7 @@ def _child_setup(settings: Settings, run_dir: str, name: str) -> None:
     enter_multiprocess_mode(str(Path(run_dir) / "metrics"))
     logging.basicConfig(
         level=settings.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s {name}[%(process)d] %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {name}:%(process)d %(name)s: %(message)s",
     )
     import warnings
 
@@ -344,6 +347,13 @@ class Supervisor:
             raise StartupError(f"{child.name}: unexpected {message!r}")
         return message
 
+    def registry(self) -> CollectorRegistry:
+        """Every process's metrics, as ``/metrics`` serves them."""
+        from .metrics import multiprocess_registry
+
+        assert self._run_dir is not None, "not started"
+        return multiprocess_registry(str(self._run_dir / "metrics"))
+
     async def wait_ready(self) -> None:
         """Wait until the model process is warm (workers then turn SERVING by themselves)."""
         if self._ready.is_set():
@@ -408,16 +418,18 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 self._model.conn.send("stop")
             await self._join(self._model, 10.0)
+        from .app import format_answered
+        from .metrics import answered
+
+        total = answered(self.registry())
         await self._teardown()
         logger.info(
-            "stopped %d workers and the model process in %.2fs",
-            len(self._workers),
-            time.monotonic() - started,
+            "%d workers and the model process exited in %.2fs", len(self._workers), time.monotonic() - started
         )
+        logger.info("stopped; answered %s", format_answered(total))
         self._stopped.set()
 
-    @staticmethod
-    async def _join(child: _Child, timeout: float) -> None:
+    async def _join(self, child: _Child, timeout: float) -> None:
         end = time.monotonic() + timeout
         while child.process.is_alive() and time.monotonic() < end:
             await asyncio.sleep(0.02)
@@ -426,6 +438,11 @@ class Supervisor:
             child.process.kill()
         child.process.join()
         child.conn.close()
+        if child.process.pid is not None and self._run_dir is not None:
+            from prometheus_client import multiprocess
+
+            # Its live gauges (in flight, queued, ready) no longer count.
+            multiprocess.mark_process_dead(child.process.pid, str(self._run_dir / "metrics"))
 
     async def _teardown(self) -> None:
         for c in [*self._workers, *([self._model] if self._model else [])]:

@@ -82,6 +82,9 @@ def _make_settings(model_dir: Path, **overrides: object):  # type: ignore[no-unt
         max_batch_delay_ms=5.0,
         grace_period_s=5.0,
         log_level="WARNING",
+        # `make test` runs the API, reliability and shutdown tests a second time with
+        # CIFAR_SERVE_WORKERS=2: every server they start is then the multi-process one.
+        workers=int(os.environ.get("CIFAR_SERVE_WORKERS", "1")),
     )
     base.update(overrides)
     return Settings(**base)  # type: ignore[arg-type]
@@ -103,6 +106,25 @@ def server(model_dir: Path) -> Iterator[object]:
         yield srv
     finally:
         srv.stop()
+
+
+def _served_model(srv: object) -> tuple[str, str]:
+    """(name, version) the server at ``srv.address`` serves, asked over its own API."""
+    import grpc
+
+    from cifar_serve.v1 import classifier_pb2, classifier_pb2_grpc
+
+    with grpc.insecure_channel(srv.address) as ch:  # type: ignore[attr-defined]
+        info = classifier_pb2_grpc.ClassifierStub(ch).GetModelInfo(
+            classifier_pb2.GetModelInfoRequest(), timeout=30
+        )
+    return info.name, info.version
+
+
+@pytest.fixture(scope="session")
+def served_model():  # type: ignore[no-untyped-def]
+    """``served_model(srv)``: (name, version) of the model a server serves (any number of workers)."""
+    return _served_model
 
 
 @pytest.fixture(scope="session")
@@ -176,6 +198,7 @@ def fake_server(fake_runtime: FakeRuntime, tmp_path: Path) -> Iterator[object]:
     started: list[ServerThread] = []
 
     def start(wait_ready: bool = True, **overrides: object) -> ServerThread:
+        overrides.setdefault("workers", 1)  # a fake model lives in the test's process
         srv = ServerThread(_make_settings(tmp_path, **overrides), runtime=fake_runtime)
         started.append(srv)
         return srv.start(wait_ready=wait_ready)

@@ -47,9 +47,9 @@ def oip(channel: grpc.Channel) -> Stub:
 
 
 @pytest.fixture(scope="module")
-def model(server: Any) -> tuple[str, str]:
-    core = server.server.core
-    return core.model_name, core.model_version
+def model(server: Any, served_model: Any) -> tuple[str, str]:
+    name_version: tuple[str, str] = served_model(server)
+    return name_version
 
 
 @pytest.fixture(scope="module")
@@ -446,8 +446,7 @@ def test_stream_answers_in_order_and_survives_errors(
 
 
 def _sample(server: Any, name: str, labels: dict[str, str] | None = None) -> float:
-    value = server.server.metrics.registry.get_sample_value(name, labels or {})
-    return float(value or 0.0)
+    return float(server.metric(name, labels))
 
 
 def test_counts_in_the_shared_metrics(
@@ -490,11 +489,11 @@ def small_server(model_dir: Path, make_settings: Any) -> Iterator[Any]:
         yield srv
 
 
-def test_v2_and_native_requests_share_one_batch(small_server: Any, sample: Any) -> None:
+def test_v2_and_native_requests_share_one_batch(small_server: Any, sample: Any, served_model: Any) -> None:
     """A native and a v2 request arriving together run in ONE forward pass of the shared batcher."""
     srv = small_server
+    name = served_model(srv)[0]
     with grpc.insecure_channel(srv.address) as ch:
-        core = srv.server.core
         native = classifier_pb2_grpc.ClassifierStub(ch)
         v2 = pb_grpc.GRPCInferenceServiceStub(ch)
         x = sample.images[:2]
@@ -508,16 +507,16 @@ def test_v2_and_native_requests_share_one_batch(small_server: Any, sample: Any) 
                 ),
                 timeout=TIMEOUT_S,
             )
-            b = pool.submit(v2.ModelInfer, raw_request(core.model_name, x[1:]), timeout=TIMEOUT_S)
+            b = pool.submit(v2.ModelInfer, raw_request(name, x[1:]), timeout=TIMEOUT_S)
             a.result()
             b.result()
         assert _sample(srv, "cifar_serve_batch_size_count") - before_count == 1
         assert _sample(srv, "cifar_serve_batch_size_sum") - before_sum == 2
 
 
-def test_stream_request_limit(small_server: Any, sample: Any) -> None:
+def test_stream_request_limit(small_server: Any, sample: Any, served_model: Any) -> None:
     """Past max_stream_requests the stream ends with RESOURCE_EXHAUSTED, after the accepted answers."""
-    name = small_server.server.core.model_name
+    name = served_model(small_server)[0]
     x = sample.images[:3]
     with grpc.insecure_channel(small_server.address) as ch:
         call = pb_grpc.GRPCInferenceServiceStub(ch).ModelStreamInfer(

@@ -35,9 +35,9 @@ TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module")
-def model(server: Any) -> tuple[str, str]:
-    core = server.server.core
-    return core.model_name, core.model_version
+def model(server: Any, served_model: Any) -> tuple[str, str]:
+    name_version: tuple[str, str] = served_model(server)
+    return name_version
 
 
 @pytest.fixture(scope="module")
@@ -455,7 +455,7 @@ def test_timeout_parameter_is_the_deadline(server: Any, model: tuple[str, str], 
 
 
 def _metric(srv: Any, name: str, labels: dict[str, str] | None = None) -> float:
-    return float(srv.server.metrics.registry.get_sample_value(name, labels or {}) or 0.0)
+    return float(srv.metric(name, labels))
 
 
 def test_counts_in_the_shared_metrics(server: Any, model: tuple[str, str], images: np.ndarray) -> None:
@@ -516,7 +516,7 @@ def small_server(model_dir: Path, make_settings: Any) -> Iterator[Any]:
         yield srv
 
 
-def test_rest_and_grpc_requests_share_one_batch(small_server: Any, sample: Any) -> None:
+def test_rest_and_grpc_requests_share_one_batch(small_server: Any, sample: Any, served_model: Any) -> None:
     srv = small_server
     x = np.ascontiguousarray(sample.images[:2])
     count, total = _metric(srv, "cifar_serve_batch_size_count"), _metric(srv, "cifar_serve_batch_size_sum")
@@ -527,15 +527,15 @@ def test_rest_and_grpc_requests_share_one_batch(small_server: Any, sample: Any) 
             classifier_pb2.ClassifyRequest(packed=classifier_pb2.PackedImages(data=x[:1].tobytes(), count=1)),
             timeout=TIMEOUT_S,
         )
-        b = pool.submit(infer, srv.http_address, srv.server.core.model_name, x[1:])
+        b = pool.submit(infer, srv.http_address, served_model(srv)[0], x[1:])
         a.result()
         assert b.result().status == 200
     assert _metric(srv, "cifar_serve_batch_size_count") - count == 1
     assert _metric(srv, "cifar_serve_batch_size_sum") - total == 2
 
 
-def test_body_and_image_limits(small_server: Any, sample: Any) -> None:
-    name = small_server.server.core.model_name
+def test_body_and_image_limits(small_server: Any, sample: Any, served_model: Any) -> None:
+    name = served_model(small_server)[0]
     x = np.ascontiguousarray(sample.images[:30])  # 92 KiB: over the 64 KiB body limit
     answer = infer(small_server.http_address, name, x)
     assert answer.status == 413 and "--max-receive-message-bytes" in answer.json()["error"]
@@ -550,9 +550,11 @@ def _curl() -> str:
     return found
 
 
-def test_curl_malformed_wrong_shape_and_oversized(small_server: Any, tmp_path: Path) -> None:
+def test_curl_malformed_wrong_shape_and_oversized(
+    small_server: Any, tmp_path: Path, served_model: Any
+) -> None:
     exe = _curl()
-    url = f"http://{small_server.http_address}/v2/models/{small_server.server.core.model_name}/infer"
+    url = f"http://{small_server.http_address}/v2/models/{served_model(small_server)[0]}/infer"
 
     def curl(*args: str) -> tuple[int, dict[str, Any]]:
         proc = subprocess.run(

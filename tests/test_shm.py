@@ -147,8 +147,8 @@ def oip(channel: grpc.Channel) -> Any:
 
 
 @pytest.fixture(scope="module")
-def model(server: Any) -> str:
-    name: str = server.server.core.model_name
+def model(server: Any, served_model: Any) -> str:
+    name: str = served_model(server)[0]
     return name
 
 
