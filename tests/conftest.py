@@ -26,6 +26,18 @@ def pytest_configure(config: pytest.Config) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    workers = os.environ.get("CIFAR_SERVE_WORKERS", "1")
+    if workers == "1":
+        return
+    skip = pytest.mark.skip(
+        reason=f"reads the in-process server; CIFAR_SERVE_WORKERS={workers} runs it in other processes"
+    )
+    for item in items:
+        if "in_process" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def sample():  # type: ignore[no-untyped-def]
     """600 real CIFAR-10 test images (60 a class) with labels, uint8 [N,32,32,3]."""

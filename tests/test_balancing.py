@@ -277,6 +277,7 @@ def test_async_client_spreads_too(pair: list[Any], sample: Any, offline_logits: 
     assert min(counts) >= 5, counts
 
 
+@pytest.mark.in_process
 def test_a_not_serving_server_gets_no_requests_until_it_is_back(pair: list[Any], sample: Any) -> None:
     first, second = pair
     _set_health(first, serving=False)

@@ -40,10 +40,12 @@ def stats_server(model_dir: Path, make_settings: Any) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def report(stats_server: Any, sample: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def report(
+    stats_server: Any, sample: Any, tmp_path_factory: pytest.TempPathFactory, served_model: Any
+) -> dict[str, Any]:
     path = tmp_path_factory.mktemp("stats") / "images.npy"
     np.save(path, np.ascontiguousarray(sample.images[:64]))
-    model = stats_server.server.core.model_name
+    model = served_model(stats_server)[0]
     proc = subprocess.run(
         [sys.executable, str(CHECK), stats_server.address, model, str(path)],
         capture_output=True,
@@ -68,23 +70,22 @@ def _n(d: dict[str, Any], *keys: str) -> int:
     return int(d) if not isinstance(d, dict) else 0
 
 
-def test_triton_client_reads_the_config(report: dict[str, Any], stats_server: Any) -> None:
-    core = stats_server.server.core
+def test_triton_client_reads_the_config(report: dict[str, Any], stats_server: Any, served_model: Any) -> None:
     c = report["config"]["config"]
-    assert c["name"] == core.model_name
+    assert c["name"] == served_model(stats_server)[0]
     assert c["platform"] in ("pytorch_libtorch", "onnxruntime_onnx")
     assert c["backend"] == {"pytorch_libtorch": "pytorch", "onnxruntime_onnx": "onnxruntime"}[c["platform"]]
-    assert c["max_batch_size"] == core.settings.max_images_per_request
+    assert c["max_batch_size"] == stats_server.settings.max_images_per_request
     # Dims leave out the batch dimension, as Triton's do when max_batch_size > 0.
     assert c["input"] == [
         {"name": "images", "data_type": "TYPE_UINT8", "format": "FORMAT_NHWC", "dims": ["32", "32", "3"]}
     ]
-    assert c["output"] == [{"name": "logits", "data_type": "TYPE_FP32", "dims": [str(core.num_classes)]}]
+    assert c["output"] == [{"name": "logits", "data_type": "TYPE_FP32", "dims": ["10"]}]
     batching = c["dynamic_batching"]
     assert batching["preferred_batch_size"] == [BATCH]
     assert int(batching["max_queue_delay_microseconds"]) == int(DELAY_MS * 1000)
     (group,) = c["instance_group"]
-    assert group["kind"] == "KIND_CPU" and group["count"] == core.max_inflight
+    assert group["kind"] == "KIND_CPU" and group["count"] == (stats_server.settings.max_inflight_batches or 1)
     extensions = report["server_metadata"]["extensions"]
     assert {"classification", "model_configuration", "statistics"} <= set(extensions)
     assert report["unknown_model_config"] == "StatusCode.NOT_FOUND"
@@ -116,11 +117,13 @@ def test_statistics_count_what_was_sent(report: dict[str, Any]) -> None:
     assert report["unknown_model"] == "StatusCode.NOT_FOUND"
 
 
-def test_native_requests_count_too(report: dict[str, Any], stats_server: Any, sample: Any) -> None:
+def test_native_requests_count_too(
+    report: dict[str, Any], stats_server: Any, sample: Any, served_model: Any
+) -> None:
     """Statistics belong to the model, not the API: a native Classify counts as well."""
     with grpc.insecure_channel(stats_server.address) as ch:
         oip = pb_grpc.GRPCInferenceServiceStub(ch)
-        name = stats_server.server.core.model_name
+        name = served_model(stats_server)[0]
         first = oip.ModelStatistics(pb.ModelStatisticsRequest(name=name), timeout=TIMEOUT_S).model_stats[0]
         x = np.ascontiguousarray(sample.images[100:103])
         classifier_pb2_grpc.ClassifierStub(ch).Classify(
@@ -137,7 +140,7 @@ def test_native_requests_count_too(report: dict[str, Any], stats_server: Any, sa
 
 
 def test_statistics_per_model_version(
-    model_dir: Path, make_settings: Any, sample: Any, tmp_path: Path
+    model_dir: Path, make_settings: Any, sample: Any, tmp_path: Path, served_model: Any
 ) -> None:
     """After a new version is loaded, each version keeps its own counts; a version can be asked for."""
     import shutil
@@ -163,7 +166,7 @@ def test_statistics_per_model_version(
         grpc.insecure_channel(srv.address) as ch,
     ):
         oip = pb_grpc.GRPCInferenceServiceStub(ch)
-        name = srv.server.core.model_name
+        name = served_model(srv)[0]
         infer(oip, name, 1)
         infer(oip, name, 2)
         load = pb.ModelRepositoryParameter(string_param=str(v2))
@@ -205,6 +208,7 @@ def test_model_stats_accumulator() -> None:
     assert snap.batches[4][1].count == 2
 
 
+@pytest.mark.in_process
 def test_model_info_shows_the_measured_runtime_table(stats_server: Any, sample: Any) -> None:
     """backend auto on the CPU: both runtimes timed at every bucket, each bucket served by its faster."""
     with grpc.insecure_channel(stats_server.address) as ch:

@@ -42,6 +42,7 @@ def _load_request(model_dir: Path) -> oip.RepositoryModelLoadRequest:
     return req
 
 
+@pytest.mark.in_process
 def test_new_version_swapped_in_under_load_and_broken_ones_refused(
     model_dir: Path,
     make_settings: Any,

@@ -1,0 +1,199 @@
+"""``cifar-serve --workers N``: worker processes on shared ports, one model process behind them.
+
+Real ``cifar-serve`` processes on free loopback ports. What the multi-process front end adds
+to a single server is checked here; everything else (both APIs, streams, limits, deadlines,
+TLS, token, drain) is checked by running the API, reliability and shutdown tests a second time
+with ``CIFAR_SERVE_WORKERS=2`` (``make test``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from cifar_serve.v1 import classifier_pb2 as pb
+from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
+
+WORKERS = 2
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen[str], port: int, metrics_port: int, log: Path) -> None:
+        self.proc, self.port, self.metrics_port, self.log = proc, port, metrics_port, log
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def pids(self, role: str) -> list[int]:
+        """Pids of the children whose log lines carry ``role`` (``model`` or ``worker-N``)."""
+        return sorted({int(p) for p in re.findall(rf" {role}:(\d+) ", self.text())})
+
+    def metric(self, name: str) -> float:
+        page = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read()
+        for family in text_string_to_metric_families(page.decode()):
+            for s in family.samples:
+                if s.name == name and not s.labels:
+                    return float(s.value)
+        return 0.0
+
+
+def _channel(address: str) -> grpc.Channel:
+    # A connection of its own (grpc shares one per target in a process by default), so the
+    # kernel's SO_REUSEPORT balancing spreads the channels over the workers.
+    return grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+@pytest.fixture
+def start(model_dir: Path, tmp_path: Path, free_port: Any, wait_serving: Any) -> Iterator[Any]:
+    started: list[subprocess.Popen[str]] = []
+
+    def run(*extra: str) -> Server:
+        port, metrics_port = free_port(), free_port()
+        log = tmp_path / f"server-{port}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CIFAR_SERVE_")}
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cifar_serve.server",
+                "--workers",
+                str(WORKERS),
+                "--port",
+                str(port),
+                "--metrics-port",
+                str(metrics_port),
+                "--http-port",
+                "-1",
+                "--model-dir",
+                str(model_dir),
+                "--log-level",
+                "INFO",
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("w"),
+            text=True,
+            env=env,
+        )
+        started.append(proc)
+        wait_serving(f"127.0.0.1:{port}", proc)
+        return Server(proc, port, metrics_port, log)
+
+    yield run
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _request(sample: Any, i: int) -> pb.ClassifyRequest:
+    x = sample.images[i : i + 1]
+    return pb.ClassifyRequest(packed=pb.PackedImages(data=x.tobytes(), count=1), include_logits=True)
+
+
+def test_workers_share_the_port_and_the_model_batches_across_them(
+    start: Any, sample: Any, offline_logits: np.ndarray
+) -> None:
+    # A batch runs only when full (16 images), so one forward pass must hold all 16 calls,
+    # whichever worker each connection landed on.
+    srv = start("--max-batch-size", "16", "--max-batch-delay-ms", "60000", "--idle-dispatch", "false")
+    assert len(srv.pids("worker-0")) == 1 and len(srv.pids("worker-1")) == 1 and len(srv.pids("model")) == 1
+    batches, images = srv.metric("cifar_serve_batch_size_count"), srv.metric("cifar_serve_batch_size_sum")
+    channels = [_channel(srv.address) for _ in range(16)]
+    try:
+        with cf.ThreadPoolExecutor(16) as pool:
+            futures = [
+                pool.submit(pb_grpc.ClassifierStub(ch).Classify, _request(sample, i), timeout=120)
+                for i, ch in enumerate(channels)
+            ]
+            answers = [f.result() for f in futures]
+    finally:
+        for ch in channels:
+            ch.close()
+    for i, answer in enumerate(answers):
+        np.testing.assert_allclose(answer.results[0].logits, offline_logits[i], atol=1e-4, rtol=0)
+    # One /metrics for every process: batches counted by the model process, calls by the workers.
+    assert srv.metric("cifar_serve_batch_size_count") - batches == 1
+    assert srv.metric("cifar_serve_batch_size_sum") - images == 16
+    assert srv.metric("cifar_serve_images_total") == 16
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(timeout=60) == 0, srv.text()
+    log = srv.text()
+    per_worker = [int(n) for n in re.findall(r"worker exiting; answered .*?Classify/OK=(\d+)", log)]
+    # The kernel spread the 16 connections over both workers (all on one: odds 1 in 2**15).
+    assert len(per_worker) == 2 and sum(per_worker) == 16 and min(per_worker) >= 1, log
+    assert "stopped; answered Classify/OK=16" in log
+
+
+def test_a_dead_model_process_fails_calls_at_once_and_the_server_exits_1(start: Any, sample: Any) -> None:
+    srv = start()
+    (model_pid,) = srv.pids("model")
+    channels = [_channel(srv.address) for _ in range(4)]
+    watches = [
+        health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=120) for ch in channels
+    ]
+    assert all(next(w).status == health_pb2.HealthCheckResponse.SERVING for w in watches)
+    stop_at = time.monotonic() + 120
+    codes: list[grpc.StatusCode] = []
+
+    def caller(ch: grpc.Channel) -> None:
+        stub = pb_grpc.ClassifierStub(ch)
+        while time.monotonic() < stop_at:
+            try:
+                stub.Classify(_request(sample, 0), timeout=60)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+                return
+
+    try:
+        with cf.ThreadPoolExecutor(4) as pool:
+            callers = [pool.submit(caller, ch) for ch in channels]
+            while codes.count(grpc.StatusCode.OK) < 8:
+                time.sleep(0.05)
+            os.kill(model_pid, signal.SIGKILL)
+            for f in callers:
+                f.result()
+        # Every caller got an answer, none waited out its deadline: refused at once.
+        failed = [c for c in codes if c != grpc.StatusCode.OK]
+        assert len(failed) == 4 and set(failed) <= {grpc.StatusCode.UNAVAILABLE}, failed
+        for w in watches:  # each worker said NOT_SERVING before it closed
+            try:
+                assert next(w).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        for ch in channels:
+            ch.close()
+    assert srv.proc.wait(timeout=60) == 1, srv.text()
+    assert "model exited unexpectedly" in srv.text()
+
+
+def test_a_dead_worker_is_noticed_and_the_server_exits_1(start: Any, sample: Any) -> None:
+    srv = start()
+    victim, survivor = srv.pids("worker-0")[0], srv.pids("worker-1")[0]
+    os.kill(victim, signal.SIGKILL)
+    assert srv.proc.wait(timeout=60) == 1, srv.text()
+    log = srv.text()
+    assert "worker-0 exited unexpectedly" in log
+    # The other worker drained (NOT_SERVING, then finished) instead of being killed.
+    assert re.search(rf"worker-1:{survivor} .*worker exiting; answered", log), log
