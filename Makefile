@@ -37,8 +37,14 @@ artifacts: $(MODEL_DIR)/manifest.json
 serve: artifacts
 	$(BIN)/cifar-serve --model-dir $(MODEL_DIR)
 
+# The API, reliability and shutdown tests run twice: one process, then --workers 2.
+WORKER_TESTS ?= tests/test_server.py tests/test_oip.py tests/test_client.py tests/test_rest.py \
+	tests/test_shm.py tests/test_reliability.py tests/test_operations.py tests/test_cli.py \
+	tests/test_model_config.py tests/test_reload.py tests/test_balancing.py
+
 test: artifacts
 	$(BIN)/pytest
+	CIFAR_SERVE_WORKERS=2 $(BIN)/pytest -m "not fast" $(WORKER_TESTS)
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -m fast -q
