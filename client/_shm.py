@@ -241,20 +241,25 @@ class SharedMemorySession:
                 return
         self._discard(slot)
 
-    def request(self, slot: _Slot, images: np.ndarray) -> oip.ModelInferRequest:
-        """Write ``images`` into ``slot`` and build the ``ModelInfer`` that points the server at them."""
-        n = len(images)
-        if n > slot.capacity:
-            raise ValueError(f"{n} images do not fit a slot of {slot.capacity}")
+    @staticmethod
+    def write_images(slot: _Slot, images: np.ndarray) -> None:
+        """Put uint8 ``[n,32,32,3]`` ``images`` at the start of ``slot``."""
+        if len(images) > slot.capacity:
+            raise ValueError(f"{len(images)} images do not fit a slot of {slot.capacity}")
         data = np.ascontiguousarray(images, dtype=np.uint8)
         # Straight into the mapping; the view is dropped at once, or closing the object would fail.
         view = np.ndarray((data.nbytes,), np.uint8, buffer=slot.buf)
         view[:] = data.reshape(-1)
         del view
+
+    def request(self, slot: _Slot, images: np.ndarray) -> oip.ModelInferRequest:
+        """Write ``images`` into ``slot`` and build the ``ModelInfer`` that points the server at them."""
+        self.write_images(slot, images)
+        n = len(images)
         req = oip.ModelInferRequest(model_name=self.model_name)
         inp = req.inputs.add(name="images", datatype="UINT8", shape=[n, 32, 32, 3])
         inp.parameters["shared_memory_region"].string_param = slot.name
-        inp.parameters["shared_memory_byte_size"].int64_param = data.nbytes
+        inp.parameters["shared_memory_byte_size"].int64_param = n * IMAGE_BYTES
         out = req.outputs.add(name="logits")
         out.parameters["shared_memory_region"].string_param = slot.name
         out.parameters["shared_memory_offset"].int64_param = slot.out_offset
