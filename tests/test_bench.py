@@ -158,6 +158,17 @@ def test_cli_shared_memory_auto_on_loopback(server) -> None:  # type: ignore[no-
     assert proc.returncode == 2 and "on this host" in proc.stderr
 
 
+def test_shm_bench_measures_both_transports(server) -> None:  # type: ignore[no-untyped-def]
+    shm_bench = _script("shm_bench")
+    rows = shm_bench.measure(server.address, [8], rounds=1, requests=2, concurrency=1)
+    assert [(r["transport"], r["shared_memory"], r["requests"]) for r in rows] == [
+        ("gRPC, socket", False, 2),
+        ("gRPC, shared memory", True, 2),
+    ]
+    assert rows[1]["throughput_ratio"] > 0 and rows[1]["p50_ratio"] > 0
+    assert "| 8 | gRPC, shared memory | 2 |" in shm_bench.markdown(rows)
+
+
 def test_duration_mode_and_multiple_processes(server) -> None:  # type: ignore[no-untyped-def]
     proc = _cli(
         "--server",
