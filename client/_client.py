@@ -194,12 +194,14 @@ class Client:
     several requests, up to ``max_concurrent_requests`` at a time. Thread-safe; use as a context
     manager, or call :meth:`close`.
 
-    ``shared_memory`` ("auto", "on" or "off") passes the pixels and logits through system shared
-    memory (Triton's extension, over the Open Inference Protocol's ``ModelInfer``) instead of the
-    socket; see :mod:`cifar_serve.client._shm`. "auto" uses it when every server is on this host
-    (loopback or a unix socket) and registering a region with each of them succeeds, and the socket
-    otherwise (a debug log says why); "on" raises instead of falling back. Answers are the same
-    either way. :meth:`close` unregisters and removes the regions.
+    ``shared_memory`` ("off", the default, "auto" or "on") passes the pixels and logits through
+    system shared memory (Triton's extension, over the Open Inference Protocol's ``ModelInfer``)
+    instead of the socket; see :mod:`cifar_serve.client._shm`. "auto" uses it when every server is
+    on this host (loopback or a unix socket) and registering a region with each of them succeeds,
+    and the socket otherwise (a debug log says why); "on" raises instead of falling back. Answers
+    are the same either way; the server counts the requests as ``ModelInfer``, not ``Classify``.
+    :meth:`close` unregisters and removes the regions. Off by default in the library, since it
+    creates objects in ``/dev/shm`` for the life of the client; ``cifar-classify`` defaults to auto.
     """
 
     def __init__(
@@ -218,7 +220,7 @@ class Client:
         max_images_per_request: int = 256,
         max_concurrent_requests: int = 4,
         options: Sequence[tuple[str, Any]] = (),
-        shared_memory: str = "auto",
+        shared_memory: str = "off",
     ) -> None:
         self._shm_mode = check_mode(shared_memory)
         self._cfg = _Config(

@@ -60,13 +60,13 @@ def test_which_servers_count_as_this_host() -> None:
     assert local("ipv4:127.0.0.1:5") is None  # a raw gRPC address list: not guessed at
 
 
-def test_auto_uses_shared_memory_on_loopback_with_the_socket_answers(
+def test_auto_uses_shared_memory_on_loopback_and_answers_as_the_socket(
     server: Any, sample: Any, offline_logits: np.ndarray, no_leftovers: None
 ) -> None:
     images = np.ascontiguousarray(sample.images[:300])
     kw: dict[str, Any] = {"max_images_per_request": 128, "timeout": 120}
-    with Client(server.address, **kw) as shm, Client(server.address, shared_memory="off", **kw) as sock:
-        assert shm.uses_shared_memory() and not sock.uses_shared_memory()
+    with Client(server.address, shared_memory="auto", **kw) as shm, Client(server.address, **kw) as sock:
+        assert shm.uses_shared_memory() and not sock.uses_shared_memory()  # the library's default: off
         via_shm = shm.classify(images, top_k=3, include_logits=True)  # three requests, concurrently
         via_socket = sock.classify(images, top_k=3, include_logits=True)
         mine = _regions(server.address)
@@ -86,7 +86,7 @@ def test_auto_uses_shared_memory_on_loopback_with_the_socket_answers(
 
 
 def test_off_and_remote_servers_never_touch_shared_memory() -> None:
-    with Client("10.255.255.1:50051") as remote:
+    with Client("10.255.255.1:50051", shared_memory="auto") as remote:
         assert not remote.uses_shared_memory()  # decided from the address alone: no call made
     with pytest.raises(ValueError, match="needs every server on this host"):
         Client("10.255.255.1:50051", shared_memory="on")
@@ -120,7 +120,10 @@ def test_a_server_that_cannot_see_our_objects_means_the_socket(
     monkeypatch.setattr("cifar_serve.server.shm.SHM_DIR", tmp_path)
     srv = fake_server()
     images = np.random.default_rng(2).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
-    with caplog.at_level(logging.DEBUG, logger="cifar_serve.client"), Client(srv.address) as client:
+    with (
+        caplog.at_level(logging.DEBUG, logger="cifar_serve.client"),
+        Client(srv.address, shared_memory="auto") as client,
+    ):
         assert not client.uses_shared_memory()
         results = client.classify(images, include_logits=True)
     assert "system shared memory not used" in caplog.text and "no shared memory object" in caplog.text
@@ -147,7 +150,7 @@ def test_a_server_that_forgot_our_regions(
                 pb.SystemSharedMemoryUnregisterRequest(), timeout=30
             )
 
-    with Client(srv.address) as client:
+    with Client(srv.address, shared_memory="auto") as client:
         assert client.uses_shared_memory()
         forget()
         with caplog.at_level(logging.WARNING, logger="cifar_serve.client"):
