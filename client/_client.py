@@ -294,7 +294,7 @@ class Client:
                 if self._shm_mode == "on":
                     message = f"system shared memory with {self.address}: {exc.message}"
                     raise type(exc)(exc.code, message) from None
-                logger.debug("system shared memory not used with %s, the socket is: %s", self.address, exc)
+                logger.debug("system shared memory not used with %s (%s): the socket is", self.address, exc)
             else:
                 logger.debug(
                     "system shared memory with %s: images and logits pass through /dev/shm", self.address

@@ -316,7 +316,7 @@ def _shared_memory(cfg: BenchConfig, concurrency: int) -> Iterator[_Shm | None]:
         except CifarServeError as exc:
             if cfg.shared_memory == "on":
                 raise ValueError(f"--shared-memory on: {cfg.address}: {exc.message}") from None
-            logger.debug("shared memory not used with %s, the socket is: %s", cfg.address, exc.message)
+            logger.debug("shared memory not used with %s (%s): the socket is", cfg.address, exc.message)
             yield None
             return
         yield session, slots
