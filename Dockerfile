@@ -2,7 +2,7 @@
 #
 #   docker build -t cifar-serve:cpu .                                  # CPU-only torch (small)
 #   docker build -t cifar-serve:cuda --build-arg TORCH_VARIANT=cuda .  # CUDA torch from PyPI
-#   docker run --rm -p 127.0.0.1:50051:50051 -p 127.0.0.1:9090:9090 cifar-serve:cpu
+#   docker run --rm -p 127.0.0.1:50051:50051 -p 127.0.0.1:8000:8000 -p 127.0.0.1:9090:9090 cifar-serve:cpu
 #   docker run --rm -p 127.0.0.1:50061:50061 cifar-serve:cpu --port 50061   # stays healthy
 #
 # TORCH_VARIANT: cpu (the CPU wheel index, download.pytorch.org), cuda (PyPI's Linux wheels,
@@ -75,7 +75,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     CIFAR_SERVE_GRACE_PERIOD_S=8
 WORKDIR /app
 USER app:app
-EXPOSE 50051 9090
+# gRPC, the v2 HTTP/REST API (on CIFAR_SERVE_HOST like gRPC), Prometheus metrics.
+EXPOSE 50051 8000 9090
 # Asks the server's own grpc.health.v1 service (no grpc_health_probe binary needed).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "/app/deploy/healthcheck.py"]

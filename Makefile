@@ -74,6 +74,7 @@ check-gen: $(STAMP)
 bench: artifacts
 	$(PY) benchmarks/run_benchmark.py
 	$(PY) benchmarks/perf_analyzer.py --profile
+	$(PY) benchmarks/shm_bench.py --json benchmarks/results-shm.json
 
 clean:
 	rm -rf $(MODEL_DIR) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .venv-*

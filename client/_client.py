@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -13,12 +14,15 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 
 from cifar_serve.v1 import classifier_pb2 as pb
 from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
+from cifar_serve.v1 import open_inference_pb2_grpc as oip_grpc
 
 from ._errors import CifarServeError, DeadlineExceededError, error_from_rpc
 from ._inputs import DEFAULT_MAX_REQUEST_BYTES, Inputs, Part, build_request, chunk_parts, to_parts
+from ._shm import SharedMemorySession, check_mode, classifications, local_servers, open_session
 from ._targets import Servers, channel_options, resolve_target
 from ._types import Classification, ModelInfo
 
@@ -36,6 +40,14 @@ Credential = str | bytes | os.PathLike[str]
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+
+
+def _pixels(chunk: Sequence[Part]) -> np.ndarray | None:
+    """The chunk's images as one uint8 ``[n,32,32,3]`` block, or None when it holds encoded files."""
+    blocks = [p for p in chunk if isinstance(p, np.ndarray)]
+    if len(blocks) != len(chunk):
+        return None
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 
 
 def _pem(value: Credential | None) -> bytes | None:
@@ -181,6 +193,15 @@ class Client:
     ``authorization: Bearer <token>``. Inputs larger than ``max_images_per_request`` are sent as
     several requests, up to ``max_concurrent_requests`` at a time. Thread-safe; use as a context
     manager, or call :meth:`close`.
+
+    ``shared_memory`` ("off", the default, "auto" or "on") passes the pixels and logits through
+    system shared memory (Triton's extension, over the Open Inference Protocol's ``ModelInfer``)
+    instead of the socket; see :mod:`cifar_serve.client._shm`. "auto" uses it when every server is
+    on this host (loopback or a unix socket) and registering a region with each of them succeeds,
+    and the socket otherwise (a debug log says why); "on" raises instead of falling back. Answers
+    are the same either way; the server counts the requests as ``ModelInfer``, not ``Classify``.
+    :meth:`close` unregisters and removes the regions. Off by default in the library, since it
+    creates objects in ``/dev/shm`` for the life of the client; ``cifar-classify`` defaults to auto.
     """
 
     def __init__(
@@ -199,7 +220,9 @@ class Client:
         max_images_per_request: int = 256,
         max_concurrent_requests: int = 4,
         options: Sequence[tuple[str, Any]] = (),
+        shared_memory: str = "off",
     ) -> None:
+        self._shm_mode = check_mode(shared_memory)
         self._cfg = _Config(
             address,
             timeout=timeout,
@@ -222,6 +245,17 @@ class Client:
         else:
             self._channel = grpc.insecure_channel(self._cfg.target.target, options=self._cfg.options)
         self._stub = pb_grpc.ClassifierStub(self._channel)
+        self._oip = oip_grpc.GRPCInferenceServiceStub(self._channel)
+        self._shm_servers = local_servers(self._cfg.target) if self._shm_mode != "off" else None
+        if self._shm_mode == "on" and self._shm_servers is None:
+            raise ValueError(
+                f"shared_memory='on' needs every server on this host (a loopback address or a unix "
+                f"socket); {self._cfg.address} is not"
+            )
+        self._shm_lock = threading.Lock()
+        self._shm: SharedMemorySession | None = None
+        self._shm_decided = self._shm_servers is None
+        self._shm_channels: list[grpc.Channel] = []
 
     @property
     def address(self) -> str:
@@ -229,6 +263,77 @@ class Client:
 
     def __repr__(self) -> str:
         return f"Client({self._cfg.address!r})"
+
+    def _open_channel(self, target: str) -> grpc.Channel:
+        if self._cfg.credentials is not None:
+            return grpc.secure_channel(target, self._cfg.credentials, options=self._cfg.options)
+        return grpc.insecure_channel(target, options=self._cfg.options)
+
+    def _shared_memory(self) -> SharedMemorySession | None:
+        """The shared memory session, set up on first use; None when requests go through the socket."""
+        with self._shm_lock:
+            if self._shm_decided:
+                return self._shm
+            servers = self._shm_servers or []
+            if servers == [self._cfg.target.target]:
+                channels = [self._channel]  # one server: register over the channel requests use
+            else:
+                self._shm_channels = [self._open_channel(t) for t in servers]
+                channels = self._shm_channels
+            # A server that cannot answer this fails the caller's own request the same way: raise it.
+            info = self.model_info()
+            try:
+                self._shm = open_session(
+                    channels,
+                    model_name=info.name,
+                    labels=info.labels,
+                    capacity=self._cfg.max_images_per_request,
+                    metadata=self._cfg.metadata,
+                )
+            except CifarServeError as exc:
+                if self._shm_mode == "on":
+                    message = f"system shared memory with {self.address}: {exc.message}"
+                    raise type(exc)(exc.code, message) from None
+                logger.debug("system shared memory not used with %s (%s): the socket is", self.address, exc)
+            else:
+                logger.debug(
+                    "system shared memory with %s: images and logits pass through /dev/shm", self.address
+                )
+            self._shm_decided = True
+            return self._shm
+
+    def uses_shared_memory(self) -> bool:
+        """Whether pixel requests go through system shared memory (decides it now if not yet decided)."""
+        return self._shared_memory() is not None
+
+    def _drop_shared_memory(self, reason: CifarServeError) -> None:
+        with self._shm_lock:
+            shm, self._shm = self._shm, None
+        if shm is not None:
+            logger.warning(
+                "system shared memory with %s failed (%s); using the socket from now on", self.address, reason
+            )
+            shm.close()
+
+    def _classify_shm(
+        self,
+        shm: SharedMemorySession,
+        images: np.ndarray,
+        top_k: int,
+        include_logits: bool,
+        deadline: float | None,
+    ) -> list[Classification]:
+        shm.check_top_k(top_k)
+        slot = shm.acquire()
+        ok = False
+        try:
+            req = shm.request(slot, images)
+            resp = self._call("ModelInfer", self._oip.ModelInfer, req, deadline)
+            logits = shm.logits(slot, resp, len(images))
+            ok = True
+        finally:
+            shm.release(slot, ok)
+        return classifications(logits, top_k, shm.labels, include_logits)
 
     def _call(self, method: str, fn: Callable[..., Resp], request: Any, deadline: float | None) -> Resp:
         attempt = 0
@@ -255,25 +360,42 @@ class Client:
         Images that are not 32x32 RGB are converted with the server's own preprocessing.
         ``timeout`` (seconds) overrides the client's default for this call.
         """
-        requests = self._cfg.plan(inputs, top_k, include_logits)
-        if not requests:
+        chunks = list(
+            chunk_parts(to_parts(inputs), self._cfg.max_images_per_request, DEFAULT_MAX_REQUEST_BYTES)
+        )
+        if not chunks:
             return []
         deadline = self._cfg.deadline(timeout)
-        logger.debug("classify: %d request(s) to %s", len(requests), self._cfg.address)
+        has_pixels = any(all(isinstance(p, np.ndarray) for p in c) for c in chunks)
+        shm = self._shared_memory() if has_pixels else None
+        via = " through shared memory" if shm else ""
+        logger.debug("classify: %d request(s) to %s%s", len(chunks), self._cfg.address, via)
 
-        def send(req: pb.ClassifyRequest) -> pb.ClassifyResponse:
-            return self._call("Classify", self._stub.Classify, req, deadline)
+        def send(chunk: list[Part]) -> list[Classification]:
+            pixels = _pixels(chunk) if shm is not None else None
+            if shm is not None and pixels is not None:
+                try:
+                    return self._classify_shm(shm, pixels, top_k, include_logits, deadline)
+                except CifarServeError as exc:
+                    # A region the server no longer knows (it restarted, or another process
+                    # unregistered it): in auto mode, carry on through the socket.
+                    if self._shm_mode == "on" or "shared memory" not in exc.message:
+                        raise
+                    self._drop_shared_memory(exc)
+            req = build_request(chunk, top_k, include_logits)
+            resp = self._call("Classify", self._stub.Classify, req, deadline)
+            return _Config.results([resp], [req])
 
-        workers = min(len(requests), self._cfg.max_concurrent_requests)
+        workers = min(len(chunks), self._cfg.max_concurrent_requests)
         if workers == 1:
-            responses = [send(r) for r in requests]
+            answers = [send(c) for c in chunks]
         else:
             pool = ThreadPoolExecutor(workers, thread_name_prefix="cifar-classify")
             try:
-                responses = list(pool.map(send, requests))
+                answers = list(pool.map(send, chunks))
             finally:  # on a failure, drop the requests not yet sent
                 pool.shutdown(wait=True, cancel_futures=True)
-        return _Config.results(responses, requests)
+        return [c for answer in answers for c in answer]
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """What the server serves: name, version, labels, input spec, device, batching and limits."""
@@ -283,7 +405,16 @@ class Client:
         return ModelInfo.from_proto(msg)
 
     def close(self) -> None:
-        self._channel.close()
+        """Unregister and remove the shared memory regions (if any), then close the channel."""
+        with self._shm_lock:
+            shm, self._shm, self._shm_decided = self._shm, None, True
+        try:
+            if shm is not None:
+                shm.close()
+        finally:
+            for ch in self._shm_channels:
+                ch.close()
+            self._channel.close()
 
     def __enter__(self) -> Client:
         return self

@@ -16,6 +16,12 @@ Two modes:
 * ``--requests N``: after the warm-up, send exactly ``N`` requests (all of them counted,
   waited for) and report over them.
 
+With ``--api v2`` and the server on this host (loopback or a unix socket), the images and
+logits pass through system shared memory by default (``--shared-memory auto``): each concurrent
+caller registers one region, writes its request's images into it before each call (as a real
+client would) and sends a ``ModelInfer`` that names the region; the server writes the logits
+back into it. ``--shared-memory off`` sends the pixels through the socket.
+
 Only numpy, grpc, the generated stubs and the CIFAR-10 loader are imported, never torch, so
 the generator starts in a fraction of a second and stays light.
 """
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import json
 import logging
@@ -32,7 +39,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -41,8 +48,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from cifar_serve.v1 import classifier_pb2, open_inference_pb2
+from cifar_serve.v1 import classifier_pb2, open_inference_pb2, open_inference_pb2_grpc
 
+from ._errors import CifarServeError
+from ._shm import SHARED_MEMORY_MODES, SharedMemorySession, _Slot, local_servers
 from ._targets import channel_options, resolve_target
 
 __all__ = [
@@ -91,6 +100,8 @@ class BenchConfig:
     processes: int = 1
     verify: str = "first"  # first: check one answer per process; all: check every answer; none
     connect_timeout: float = 30.0
+    shared_memory: str = "auto"  # v2 only: auto (when the server is on this host), on, off
+    keep_latencies: bool = False  # the result lists every measured request's latency
 
     def check(self) -> None:
         if self.api not in APIS:
@@ -103,6 +114,10 @@ class BenchConfig:
             raise ValueError("need a positive --duration or --requests, and a non-negative --warmup")
         if self.verify not in ("first", "all", "none"):
             raise ValueError("verify must be first, all or none")
+        if self.shared_memory not in SHARED_MEMORY_MODES:
+            raise ValueError(f"shared memory must be one of {', '.join(SHARED_MEMORY_MODES)}")
+        if self.shared_memory == "on" and self.api != "v2":
+            raise ValueError("shared memory needs the Open Inference Protocol: add --api v2")
 
 
 @dataclass
@@ -127,6 +142,8 @@ class BenchResult:
     accuracy: float | None = None
     verified: bool = True
     notes: list[str] = field(default_factory=list)
+    shared_memory: bool = False  # the images and logits went through system shared memory
+    latencies_ms: list[float] | None = None  # every measured request, when asked for (keep_latencies)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,6 +201,7 @@ class Payload:
 
     body: bytes
     labels: np.ndarray | None
+    images: np.ndarray | None = None  # the request's pixels (v2), for shared memory
 
 
 def build_payloads(
@@ -220,7 +238,7 @@ def build_payloads(
             body = req.SerializeToString()
         else:
             raise ValueError(f"unknown api {api!r}")
-        out.append(Payload(body, None if labels is None else labels[idx]))
+        out.append(Payload(body, None if labels is None else labels[idx], batch if api == "v2" else None))
     return out
 
 
@@ -259,10 +277,68 @@ class _Samples:
     correct: int = 0
     checked: int = 0
     verify_error: str = ""
+    shared_memory: bool = False
+
+
+_Shm = tuple[SharedMemorySession, list[_Slot]]
+
+
+@contextlib.contextmanager
+def _shared_memory(cfg: BenchConfig, concurrency: int) -> Iterator[_Shm | None]:
+    """One registered region per concurrent caller, when ``cfg`` asks for shared memory and it works.
+
+    Registered with every server (round robin may send any request to any of them), unregistered
+    and removed on the way out, whatever ends the run.
+    """
+    if cfg.api != "v2" or cfg.shared_memory == "off":
+        yield None
+        return
+    servers = local_servers(resolve_target(cfg.address))
+    if servers is None:
+        if cfg.shared_memory == "on":
+            raise ValueError(
+                f"--shared-memory on needs every server on this host (loopback or a unix socket); "
+                f"{cfg.address} is not"
+            )
+        logger.debug("shared memory not used: %s is not on this host", cfg.address)
+        yield None
+        return
+    channels = [grpc.insecure_channel(t) for t in servers]
+    session = SharedMemorySession(
+        [open_inference_pb2_grpc.GRPCInferenceServiceStub(ch) for ch in channels],
+        model_name=cfg.model_name,
+        labels=[str(i) for i in range(NUM_CLASSES)],
+        capacity=cfg.batch_size,
+    )
+    try:
+        try:
+            slots = [session.acquire() for _ in range(concurrency)]
+        except CifarServeError as exc:
+            if cfg.shared_memory == "on":
+                raise ValueError(f"--shared-memory on: {cfg.address}: {exc.message}") from None
+            logger.debug("shared memory not used with %s (%s): the socket is", cfg.address, exc.message)
+            yield None
+            return
+        yield session, slots
+    finally:
+        session.close()
+        for ch in channels:
+            ch.close()
+
+
+def _shm_predicted(session: SharedMemorySession, slot: _Slot, answer: bytes, batch_size: int) -> np.ndarray:
+    """Top-1 class per image from the logits the server wrote into ``slot``."""
+    resp = open_inference_pb2.ModelInferResponse.FromString(answer)
+    return np.asarray(session.logits(slot, resp, batch_size).argmax(axis=1), dtype=np.int64)
 
 
 async def _drive(
-    cfg: BenchConfig, concurrency: int, payloads: list[Payload], requests: int, first_offset: int = 0
+    cfg: BenchConfig,
+    concurrency: int,
+    payloads: list[Payload],
+    requests: int,
+    first_offset: int = 0,
+    shm: _Shm | None = None,
 ) -> _Samples:
     """Run ``concurrency`` closed loops in this process; ``requests`` > 0 counts requests instead of time."""
     # Several servers (or a DNS name standing for several): gRPC's round_robin over the healthy ones.
@@ -276,17 +352,38 @@ async def _drive(
         grpc.aio.insecure_channel(target.target, options=[*options, ("cifar_bench.channel", i)])
         for i in range(cfg.channels)
     ]
-    samples = _Samples()
+    samples = _Samples(shared_memory=shm is not None)
+    # With shared memory each caller sends the same small request, naming its own region; the
+    # pixels go into the region before each call.
+    bodies: list[bytes] = []
+    if shm is not None:
+        session, slots = shm
+        images = payloads[0].images
+        assert images is not None  # v2 payloads carry their pixels
+        bodies = [session.request(slot, images).SerializeToString() for slot in slots]
+
+    def send_payload(worker: int, p: Payload) -> bytes:
+        if shm is None:
+            return p.body
+        assert p.images is not None
+        shm[0].write_images(shm[1][worker], p.images)
+        return bodies[worker]
+
+    def predicted(worker: int, answer: bytes) -> np.ndarray:
+        if shm is None:
+            return predicted_classes(cfg.api, answer, cfg.batch_size)
+        return _shm_predicted(shm[0], shm[1][worker], answer, cfg.batch_size)
+
     try:
         calls = [ch.unary_unary(APIS[cfg.api]) for ch in channels]  # bytes in, bytes out
         for ch in channels:
             await asyncio.wait_for(ch.channel_ready(), cfg.connect_timeout)
         # One checked call before anything is timed: the server answers what we asked.
         first = payloads[first_offset % len(payloads)]
-        answer = await calls[0](first.body, timeout=cfg.timeout)
+        answer = await calls[0](send_payload(0, first), timeout=cfg.timeout)
         if cfg.verify != "none":
             try:
-                predicted_classes(cfg.api, answer, cfg.batch_size)
+                predicted(0, answer)
             except Exception as exc:
                 samples.verify_error = f"first answer does not fit the request: {exc}"
                 return samples
@@ -314,7 +411,7 @@ async def _drive(
                 p = payloads[i % len(payloads)]
                 i += concurrency
                 try:
-                    answer = await call(p.body, timeout=cfg.timeout)
+                    answer = await call(send_payload(worker, p), timeout=cfg.timeout)
                 except grpc.aio.AioRpcError as exc:
                     t1 = time.monotonic()
                     if requests == 0 or counted:
@@ -326,7 +423,7 @@ async def _drive(
                 samples.starts.append(t0)
                 samples.ends.append(t1)
                 if check_all and p.labels is not None:
-                    pred = predicted_classes(cfg.api, answer, cfg.batch_size)
+                    pred = predicted(worker, answer)
                     samples.correct += int((pred == p.labels).sum())
                     samples.checked += len(pred)
 
@@ -357,8 +454,9 @@ def _process_main(
         payloads = build_payloads(
             cfg.api, images, labels, cfg.batch_size, model_name=cfg.model_name, top_k=cfg.top_k
         )
-        barrier.wait(timeout=120)
-        queue.put(asdict(asyncio.run(_drive(cfg, concurrency, payloads, requests, offset))))
+        with _shared_memory(cfg, concurrency) as shm:
+            barrier.wait(timeout=120)
+            queue.put(asdict(asyncio.run(_drive(cfg, concurrency, payloads, requests, offset, shm))))
     except BaseException as exc:
         queue.put({"verify_error": f"client process failed: {type(exc).__name__}: {exc}"})
         raise
@@ -426,6 +524,8 @@ def _collect(cfg: BenchConfig, parts: list[_Samples]) -> BenchResult:
         accuracy=(sum(p.correct for p in parts) / checked) if checked else None,
         verified=not notes,
         notes=notes,
+        shared_memory=bool(parts) and all(p.shared_memory for p in parts),
+        latencies_ms=lat.tolist() if cfg.keep_latencies else None,
     )
 
 
@@ -438,7 +538,8 @@ def run_bench(cfg: BenchConfig, payloads: list[Payload] | None = None) -> BenchR
             payloads = build_payloads(
                 cfg.api, images, labels, cfg.batch_size, model_name=cfg.model_name, top_k=cfg.top_k
             )
-        samples = asyncio.run(_drive(cfg, cfg.concurrency, payloads, cfg.requests))
+        with _shared_memory(cfg, cfg.concurrency) as shm:
+            samples = asyncio.run(_drive(cfg, cfg.concurrency, payloads, cfg.requests, shm=shm))
         parts = [samples]
     else:
         ctx = multiprocessing.get_context("spawn")  # no grpc state shared across a fork
@@ -470,7 +571,8 @@ def run_bench(cfg: BenchConfig, payloads: list[Payload] | None = None) -> BenchR
 def format_report(r: BenchResult) -> str:
     lat = r.latency_ms
     lines = [
-        f"cifar-bench: {r.api} API at {r.address}, concurrency {r.concurrency}, "
+        f"cifar-bench: {r.api} API at {r.address}{' through shared memory' if r.shared_memory else ''}, "
+        f"concurrency {r.concurrency}, "
         f"{r.batch_size} image(s)/request, {r.processes} process(es), {r.mode} mode, "
         f"warm-up {r.warmup_s:g}s excluded",
         f"  window      {r.window_s:.2f} s",
@@ -551,6 +653,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.verify,
         help="check the first answer (default), every answer (reports top-1 accuracy), or none",
     )
+    p.add_argument(
+        "--shared-memory",
+        choices=SHARED_MEMORY_MODES,
+        default=d.shared_memory,
+        help="v2 only: pass images and logits through system shared memory; auto: when every server is "
+        "on this host and accepts a region (default), on: fail if not, off: through the socket",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
 
@@ -580,6 +689,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         channels=args.channels,
         processes=args.processes,
         verify=args.verify,
+        shared_memory=args.shared_memory,
     )
     try:
         cfg.check()

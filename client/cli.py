@@ -65,6 +65,10 @@ by path); an interrupted run keeps the rows it has written.
 a request a server never answered is retried on another), or dns:///NAME:PORT resolving to
 several. A server without a port is on 50051.
 
+With the server on this host, the pixels and logits pass through system shared memory (POSIX
+objects under /dev/shm, Triton's extension) instead of the socket; the regions are unregistered
+and removed on exit, Ctrl-C included. -v says which path was taken.
+
 exit status:
   {EXIT_OK}  every image file found was classified
   {EXIT_SKIPPED}  some files were skipped (each reported on stderr); the others were classified and printed
@@ -75,6 +79,7 @@ exit status:
 environment:
   CIFAR_SERVE_ADDRESS  default for --server ({DEFAULT_ADDRESS} when unset)
   CIFAR_SERVE_TOKEN    default for --token (keeps the token out of the process list)
+  CIFAR_SERVE_SHARED_MEMORY  default for --shared-memory (auto when unset)
 """
 
 
@@ -153,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         metavar="N",
         help="images per request (default: %(default)s; the server allows up to 1024)",
+    )
+    p.add_argument(
+        "--shared-memory",
+        choices=("auto", "on", "off"),
+        default=os.environ.get("CIFAR_SERVE_SHARED_MEMORY") or "auto",
+        help="pass pixels and logits through system shared memory instead of the socket: auto uses it "
+        "when the server is on this host (loopback or unix socket) and accepts a region; on: fail "
+        "if it cannot (default: $CIFAR_SERVE_SHARED_MEMORY or %(default)s)",
     )
     tls = p.add_argument_group("security")
     tls.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
@@ -401,6 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             server_name=args.tls_server_name,
             token=args.token,
             max_images_per_request=args.batch_size,
+            shared_memory=args.shared_memory,
         )
     except (OSError, ValueError) as exc:
         _say(f"error: {exc}")

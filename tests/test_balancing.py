@@ -43,14 +43,33 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def ok_classify_calls(metrics_port: int) -> int:
-    """``cifar_serve_requests_total{method="Classify",code="OK"}`` from a server's /metrics."""
+def _ok_calls(metrics_port: int, method: str) -> int:
+    """``cifar_serve_requests_total{method=METHOD,code="OK"}`` from a server's /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     m = re.search(
-        r'^cifar_serve_requests_total\{(?=[^}]*code="OK")(?=[^}]*method="Classify")[^}]*\} (\S+)$', text, re.M
+        rf'^cifar_serve_requests_total\{{(?=[^}}]*code="OK")(?=[^}}]*method="{method}")[^}}]*\}} (\S+)$',
+        text,
+        re.M,
     )
     return int(float(m.group(1))) if m else 0
+
+
+def ok_classify_calls(metrics_port: int) -> int:
+    """Requests answered OK through ``Classify`` and ``ModelInfer``: cifar-classify sends the latter
+    when it passes the images through shared memory (its default with servers on this host)."""
+    return _ok_calls(metrics_port, "Classify") + _ok_calls(metrics_port, "ModelInfer")
+
+
+def _shm_regions(address: str) -> set[str]:
+    from cifar_serve.v1 import open_inference_pb2 as oip
+    from cifar_serve.v1 import open_inference_pb2_grpc as oip_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        status = oip_grpc.GRPCInferenceServiceStub(ch).SystemSharedMemoryStatus(
+            oip.SystemSharedMemoryStatusRequest(), timeout=30
+        )
+    return set(status.regions)
 
 
 def _set_health(srv: Any, serving: bool) -> None:
@@ -432,6 +451,12 @@ def test_cifar_classify_over_three_servers_loses_none_of_10000_images(
             proc.kill()
     err = err_path.read_text()
     assert proc.returncode == 0, err[-3000:]
+    # It ran through shared memory (auto: every replica is on loopback); the survivors hold none
+    # of its regions now, and /dev/shm none of its objects.
+    for r in replicas[1:]:
+        assert _shm_regions(r.address) == set()
+    assert not list(Path("/dev/shm").glob(f"cifar-serve-client-{proc.pid}-*"))
+    assert sum(_ok_calls(r.metrics_port, "ModelInfer") for r in replicas[1:]) > 0
     with out_path.open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 10_000

@@ -121,6 +121,54 @@ def test_every_answer_checked_matches_offline_accuracy(server, sample, offline_l
     assert r.accuracy is not None and abs(r.accuracy - expected) <= 1 / 600
 
 
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_shared_memory_answers_as_the_socket(server, sample, offline_logits, mode: str) -> None:  # type: ignore[no-untyped-def]
+    from cifar_serve.client.bench import BenchConfig, run_bench
+
+    # Every answer read back (from the region, or the socket) and checked against the labels:
+    # the same accuracy as offline, so the same top-1 for every one of the 600 images.
+    before = set(Path("/dev/shm").glob("cifar-serve-client-*"))
+    r = run_bench(
+        BenchConfig(
+            address=server.address,
+            api="v2",
+            requests=10,
+            batch_size=60,
+            concurrency=2,
+            warmup=0,
+            verify="all",
+            shared_memory=mode,
+        )
+    )
+    assert r.shared_memory is (mode == "on") and r.requests == 10 and r.error_count == 0 and r.verified
+    expected = float((offline_logits.argmax(1) == sample.labels).mean())
+    assert r.accuracy is not None and abs(r.accuracy - expected) <= 1 / 600
+    assert set(Path("/dev/shm").glob("cifar-serve-client-*")) <= before  # regions removed
+
+
+def test_cli_shared_memory_auto_on_loopback(server) -> None:  # type: ignore[no-untyped-def]
+    proc = _cli("--server", server.address, "--api", "v2", "-n", "4", "-b", "8", "-w", "0", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    _check_counts(result, 4, 8)
+    assert result["shared_memory"] is True  # auto: the server is on loopback and took the region
+    proc = _cli("--server", server.address, "-n", "2", "-w", "0", "--shared-memory", "on")
+    assert proc.returncode == 2 and "--api v2" in proc.stderr  # the native API has no shared memory
+    proc = _cli("--server", "10.255.255.1:50051", "--api", "v2", "-n", "2", "--shared-memory", "on")
+    assert proc.returncode == 2 and "on this host" in proc.stderr
+
+
+def test_shm_bench_measures_both_transports(server) -> None:  # type: ignore[no-untyped-def]
+    shm_bench = _script("shm_bench")
+    rows = shm_bench.measure(server.address, [8], rounds=1, requests=2, concurrency=1)
+    assert [(r["transport"], r["shared_memory"], r["requests"]) for r in rows] == [
+        ("gRPC, socket", False, 2),
+        ("gRPC, shared memory", True, 2),
+    ]
+    assert rows[1]["throughput_ratio"] > 0 and rows[1]["p50_ratio"] > 0
+    assert "| 8 | gRPC, shared memory | 2 |" in shm_bench.markdown(rows)
+
+
 def test_duration_mode_and_multiple_processes(server) -> None:  # type: ignore[no-untyped-def]
     proc = _cli(
         "--server",

@@ -134,6 +134,44 @@ def test_json_recursive_console_script(server: Any, tree: Tree, offline_logits: 
     assert "img/s" not in proc.stderr  # no progress bar when stderr is not a terminal
 
 
+def test_shared_memory_and_socket_give_the_same_rows(
+    server: Any, tree: Tree, offline_logits: np.ndarray
+) -> None:
+    """The same folder through /dev/shm (auto picks it on loopback, and on) and the socket (off)."""
+    common = [
+        str(tree.root),
+        "-r",
+        "-f",
+        "json",
+        "-k",
+        "3",
+        "--logits",
+        "-v",
+        "-s",
+        server.address,
+        "-b",
+        "16",
+    ]
+    runs = {mode: _run([*common, *(["--shared-memory", mode] if mode else [])]) for mode in ("", "on", "off")}
+    rows = {}
+    for mode, proc in runs.items():
+        assert proc.returncode == EXIT_SKIPPED, proc.stderr
+        rows[mode] = json.loads(proc.stdout)
+        _check_rows(rows[mode], tree.under(""), offline_logits, top_k=3, logits=True)
+        used = "system shared memory with" in proc.stderr and "through shared memory" in proc.stderr
+        assert used == (mode != "off"), proc.stderr
+    for a, b in zip(rows["on"], rows["off"], strict=True):
+        assert [a[k] for k in ("path", "label", "class_index")] == [
+            b[k] for k in ("path", "label", "class_index")
+        ]
+        assert [p["class_index"] for p in a["predictions"]] == [p["class_index"] for p in b["predictions"]]
+        np.testing.assert_allclose(a["logits"], b["logits"], atol=1e-4, rtol=0)
+        assert a["probability"] == pytest.approx(b["probability"], abs=1e-5)
+    # Told to use it where it cannot be: a usage error, said plainly.
+    proc = _run([str(tree.root / "png"), "--shared-memory", "on", "-s", "10.255.255.1:50051"])
+    assert proc.returncode == EXIT_USAGE and "needs every server on this host" in proc.stderr
+
+
 def test_csv_from_environment_address(server: Any, tree: Tree, offline_logits: np.ndarray) -> None:
     args = [str(tree.root / "png"), str(tree.root / "jpg"), "--format", "csv", "--top-k", "2", "--logits"]
     proc = _run(args, CIFAR_SERVE_ADDRESS=server.address)
@@ -257,6 +295,7 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
         "--tls-cert",
         "--tls-key",
         "--token",
+        "--shared-memory",
     ):
         assert flag in help_text
 
@@ -279,7 +318,7 @@ def test_rows_are_written_as_they_arrive_and_kept_on_interrupt(
     for i in range(600):
         Image.fromarray(sample.images[i]).save(tmp_path / f"{i:03d}.png")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CIFAR_SERVE_")}
-    args = [str(tmp_path), "--format", "json", "--batch-size", "4", "--server", server.address]
+    args = [str(tmp_path), "--format", "json", "--batch-size", "4", "--server", server.address, "-v"]
     with (tmp_path / "stderr").open("w") as stderr:
         proc = subprocess.Popen([*_cli(), *args], stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
     assert proc.stdout is not None
@@ -293,5 +332,9 @@ def test_rows_are_written_as_they_arrive_and_kept_on_interrupt(
     rows = json.loads("".join(first) + rest)  # the array was closed: valid JSON
     assert 1 <= len(rows) < 600
     assert "interrupted" in err and f"{len(rows)} of 600" in err and "Traceback" not in err
+    # It ran through shared memory (the server is on loopback), and left no object behind.
+    assert "through shared memory" in err
+    assert not list(Path("/dev/shm").glob(f"cifar-serve-client-{proc.pid}-*"))
+    assert "leaked" not in err  # the resource tracker found nothing to clean up either
     for row in rows:
         assert row["class_index"] == int(offline_logits[int(Path(row["path"]).stem)].argmax())

@@ -29,6 +29,8 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -146,13 +148,24 @@ class Container:
         return proc.stdout + proc.stderr
 
 
-def _run_container(image: Image, *args: str, publish: int) -> Container:
+def _run_container(image: Image, *args: str, publish: int, also: tuple[int, ...] = ()) -> Container:
     since = str(int(time.time()) - 1)
+    ports = [a for port in (publish, *also) for a in ("--publish", f"127.0.0.1::{port}")]
     cid = _docker(
         "run", "--detach", "--name", f"cifar-serve-test-{uuid.uuid4().hex[:8]}",
-        "--publish", f"127.0.0.1::{publish}", image.tag, *args,
+        *ports, image.tag, *args,
     ).stdout.strip()  # fmt: skip
     return Container(cid, since)
+
+
+def _http_status(url: str, token: str | None = None) -> int:
+    """The HTTP status of a GET of ``url`` (the v2 REST API)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
 
 
 def _remove(container: Container) -> None:
@@ -223,11 +236,15 @@ def test_image_is_built_as_documented(image: Image) -> None:
 def test_container_serves_the_sample_and_stops_with_exit_0(
     image: Image, sample: Any, offline_logits: Any
 ) -> None:
-    container = _run_container(image, publish=50051)
+    container = _run_container(image, publish=50051, also=(8000,))
     try:
         _wait_healthy(container)
         host, port = container.host_port(50051)
         assert host == "127.0.0.1"
+        # The v2 HTTP/REST API listens on all interfaces in the container too (EXPOSE 8000).
+        rest_host, rest_port = container.host_port(8000)
+        assert _http_status(f"http://{rest_host}:{rest_port}/v2/health/ready") == 200, container.logs()
+        assert _http_status(f"http://{rest_host}:{rest_port}/v2/models/cifar10_resnet18") == 200
         logits = _classify_all(f"{host}:{port}", sample.images)
         np.testing.assert_allclose(logits, offline_logits, atol=ATOL, rtol=0)
         assert (logits.argmax(1) == offline_logits.argmax(1)).all()
@@ -270,12 +287,13 @@ def test_compose_cpu_stack_up_and_down(image: Image, sample: Any, offline_logits
     if _docker("compose", "version", check=False).returncode != 0:
         pytest.skip("the Docker Compose v2 plugin is missing (`docker compose version` fails)")
     project = f"cifar-serve-test-{uuid.uuid4().hex[:8]}"
-    grpc_port, metrics_port = _free_port(), _free_port()
+    grpc_port, http_port, metrics_port = _free_port(), _free_port(), _free_port()
     env = {
         **os.environ,
         "COMPOSE_PROJECT_NAME": project,  # never the user's own `cifar-serve` stack
         "CPU_IMAGE": image.tag,  # the image built above, whatever torch variant it holds
         "GRPC_PORT": str(grpc_port),
+        "HTTP_PORT": str(http_port),
         "METRICS_PORT": str(metrics_port),
         "CIFAR_SERVE_AUTH_TOKEN": TOKEN,
     }
@@ -304,6 +322,11 @@ def test_compose_cpu_stack_up_and_down(image: Image, sample: Any, offline_logits
         np.testing.assert_allclose(logits, offline_logits[:64], atol=ATOL, rtol=0)
         with pytest.raises(UnauthenticatedError):
             _classify_all(published, sample.images[:1])
+        rest = compose("port", "server-cpu", "8000").stdout.strip()
+        assert rest == f"127.0.0.1:{http_port}", "compose publishes REST on loopback by default"
+        assert _http_status(f"http://{rest}/v2/health/ready") == 200  # probes need no token
+        assert _http_status(f"http://{rest}/v2/models/cifar10_resnet18") == 401
+        assert _http_status(f"http://{rest}/v2/models/cifar10_resnet18", token=TOKEN) == 200
         teardown = _readme_teardown()
         proc = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", teardown],

@@ -621,8 +621,9 @@ def test_published_ports_are_the_ports_the_programs_listen_on(
             continue
         settings = settings_from_args(argv[1:], _container_env(svc, docker))
         assert settings.host == "0.0.0.0", f"{name}: a container must listen on all interfaces"
-        assert {c for _, c in ports} == {settings.port, settings.metrics_port}, name
-        assert (settings.port, settings.metrics_port) == (Settings.port, Settings.metrics_port)
+        served = (settings.port, settings.http_port, settings.metrics_port)
+        assert {c for _, c in ports} == set(served), name  # gRPC, the v2 REST API, metrics
+        assert served == (Settings.port, Settings.http_port, Settings.metrics_port)
         assert {h for h, _ in ports} == {c for _, c in ports}, f"{name}: publish on the documented ports"
         # Compose's stop timeout must outlast the server's own drain.
         assert _duration_s(svc["stop_grace_period"]) > settings.grace_period_s
@@ -643,6 +644,7 @@ def test_publishing_beyond_loopback_and_other_host_ports_are_one_variable_away(d
     env = {
         "PUBLISH_ADDRESS": "0.0.0.0",
         "GRPC_PORT": "50061",
+        "HTTP_PORT": "8010",
         "METRICS_PORT": "9190",
         "PROMETHEUS_PORT": "9191",
         "CIFAR_SERVE_AUTH_TOKEN": "s3cret",
@@ -651,7 +653,7 @@ def test_publishing_beyond_loopback_and_other_host_ports_are_one_variable_away(d
     for name in STACKS:
         svc = exposed[name]
         assert _publish_ips(svc) == {"0.0.0.0"}
-        assert sorted(_ports(svc)) == [(9190, 9090), (50061, 50051)]
+        assert sorted(_ports(svc)) == [(8010, 8000), (9190, 9090), (50061, 50051)]
         # The token set on the host reaches the server, so an exposed server asks for it.
         assert settings_from_args(_argv(svc, docker)[1:], _container_env(svc, docker)).auth_token == "s3cret"
     assert _ports(exposed["prometheus"]) == [(9191, 9090)]
@@ -785,7 +787,7 @@ def test_image_entrypoint_ports_and_environment(docker: Dockerfile) -> None:
 
     assert docker.exec_form("ENTRYPOINT") == ["cifar-serve"]
     exposed = {int(p.split("/")[0]) for c in docker.final.all("EXPOSE") for p in c.value}
-    assert exposed == {Settings.port, Settings.metrics_port}
+    assert exposed == {Settings.port, Settings.http_port, Settings.metrics_port}
     env = docker.env()
     assert env["CIFAR_SERVE_HOST"] == "0.0.0.0"
     # The image's default model folder is the one exported at build time.

@@ -207,7 +207,8 @@ def test_deployment_fits_the_server(overlay: str) -> None:
     args = serve_args(server["args"])
     assert args.host == "0.0.0.0"
     ports = {p["name"]: p["containerPort"] for p in server["ports"]}
-    assert ports == {"grpc": args.port, "metrics": args.metrics_port}
+    assert ports == {"grpc": args.port, "http": args.http_port, "metrics": args.metrics_port}
+    assert args.http_port > 0, "the v2 HTTP/REST API is on"
     # Native gRPC probes on the health service, on the port the server listens on.
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert server[probe]["grpc"]["port"] == args.port, probe
@@ -261,6 +262,12 @@ def test_services_pdb_and_autoscaler(overlay: str) -> None:
             assert port["targetPort"] in container_ports
         grpc_port = next(p for p in svc["spec"]["ports"] if p["name"] == "grpc")
         assert grpc_port["appProtocol"] == "kubernetes.io/h2c"
+        # The v2 HTTP/REST API beside gRPC, on the port the server listens on.
+        http_port = next(p for p in svc["spec"]["ports"] if p["name"] == "http")
+        assert http_port["targetPort"] == "http" and http_port["appProtocol"] == "http"
+        assert (
+            http_port["port"] == serve_args(container(pod_spec(deployment), "cifar-serve")["args"]).http_port
+        )
 
     pdb = one(objs, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
@@ -309,7 +316,9 @@ def test_kserve_inference_services() -> None:
     (server,) = predictor["containers"]
     assert server["name"] == "kserve-container"
     args = serve_args(server["args"])
+    # KServe routes one port per predictor: gRPC's. REST still listens in the pod.
     assert server["ports"] == [{"name": "h2c", "containerPort": args.port, "protocol": "TCP"}]
+    assert args.http_port == 8000
     assert server["readinessProbe"]["grpc"]["port"] == args.port
     assert predictor["terminationGracePeriodSeconds"] > server["lifecycle"]["preStop"]["sleep"]["seconds"] + (
         args.grace_period_s
