@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import warnings
 
@@ -16,6 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     from .settings import settings_from_args
 
     settings = settings_from_args(argv)
+    if not settings.spin_wait:
+        # Read once, when OpenMP starts (with torch, not yet imported here); children inherit it.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

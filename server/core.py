@@ -182,6 +182,7 @@ def load_runtime(settings: Settings, slots: int) -> Runtime:
         max_batch_size=settings.max_batch_size,
         slots=slots,
         threads=settings.torch_threads,
+        spin_wait=settings.spin_wait,
         verify_sha256=settings.verify_sha256,
         cuda_graphs=settings.cuda_graphs,
     )

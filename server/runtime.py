@@ -113,8 +113,10 @@ class ModelRuntime:
         threads: int = 0,
         verify_sha256: bool = True,
         cuda_graphs: bool = True,
+        spin_wait: bool = True,
     ) -> None:
         self.manifest = load_manifest(model_dir)
+        self.spin_wait = spin_wait
         self.backend = backend
         self.precision = precision
         self.max_batch_size = max_batch_size
@@ -208,6 +210,9 @@ class ModelRuntime:
         opts = ort.SessionOptions()
         if threads > 0:
             opts.intra_op_num_threads = threads
+        if not self.spin_wait:
+            # Idle pool threads sleep instead of spinning: CPU time that shared cores give back.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if self.device.type == "cuda":
             providers.insert(0, "CUDAExecutionProvider")

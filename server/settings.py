@@ -55,6 +55,11 @@ class Settings:
     max_inflight_batches: int = _opt(0, "batches computing at once (0: 1 on CPU, 2 on GPU)")
     cuda_graphs: bool = _opt(True, "on GPU, replay CUDA graphs captured per batch-size bucket")
     torch_threads: int = _opt(0, "intra-op threads of the CPU runtime (0: one per core)")
+    spin_wait: bool = _opt(
+        True,
+        "CPU runtimes' idle threads spin-wait for work (ONNX Runtime's pool, OpenMP); off: they "
+        "sleep, which gives CPU back where cores are shared",
+    )
     max_images_per_request: int = _opt(1024, "most images in one request (larger: INVALID_ARGUMENT)")
     max_image_pixels: int = _opt(16_000_000, "most pixels an encoded image may declare (decompression bombs)")
     max_receive_message_bytes: int = _opt(16 * 1024 * 1024, "largest request message accepted")
