@@ -74,6 +74,8 @@ check-gen: $(STAMP)
 bench: artifacts
 	$(PY) benchmarks/run_benchmark.py
 	$(PY) benchmarks/perf_analyzer.py --profile
+	$(PY) benchmarks/perf_analyzer.py --label workers2 --server-arg=--workers=2
+	$(PY) benchmarks/perf_analyzer.py --label nospin --server-arg=--spin-wait=false
 	$(PY) benchmarks/shm_bench.py --json benchmarks/results-shm.json
 
 clean:

@@ -80,6 +80,7 @@ class Plan:
     quick: bool
     command: str = ""
     extra_notes: list[str] = field(default_factory=list)
+    server_args: list[str] = field(default_factory=list)
 
 
 def _ints(text: str) -> list[int]:
@@ -154,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="file whose generated section is replaced ('' to skip)",
     )
     p.add_argument("--label", default="", help="suffix for output names and the markdown section (e.g. cuda)")
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra flag for the served server, e.g. --server-arg=--workers=4 (repeatable)",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -190,6 +197,7 @@ def plan_from_args(args: argparse.Namespace, argv: Sequence[str]) -> Plan:
         label=args.label,
         quick=q,
         command=" ".join(shlex.quote(a) for a in ["benchmarks/run_benchmark.py", *argv]),
+        server_args=list(args.server_arg),
     )
 
 
@@ -441,6 +449,7 @@ def model_server(
         str(max_queue_images),
         "--log-level",
         "WARNING",
+        *plan.server_args,
     ]
     log = logdir / f"server-{name}.log"
     started = time.monotonic()
