@@ -25,6 +25,7 @@ import logging
 import mmap
 import os
 import pickle
+import socket
 import struct
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -109,11 +110,11 @@ class _RuntimeView:
 class RemoteCore:
     """A worker's view of the core in the model process (same surface as ``InferenceCore``)."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, socket_path: str, run_dir: str, index: int):
+    def __init__(self, settings: Settings, metrics: Metrics, link: socket.socket, run_dir: str, index: int):
         self.settings = settings
         self.metrics = metrics
         self.readiness = Readiness()
-        self._socket_path = socket_path
+        self._link = link
         self._dir = Path(run_dir)
         self._index = index
         self._state: dict[str, Any] = {}
@@ -137,11 +138,13 @@ class RemoteCore:
         """Create the arena, connect to the model process and read its first state."""
         fd = os.open(self._arena_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, ARENA_SLOTS * SLOT_BYTES)
+            # Allocated now: a full /dev/shm (a container's is 64 MiB by default) fails the
+            # start-up with ENOSPC instead of a SIGBUS on some later write to the mapping.
+            os.posix_fallocate(fd, 0, ARENA_SLOTS * SLOT_BYTES)
             self._arena = mmap.mmap(fd, ARENA_SLOTS * SLOT_BYTES)
         finally:
             os.close(fd)
-        reader, self._writer = await asyncio.open_unix_connection(self._socket_path)
+        reader, self._writer = await asyncio.open_unix_connection(sock=self._link)
         self._writer.write(_frame(("hello", self._index, str(self._arena_path))))
         first = await _read(reader)
         if first is None or first[0] != "state":
@@ -207,25 +210,33 @@ class RemoteCore:
             self._on_failure(exc)
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
-        while True:
-            message = await _read(reader)
-            if message is None:
-                if not self._closing:
-                    logger.error("worker %d: the model process closed its connection", self._index)
-                    self._fail(ConnectionError("the model process exited"))
-                return
-            kind = message[0]
-            if kind == "state":
-                self._apply(message[1])
-            elif kind in ("done", "error"):
-                self._answered(message)
-            elif kind in ("result", "raise"):
-                fut = self._calls.pop(message[1], None)
-                if fut is not None and not fut.done():
-                    if kind == "result":
-                        fut.set_result(message[2])
-                    else:
-                        fut.set_exception(message[2])
+        try:
+            while await self._read_one(reader):
+                pass
+        except Exception as exc:  # never leave callers waiting on a link nobody reads
+            logger.exception("worker %d: reading the model process's answers failed", self._index)
+            self._fail(exc)
+
+    async def _read_one(self, reader: asyncio.StreamReader) -> bool:
+        message = await _read(reader)
+        if message is None:
+            if not self._closing:
+                logger.error("worker %d: the model process closed its connection", self._index)
+                self._fail(ConnectionError("the model process exited"))
+            return False
+        kind = message[0]
+        if kind == "state":
+            self._apply(message[1])
+        elif kind in ("done", "error"):
+            self._answered(message)
+        elif kind in ("result", "raise"):
+            fut = self._calls.pop(message[1], None)
+            if fut is not None and not fut.done():
+                if kind == "result":
+                    fut.set_result(message[2])
+                else:
+                    fut.set_exception(message[2])
+        return True
 
     def _answered(self, message: tuple[Any, ...]) -> None:
         p = self._pending.pop(message[1], None)
@@ -405,7 +416,13 @@ class _Link:
     def start(self, rid: int, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self.tasks[rid] = task
-        task.add_done_callback(lambda _t: self.tasks.pop(rid, None))
+
+        def done(t: asyncio.Task[None]) -> None:
+            self.tasks.pop(rid, None)
+            if t.cancelled():  # cancelled before it ran: the worker still waits to free its space
+                self.send(("error", rid, Unavailable("cancelled")))
+
+        task.add_done_callback(done)
 
     def cancel(self, rid: int) -> None:
         task = self.tasks.get(rid)
@@ -426,24 +443,35 @@ class _Link:
 
 
 class ModelHost:
-    """Serves an :class:`InferenceCore` to the worker processes over a Unix socket."""
+    """Serves an :class:`InferenceCore` to the worker processes, one socket pair each.
 
-    def __init__(self, core: InferenceCore, socket_path: str) -> None:
+    The supervisor made the pairs and handed one end to each worker: no other process can
+    reach the model process (no socket in the file system to connect to), so the pickled frames
+    and the file names in them come from this server's own workers only.
+    """
+
+    def __init__(self, core: InferenceCore, links: list[socket.socket], run_dir: str) -> None:
         self.core = core
-        self.socket_path = socket_path
+        self._socks = links
+        self._dir = os.path.realpath(run_dir)
         self._links: set[_Link] = set()
-        self._server: asyncio.base_events.Server | None = None
+        self._serving: set[asyncio.Task[None]] = set()
+        self._calls: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_unix_server(self._serve_link, self.socket_path)
-        os.chmod(self.socket_path, 0o600)
+        loop = asyncio.get_running_loop()
+        for sock in self._socks:
+            reader, writer = await asyncio.open_unix_connection(sock=sock)
+            task = loop.create_task(self._serve_link(reader, writer))
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
         for link in list(self._links):
             link.close()
         self._links.clear()
+        for task in list(self._serving):
+            task.cancel()
 
     def state(self) -> dict[str, Any]:
         core = self.core
@@ -482,7 +510,7 @@ class ModelHost:
             hello = await _read(reader)
             if hello is None or hello[0] != "hello":
                 return
-            link.arena_fd = os.open(hello[2], os.O_RDWR | os.O_CLOEXEC)
+            link.arena_fd = os.open(self._own(hello[2]), os.O_RDWR | os.O_CLOEXEC)
             link.send(("state", self.state()))
             while (message := await _read(reader)) is not None:
                 kind = message[0]
@@ -491,7 +519,9 @@ class ModelHost:
                 elif kind == "cancel":
                     link.cancel(message[1])
                 elif kind == "call":
-                    asyncio.get_running_loop().create_task(self._call(link, *message[1:]))
+                    call = asyncio.get_running_loop().create_task(self._call(link, *message[1:]))
+                    self._calls.add(call)
+                    call.add_done_callback(self._calls.discard)
         except Exception:
             logger.exception("model process: a worker's connection failed")
         finally:
@@ -509,8 +539,13 @@ class ModelHost:
         deadline: float | None,
     ) -> None:
         own = isinstance(segment, str)
-        fd = os.open(segment, os.O_RDWR | os.O_CLOEXEC) if isinstance(segment, str) else link.arena_fd
+        fd = -1
         try:
+            fd = (
+                os.open(self._own(segment), os.O_RDWR | os.O_CLOEXEC)
+                if isinstance(segment, str)
+                else link.arena_fd
+            )
             images = np.empty((n, 32, 32, 3), np.uint8)
             if os.preadv(fd, [images.data], in_offset) != images.nbytes:
                 raise InternalError("a worker's request vanished from shared memory before it was read")
@@ -527,8 +562,15 @@ class ModelHost:
             logger.exception("model process: inference failed")
             link.send(("error", rid, InternalError(f"inference failed: {type(exc).__name__}")))
         finally:
-            if own:
+            if own and fd >= 0:
                 os.close(fd)
+
+    def _own(self, path: str) -> str:
+        """``path`` if it lies in the server's run folder (the only files workers may name)."""
+        real = os.path.realpath(path)
+        if os.path.dirname(real) != self._dir:
+            raise InternalError(f"a worker named a file outside the run folder: {path}")
+        return real
 
     async def _call(self, link: _Link, rid: int, name: str, args: tuple[Any, ...]) -> None:
         core = self.core

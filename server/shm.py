@@ -24,6 +24,7 @@ unregistration through any worker takes effect everywhere at once.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -87,6 +88,8 @@ class SharedMemoryRegistry:
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         if not name:
             raise InvalidInput("a shared memory region needs a name")
+        if self._store is not None:
+            self._prune()
         if self._get(name) is not None:
             raise AlreadyExists(f"shared memory region {name!r} is already registered; unregister it first")
         if len(self) >= MAX_REGIONS:
@@ -133,8 +136,11 @@ class SharedMemoryRegistry:
     def unregister(self, name: str = "") -> None:
         """Unregister ``name``, or every region when ``name`` is empty (as Triton; unknown names are fine)."""
         if self._store is not None:
-            for record in [self._record_path(name)] if name else list(self._store.iterdir()):
-                record.unlink(missing_ok=True)
+            for path in [self._record_path(name)] if name else list(self._store.iterdir()):
+                record = self._read_record(path)
+                if record is not None and (not name or record.get("name") == name):
+                    path.unlink(missing_ok=True)
+            self._prune()
         names = [name] if name else list(self._regions)
         for n in names:
             if self._drop(n):
@@ -142,6 +148,8 @@ class SharedMemoryRegistry:
 
     def status(self, name: str = "") -> list[RegionStatus]:
         """Every region, or the one named (:class:`NotFound` when unknown)."""
+        if self._store is not None:
+            self._prune()
         if not name:
             if self._store is None:
                 return [r.status for r in self._regions.values()]
@@ -223,6 +231,13 @@ class SharedMemoryRegistry:
         except OSError as exc:
             raise InvalidInput(_open_error(name, key, exc)) from None
 
+    def _prune(self) -> None:
+        """Close this process's descriptors of regions unregistered through another worker."""
+        for name, region in list(self._regions.items()):
+            record = self._read_record(self._record_path(name))
+            if record is None or record.get("token") != region.token:
+                self._drop(name)
+
     def _drop(self, name: str) -> bool:
         region = self._regions.pop(name, None)
         if region is None:
@@ -232,7 +247,7 @@ class SharedMemoryRegistry:
 
     def _record_path(self, name: str) -> Path:
         assert self._store is not None
-        return self._store / name.encode().hex()[:200]
+        return self._store / hashlib.sha256(name.encode()).hexdigest()
 
     @staticmethod
     def _read_record(path: Path) -> dict[str, object] | None:

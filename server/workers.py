@@ -53,13 +53,34 @@ class StartupFailed(RuntimeError):
     """A child could not start; its one-line reason."""
 
 
+_RUN_PREFIX = "cifar-serve-"
+
+
 def _run_dir() -> Path:
     # /dev/shm is memory on Linux: the arenas live there. Elsewhere a temporary folder does.
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    path = Path(tempfile.mkdtemp(prefix="cifar-serve-", dir=base))
+    _remove_stale(Path(base or tempfile.gettempdir()))
+    path = Path(tempfile.mkdtemp(prefix=_RUN_PREFIX, dir=base))
     for sub in ("metrics", "regions"):
         (path / sub).mkdir()
+    (path / "supervisor.pid").write_text(str(os.getpid()))
     return path
+
+
+def _remove_stale(base: Path) -> None:
+    """Remove run folders whose supervisor died without cleaning up (SIGKILL, OOM): they hold memory."""
+    for old in base.glob(f"{_RUN_PREFIX}*"):
+        pid = 0
+        try:
+            if old.stat().st_uid != os.getuid():
+                continue
+            pid = int((old / "supervisor.pid").read_text())
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            logger.info("removing %s, left by supervisor %d, which is gone", old, pid)
+            shutil.rmtree(old, ignore_errors=True)
+        except (OSError, ValueError):
+            continue  # not ours, not finished starting, or alive
 
 
 def _reserve(host: str, port: int, flag: str) -> socket.socket:
@@ -109,16 +130,16 @@ def _watch_parent(conn: Connection, on_message: Any) -> None:
 # ---------------------------------------------------------------------------- the model process
 
 
-def model_main(settings: Settings, run_dir: str, conn: Connection) -> None:
+def model_main(settings: Settings, run_dir: str, links: list[socket.socket], conn: Connection) -> None:
     _child_setup(settings, run_dir, "model")
     # Ctrl-C reaches the whole process group: the model keeps serving while the workers drain,
     # and stops when the supervisor says so.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    raise SystemExit(asyncio.run(_model(settings, run_dir, conn)))
+    raise SystemExit(asyncio.run(_model(settings, run_dir, links, conn)))
 
 
-async def _model(settings: Settings, run_dir: str, conn: Connection) -> int:
+async def _model(settings: Settings, run_dir: str, links: list[socket.socket], conn: Connection) -> int:
     from .core import InferenceCore, Phase
     from .errors import InferenceError
     from .metrics import Metrics
@@ -129,7 +150,7 @@ async def _model(settings: Settings, run_dir: str, conn: Connection) -> int:
     except Exception as exc:  # the artifact is missing, corrupt or fails its sha256
         conn.send(("failed", str(exc)))
         return 2
-    host = ModelHost(core, str(Path(run_dir) / "model.sock"))
+    host = ModelHost(core, links, run_dir)
     failed = asyncio.Event()
     stop = asyncio.Event()
     loads: set[asyncio.Task[None]] = set()
@@ -191,24 +212,25 @@ async def _model(settings: Settings, run_dir: str, conn: Connection) -> int:
 # ---------------------------------------------------------------------------- a worker process
 
 
-def worker_main(settings: Settings, run_dir: str, index: int, conn: Connection) -> None:
-    _child_setup(settings, run_dir, f"worker-{index}")
+def worker_main(settings: Settings, run_dir: str, index: int, link: socket.socket, conn: Connection) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads go to the model process
-    raise SystemExit(asyncio.run(_worker(settings, run_dir, index, conn)))
+    _child_setup(settings, run_dir, f"worker-{index}")
+    raise SystemExit(asyncio.run(_worker(settings, run_dir, index, link, conn)))
 
 
-async def _worker(settings: Settings, run_dir: str, index: int, conn: Connection) -> int:
+async def _worker(settings: Settings, run_dir: str, index: int, link: socket.socket, conn: Connection) -> int:
     from .app import CifarServer, StartupError
+    from .errors import InferenceError
     from .metrics import Metrics
     from .remote import RemoteCore
     from .shm import SharedMemoryRegistry
 
-    core = RemoteCore(settings, Metrics(), str(Path(run_dir) / "model.sock"), run_dir, index)
+    core = RemoteCore(settings, Metrics(), link, run_dir, index)
     try:
         await core.connect()
         server = CifarServer(settings, core=core, shm=SharedMemoryRegistry(Path(run_dir) / "regions"))
         await server.bind()
-    except (OSError, StartupError) as exc:
+    except (OSError, StartupError, InferenceError) as exc:
         conn.send(("failed", str(exc)))
         await core.stop()
         return 2
@@ -219,6 +241,8 @@ async def _worker(settings: Settings, run_dir: str, index: int, conn: Connection
         loop.add_signal_handler(sig, stop.set)
     _watch_parent(conn, lambda message: stop.set())
     await server.warm_up()
+    if server.readiness.serving:
+        conn.send(("serving",))
     waits = [asyncio.ensure_future(e.wait()) for e in (stop, server.failed)]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     for w in waits:
@@ -297,10 +321,17 @@ class Supervisor:
             self.metrics_port = int(self._metrics_http.server_address[1])
         child = dataclasses.replace(s, port=self.port, http_port=self.http_port, metrics_port=-1)
         run_dir = str(self._run_dir)
-        self._model = self._spawn("model", model_main, (child, run_dir))
+        # One socket pair per worker, made here: only the two processes at its ends hold it.
+        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(s.workers)]
+        try:
+            self._model = self._spawn("model", model_main, (child, run_dir, [a for a, _ in pairs]))
+            for i, (_, b) in enumerate(pairs):
+                self._workers.append(self._spawn(f"worker-{i}", worker_main, (child, run_dir, i, b)))
+        finally:
+            for a, b in pairs:  # the children have their own copies now
+                a.close()
+                b.close()
         await self._expect(self._model, "listening")
-        for i in range(s.workers):
-            self._workers.append(self._spawn(f"worker-{i}", worker_main, (child, run_dir, i)))
         for w in self._workers:
             await self._expect(w, "bound")
         logger.info(
@@ -355,12 +386,15 @@ class Supervisor:
         return multiprocess_registry(str(self._run_dir / "metrics"))
 
     async def wait_ready(self) -> None:
-        """Wait until the model process is warm (workers then turn SERVING by themselves)."""
+        """Wait until the model process is warm and every worker has turned SERVING."""
         if self._ready.is_set():
             return
         assert self._model is not None
         await self._expect(self._model, "ready")
+        for w in self._workers:
+            await self._expect(w, "serving")
         self._ready.set()
+        logger.info("serving on %s:%d with %d workers", self.settings.host, self.port, len(self._workers))
 
     def reload(self) -> None:
         """SIGHUP: the model process loads ``--model-dir`` again as a new version."""
@@ -410,14 +444,15 @@ class Supervisor:
             if w.process.is_alive() and w.process.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(w.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace + 5.0  # one for all: they drain side by side
         for w in self._workers:
-            await self._join(w, grace + 5.0)
+            await self._join(w, deadline)
             if w.process.exitcode not in (0, None) and self.exit_code == 0:
                 self.exit_code = 1
         if self._model is not None:
             with contextlib.suppress(OSError):
                 self._model.conn.send("stop")
-            await self._join(self._model, 10.0)
+            await self._join(self._model, time.monotonic() + 10.0)
         from .app import format_answered
         from .metrics import answered
 
@@ -429,12 +464,11 @@ class Supervisor:
         logger.info("stopped; answered %s", format_answered(total))
         self._stopped.set()
 
-    async def _join(self, child: _Child, timeout: float) -> None:
-        end = time.monotonic() + timeout
-        while child.process.is_alive() and time.monotonic() < end:
+    async def _join(self, child: _Child, deadline: float) -> None:
+        while child.process.is_alive() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         if child.process.is_alive():
-            logger.error("%s did not exit within %.1fs: killing it", child.name, timeout)
+            logger.error("%s did not exit in time: killing it", child.name)
             child.process.kill()
         child.process.join()
         child.conn.close()
@@ -469,11 +503,23 @@ async def serve_workers(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, supervisor.reload)
-    await supervisor.start(wait_ready=False)  # each worker turns SERVING once the model is warm
+    # Each worker turns SERVING by itself once the model is warm. A signal during the start-up
+    # (loading a model can take long) stops it: the start is cancelled and the children removed.
+    starting = asyncio.ensure_future(supervisor.start(wait_ready=False))
     stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        logger.info("stopped during start-up")
+        return 0
+    starting.result()  # a failed start raises its StartupError here
+    ready = asyncio.ensure_future(supervisor.wait_ready())  # logs "serving ... with N workers"
+    ready.add_done_callback(lambda t: t.cancelled() or t.exception())  # a child's death is the watcher's
     failing = asyncio.ensure_future(supervisor.failed.wait())
     await asyncio.wait({stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
-    for task in (stopping, failing):
+    for task in (stopping, failing, ready):
         task.cancel()
     await supervisor.stop()
     return supervisor.exit_code

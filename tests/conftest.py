@@ -243,17 +243,24 @@ def _wait_serving(address: str, proc: object, timeout: float = 120) -> None:
 
     assert isinstance(proc, subprocess.Popen)
     end = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < end:
-            assert proc.poll() is None, proc.communicate()[1]
+
+    def serving() -> bool:
+        # A fresh connection each time: with --workers N each may land on another worker, and
+        # every worker turns SERVING on its own (moments apart).
+        with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
             try:
-                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
+                status = (
+                    health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                )
             except grpc.RpcError:
-                pass
-            time.sleep(0.2)
+                return False
+            return bool(status == health_pb2.HealthCheckResponse.SERVING)
+
+    while time.monotonic() < end:
+        assert proc.poll() is None, proc.communicate()[1]
+        if serving() and all(serving() for _ in range(4)):
+            return
+        time.sleep(0.2)
     raise AssertionError(f"the server at {address} never became SERVING")
 
 

@@ -96,7 +96,12 @@ def start(model_dir: Path, tmp_path: Path, free_port: Any, wait_serving: Any) ->
         )
         started.append(proc)
         wait_serving(f"127.0.0.1:{port}", proc)
-        return Server(proc, port, metrics_port, log)
+        srv = Server(proc, port, metrics_port, log)
+        end = time.monotonic() + 60
+        while f"with {WORKERS} workers" not in srv.text():  # every worker SERVING, not just one
+            assert time.monotonic() < end and proc.poll() is None, srv.text()
+            time.sleep(0.1)
+        return srv
 
     yield run
     for proc in started:
@@ -197,3 +202,51 @@ def test_a_dead_worker_is_noticed_and_the_server_exits_1(start: Any, sample: Any
     assert "worker-0 exited unexpectedly" in log
     # The other worker drained (NOT_SERVING, then finished) instead of being killed.
     assert re.search(rf"worker-1:{survivor} .*worker exiting; answered", log), log
+
+
+def test_a_shared_memory_region_registered_through_one_worker_serves_through_all(
+    start: Any, sample: Any, offline_logits: np.ndarray
+) -> None:
+    from multiprocessing import shared_memory
+
+    from cifar_serve.v1 import open_inference_pb2 as oip
+    from cifar_serve.v1 import open_inference_pb2_grpc as oip_grpc
+
+    srv = start()
+    n = 4
+    region = shared_memory.SharedMemory(create=True, size=n * 3072)
+    try:
+        np.frombuffer(region.buf, np.uint8)[:] = sample.images[:n].reshape(-1)
+        channels = [_channel(srv.address) for _ in range(8)]
+        stubs = [oip_grpc.GRPCInferenceServiceStub(ch) for ch in channels]
+        stubs[0].SystemSharedMemoryRegister(
+            oip.SystemSharedMemoryRegisterRequest(name="imgs", key="/" + region.name, byte_size=n * 3072),
+            timeout=30,
+        )
+        params = {
+            "shared_memory_region": oip.InferParameter(string_param="imgs"),
+            "shared_memory_byte_size": oip.InferParameter(int64_param=n * 3072),
+        }
+        tensor = oip.ModelInferRequest.InferInputTensor(
+            name="images", datatype="UINT8", shape=[n, 32, 32, 3], parameters=params
+        )
+        request = oip.ModelInferRequest(model_name="cifar10_resnet18", inputs=[tensor])
+        for stub in stubs:  # eight connections: both workers (all on one: odds 1 in 128)
+            answer = stub.ModelInfer(request, timeout=60)
+            logits = np.frombuffer(answer.raw_output_contents[0], np.float32).reshape(n, 10)
+            np.testing.assert_allclose(logits, offline_logits[:n], atol=1e-4, rtol=0)
+        stubs[-1].SystemSharedMemoryUnregister(
+            oip.SystemSharedMemoryUnregisterRequest(name="imgs"), timeout=30
+        )
+        for stub in stubs:  # gone for every worker at once
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(request, timeout=60)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not registered" in str(err.value.details())
+            status = stub.SystemSharedMemoryStatus(oip.SystemSharedMemoryStatusRequest(), timeout=30)
+            assert not status.regions
+        for ch in channels:
+            ch.close()
+    finally:
+        region.close()
+        region.unlink()
