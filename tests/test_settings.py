@@ -33,6 +33,8 @@ def test_contradictory_limits_are_refused_naming_both() -> None:
         Settings(max_inflight_request_bytes=1024)
     with pytest.raises(SettingsError, match="--log-level"):
         Settings(log_level="LOUD")
+    with pytest.raises(SettingsError, match="--workers must be between 1 and 64, got 0"):
+        Settings(workers=0)
 
 
 def test_flags_beat_environment_beat_defaults() -> None:
