@@ -208,22 +208,24 @@ def test_model_stats_accumulator() -> None:
     assert snap.batches[4][1].count == 2
 
 
-@pytest.mark.in_process
 def test_model_info_shows_the_measured_runtime_table(stats_server: Any, sample: Any) -> None:
     """backend auto on the CPU: both runtimes timed at every bucket, each bucket served by its faster."""
     with grpc.insecure_channel(stats_server.address) as ch:
         info = classifier_pb2_grpc.ClassifierStub(ch).GetModelInfo(
             classifier_pb2.GetModelInfoRequest(), timeout=TIMEOUT_S
         )
-    runtime = stats_server.server.core.runtime
     assert info.backend == "auto"
     table = {b.batch_size: b for b in info.runtime_table}
     assert sorted(table) == [1, 2, 4, 8]  # powers of two up to the server's batch of 8
-    for size, bucket in table.items():
+    for bucket in table.values():
         ms = dict(bucket.ms_per_batch)
         assert set(ms) == {"torchscript", "onnxruntime"}
         assert all(v > 0 for v in ms.values())
         assert bucket.runtime == min(ms, key=ms.__getitem__)
+    if stats_server.server is None:
+        return  # --workers: the runtime is in the model process; the table above is what it reported
+    runtime = stats_server.server.core.runtime
+    for size, bucket in table.items():
         assert runtime.route(size) == bucket.runtime
     # A batch between buckets goes to the next bucket's winner.
     assert runtime.route(3) == table[4].runtime and runtime.route(5) == table[8].runtime
