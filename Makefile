@@ -76,6 +76,7 @@ bench: artifacts
 	$(PY) benchmarks/perf_analyzer.py --profile
 	$(PY) benchmarks/perf_analyzer.py --label workers2 --server-arg=--workers=2
 	$(PY) benchmarks/perf_analyzer.py --label nospin --server-arg=--spin-wait=false
+	$(PY) benchmarks/perf_analyzer.py --label workers2-nospin --server-arg=--workers=2 --server-arg=--spin-wait=false
 	$(PY) benchmarks/shm_bench.py --json benchmarks/results-shm.json
 
 clean:
