@@ -29,6 +29,7 @@ __all__ = [
     "Phase",
     "Ranked",
     "Readiness",
+    "RequestChecks",
     "Runtime",
     "RuntimeInfo",
     "ServingCore",
@@ -226,7 +227,48 @@ class _Loaded:
     batcher: DynamicBatcher | None = None
 
 
-class InferenceCore:
+class _Identity(Protocol):
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def model_name(self) -> str: ...
+    @property
+    def model_version(self) -> str: ...
+    @property
+    def num_classes(self) -> int: ...
+    async def infer(self, images: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, str]: ...
+
+
+class RequestChecks:
+    """The request checks both cores make the same way (this process's, and a worker's stand-in)."""
+
+    def check_model(self: _Identity, name: str, version: str = "") -> None:
+        if name != self.model_name:
+            raise ModelNotFound(f"unknown model {name!r}; this server serves {self.model_name!r}")
+        if version and version != self.model_version:
+            raise ModelNotFound(
+                f"model {name!r} has no version {version!r}; available: {self.model_version!r}"
+            )
+
+    def check_count(self: _Identity, n: int) -> None:
+        if n == 0:
+            raise InvalidInput("request holds no images")
+        if n > self.settings.max_images_per_request:
+            raise InvalidInput(
+                f"request holds {n} images, more than the limit of {self.settings.max_images_per_request} "
+                "per request; split it"
+            )
+
+    def check_top_k(self: _Identity, k: int) -> None:
+        if not 1 <= k <= self.num_classes:
+            raise InvalidInput(f"top_k must be between 1 and {self.num_classes}, got {k}")
+
+    async def logits(self: _Identity, images: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """Float32 logits ``[n, classes]`` for uint8 ``[n,32,32,3]`` images."""
+        return (await self.infer(images, deadline))[0]
+
+
+class InferenceCore(RequestChecks):
     """Runtime + batcher behind one API; a new model version can be swapped in while serving.
 
     ``loader`` builds a runtime from settings (default: the exported artifacts of
@@ -317,27 +359,6 @@ class InferenceCore:
     async def stop(self) -> None:
         if self._active.batcher is not None:
             await self._active.batcher.stop()
-
-    def check_model(self, name: str, version: str = "") -> None:
-        if name != self.model_name:
-            raise ModelNotFound(f"unknown model {name!r}; this server serves {self.model_name!r}")
-        if version and version != self.model_version:
-            raise ModelNotFound(
-                f"model {name!r} has no version {version!r}; available: {self.model_version!r}"
-            )
-
-    def check_count(self, n: int) -> None:
-        if n == 0:
-            raise InvalidInput("request holds no images")
-        if n > self.settings.max_images_per_request:
-            raise InvalidInput(
-                f"request holds {n} images, more than the limit of {self.settings.max_images_per_request} "
-                "per request; split it"
-            )
-
-    async def logits(self, images: np.ndarray, deadline: float | None = None) -> np.ndarray:
-        """Float32 logits ``[n, classes]`` for uint8 ``[n,32,32,3]`` images."""
-        return (await self.infer(images, deadline))[0]
 
     async def infer(self, images: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, str]:
         """Logits for uint8 ``[n,32,32,3]`` images, and the model version that computed them.
@@ -452,10 +473,6 @@ class InferenceCore:
             self.model_name,
             self.model_version,
         )
-
-    def check_top_k(self, k: int) -> None:
-        if not 1 <= k <= self.num_classes:
-            raise InvalidInput(f"top_k must be between 1 and {self.num_classes}, got {k}")
 
     def info(self) -> dict[str, Any]:
         s = self.settings

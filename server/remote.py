@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from .core import InferenceCore, Phase, Readiness
-from .errors import InferenceError, InternalError, InvalidInput, ModelNotFound, Unavailable
+from .core import InferenceCore, Phase, Readiness, RequestChecks
+from .errors import InferenceError, InternalError, Unavailable
 from .metrics import Metrics
 from .settings import Settings
 from .stats import StatsSnapshot
@@ -107,7 +107,7 @@ class _RuntimeView:
         return dict(self.description)
 
 
-class RemoteCore:
+class RemoteCore(RequestChecks):
     """A worker's view of the core in the model process (same surface as ``InferenceCore``)."""
 
     def __init__(self, settings: Settings, metrics: Metrics, link: socket.socket, run_dir: str, index: int):
@@ -311,36 +311,12 @@ class RemoteCore:
     def info(self) -> dict[str, Any]:
         return dict(self._state["info"])
 
-    def check_model(self, name: str, version: str = "") -> None:
-        if name != self.model_name:
-            raise ModelNotFound(f"unknown model {name!r}; this server serves {self.model_name!r}")
-        if version and version != self.model_version:
-            raise ModelNotFound(
-                f"model {name!r} has no version {version!r}; available: {self.model_version!r}"
-            )
-
-    def check_count(self, n: int) -> None:
-        if n == 0:
-            raise InvalidInput("request holds no images")
-        if n > self.settings.max_images_per_request:
-            raise InvalidInput(
-                f"request holds {n} images, more than the limit of {self.settings.max_images_per_request} "
-                "per request; split it"
-            )
-
-    def check_top_k(self, k: int) -> None:
-        if not 1 <= k <= self.num_classes:
-            raise InvalidInput(f"top_k must be between 1 and {self.num_classes}, got {k}")
-
     # ------------------------------------------------------------------ calls
 
     def _send(self, message: object) -> None:
         if self.lost is not None or self._writer is None or self._writer.is_closing():
             raise Unavailable("the model process is gone; this server is exiting")
         self._writer.write(_frame(message))
-
-    async def logits(self, images: np.ndarray, deadline: float | None = None) -> np.ndarray:
-        return (await self.infer(images, deadline))[0]
 
     async def infer(self, images: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, str]:
         """Logits for uint8 ``[n,32,32,3]`` images from the model process, and their version."""
