@@ -128,7 +128,7 @@ def compare(
 def served_logits(model_dir: Path, device: str, precision: str, images: np.ndarray) -> np.ndarray:
     import grpc
 
-    from cifar_serve.server.app import ServerThread
+    from cifar_serve.server.launch import ServerThread
     from cifar_serve.server.settings import Settings
     from cifar_serve.v1 import classifier_pb2 as pb
     from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     # torch.jit is deprecated upstream but TorchScript is the artifact we are asked to serve.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
-    from .app import StartupError, serve
+    from .app import StartupError
+    from .launch import serve
     from .runtime import ArtifactError
 
     try:

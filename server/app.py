@@ -1,15 +1,18 @@
-"""Assemble and run the server: core, servicers, health, reflection, metrics, TLS, auth, signals."""
+"""Assemble one server process: core, admission, servicers, health, reflection, metrics, TLS.
+
+Running it (signals, ``--workers N``, a server in a thread) is :mod:`.launch`'s job; this module
+imports nothing of the multi-process server, which builds its workers from :class:`CifarServer`.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
-import signal
 import socket
-import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,36 +20,21 @@ from grpc_reflection.v1alpha import reflection
 
 from cifar_serve.v1 import classifier_pb2, classifier_pb2_grpc
 
-from .core import InferenceCore, Phase, Runtime, ServingCore
-from .edge import ByteBudget, Edge
+from .admission import Admission
+from .control import ModelControl
+from .core import InferenceCore, Runtime, ServingCore
+from .edge import Edge
 from .errors import InferenceError
+from .lifecycle import Lifecycle, State
 from .metrics import Metrics
 from .oip import add_oip_to_server
 from .servicer import ClassifierServicer
 from .settings import Settings
 from .shm import SharedMemoryRegistry
 
-if TYPE_CHECKING:
-    from .workers import Supervisor
-
-__all__ = ["CifarServer", "ServerThread", "StartupError", "serve"]
+__all__ = ["CifarServer", "StartupError", "format_answered", "warn_exposure"]
 
 logger = logging.getLogger(__name__)
-
-_OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-# Liveness and readiness probes answer while warming up and draining (they say "not ready").
-_UNGATED = tuple(
-    f"/inference.GRPCInferenceService/{m}"
-    for m in (
-        "ServerLive",
-        "ServerReady",
-        "ModelReady",
-        "ServerMetadata",
-        "RepositoryIndex",
-        "RepositoryModelLoad",
-        "RepositoryModelUnload",
-    )
-)
 
 
 def format_answered(answered: dict[str, int]) -> str:
@@ -55,6 +43,34 @@ def format_answered(answered: dict[str, int]) -> str:
 
 class StartupError(RuntimeError):
     """The server cannot start (a port taken, a file unreadable): one line for the operator."""
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def warn_exposure(settings: Settings) -> None:
+    """Say so at start when the server is reachable from other hosts with a group left open."""
+    s = settings
+    if _loopback(s.host):
+        return
+    if not s.auth_token:
+        logger.warning(
+            "listening on %s with no --auth-token: any host that reaches it may run inference%s",
+            s.host,
+            " and admin calls" if not s.admin_token else "",
+        )
+    if s.model_control_mode == "explicit" and not s.admin_token:
+        logger.warning(
+            "--model-control-mode explicit on %s without --admin-token: whoever holds the inference "
+            "credentials can unload and load the model",
+            s.host,
+        )
 
 
 def _bind_problem(host: str, port: int) -> str:
@@ -106,8 +122,11 @@ class CifarServer:
         # A worker process of --workers N passes the model process's core (server/remote.py).
         self.core: ServingCore = core if core is not None else InferenceCore(settings, Metrics(), runtime)
         self.metrics = self.core.metrics
-        self.readiness = self.core.readiness
+        self.lifecycle: Lifecycle = self.core.lifecycle
+        self.admission = Admission(settings, self.lifecycle, self.metrics)
+        self.control = ModelControl(self.core, settings)
         self.health = _Health()
+        self._health_status = -1
         self.port = 0
         self.metrics_port = -1
         self.exit_code = 0
@@ -123,26 +142,41 @@ class CifarServer:
     def _add_services(self, server: grpc.aio.Server) -> None:
         classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.core), server)
         names = [classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name]
-        names.append(add_oip_to_server(server, self.core, self.shm))
+        names.append(add_oip_to_server(server, self.core, self.shm, self.control))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
         self.service_names = names
 
-    async def _set_health(self, status: int) -> None:
+    async def _sync_health(self) -> None:
+        """Make grpc.health.v1 (overall and per service) say what the lifecycle says."""
+        serving = health_pb2.HealthCheckResponse.SERVING
+        status = serving if self.lifecycle.ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        if status == self._health_status:
+            return
+        self._health_status = status
         for name in ["", *self.service_names]:
             result = self.health.set(name, status)
             if asyncio.iscoroutine(result):
                 await result
 
+    def _on_lifecycle(self, life: Lifecycle) -> None:
+        self.metrics.ready.set(1 if life.ready else 0)
+        if life.state is State.STOPPED:
+            return  # nothing left to answer health checks
+        # Tasks run in the order they were made: health ends at the latest state.
+        asyncio.get_running_loop().create_task(self._sync_health())
+
     def _on_batcher_failure(self, exc: BaseException) -> None:
         # Waiting callers already have their error; say so everywhere and make the process exit
         # non-zero, so a supervisor restarts it rather than routing calls to a dead batcher.
-        self.readiness.set(Phase.FAILED, f"batcher died: {type(exc).__name__}: {exc}")
-        self.metrics.ready.set(0)
+        self.fail(f"batcher died: {type(exc).__name__}: {exc}")
+
+    def fail(self, reason: str) -> None:
+        """The server can no longer serve: NOT_SERVING, and :attr:`failed` set (exit status 1)."""
+        self.lifecycle.to(State.FAILED, reason)
         self.exit_code = 1
         self._failed.set()
-        asyncio.get_running_loop().create_task(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
 
     @property
     def failed(self) -> asyncio.Event:
@@ -172,17 +206,8 @@ class CifarServer:
         """Start the batcher and listen; calls get UNAVAILABLE ("warming up") until :meth:`warm_up`."""
         s = self.settings
         self.core.start(on_failure=self._on_batcher_failure)
-        budget = ByteBudget(s.max_inflight_request_bytes, self.metrics)  # shared with REST
-        edge = Edge(
-            metrics=self.metrics,
-            readiness=self.readiness,
-            budget=budget,
-            auth_token=s.auth_token,
-            open_prefixes=_OPEN_PREFIXES,
-            ungated=_UNGATED,
-        )
         server = grpc.aio.server(
-            interceptors=[edge],
+            interceptors=[Edge(self.admission)],
             options=[
                 ("grpc.max_receive_message_length", s.max_receive_message_bytes),
                 ("grpc.max_send_message_length", s.max_receive_message_bytes),
@@ -215,22 +240,24 @@ class CifarServer:
                         f"{exc.strerror or exc}"
                     ) from None
             if s.http_port >= 0:
-                await self._start_rest(budget)
+                await self._start_rest()
         except BaseException:
             await server.stop(None)
             await self.core.stop()
             self.metrics.close()
             raise
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.lifecycle.subscribe(self._on_lifecycle)
+        await self._sync_health()
         await server.start()
         self._server = server
+        warn_exposure(s)
         logger.info("listening on %s:%d (metrics on %d); warming up", s.host, self.port, self.metrics_port)
 
-    async def _start_rest(self, budget: ByteBudget) -> None:
+    async def _start_rest(self) -> None:
         from .rest import RestServer  # Starlette and uvicorn load only when REST is on
 
         s = self.settings
-        rest = RestServer(self.core, self.shm, budget, s)
+        rest = RestServer(self.core, self.shm, self.admission, self.control, s)
         try:
             self.http_port = rest.start()
         except (OSError, ValueError) as exc:
@@ -245,11 +272,11 @@ class CifarServer:
         """Warm the model up, then turn SERVING."""
         s = self.settings
         await self.core.warm_up()
-        if self.readiness.phase is not Phase.STARTING:
+        if self.lifecycle.state is State.STARTING:  # a worker's already follows the model's
+            self.lifecycle.to(State.SERVING)
+        if not self.lifecycle.ready:
             return  # failed or told to stop while warming up
-        self.readiness.set(Phase.SERVING)
-        self.metrics.ready.set(1)
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        await self._sync_health()
         d = self.core.runtime.describe()
         logger.info(
             "serving %s v%s on %s:%d: %s",
@@ -267,10 +294,9 @@ class CifarServer:
             return
         grace = self.settings.grace_period_s if grace is None else grace
         logger.info("shutting down: draining for up to %.1fs", grace)
-        if self.readiness.phase is not Phase.FAILED:
-            self.readiness.set(Phase.DRAINING)
-        self.metrics.ready.set(0)
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.lifecycle.state is not State.FAILED:
+            self.lifecycle.to(State.DRAINING)
+        await self._sync_health()
         started = time.monotonic()
         # stop(grace) refuses new calls at once and waits for every accepted one, up to grace.
         stopping = asyncio.ensure_future(self._server.stop(grace))
@@ -291,6 +317,7 @@ class CifarServer:
         await self.core.stop()
         self.shm.close()
         logger.info("drained in %.2fs", time.monotonic() - started)
+        self.lifecycle.to(State.STOPPED)
         self.metrics.close()
         self._server = None
         self._stopped.set()
@@ -304,8 +331,8 @@ class CifarServer:
 
     async def reload(self) -> None:
         """SIGHUP: load ``--model-dir`` again as a new version (a failure is logged; the old one stays)."""
-        if not self.readiness.serving:
-            logger.warning("SIGHUP ignored: not serving yet (or draining)")
+        if self.lifecycle.state not in (State.SERVING, State.UNLOADED):
+            logger.warning("SIGHUP ignored: the server is %s", self.lifecycle.state.value)
             return
         logger.info("SIGHUP: loading %s", self.settings.model_dir)
         try:
@@ -315,123 +342,3 @@ class CifarServer:
 
     async def wait(self) -> None:
         await self._stopped.wait()
-
-
-async def serve(settings: Settings) -> int:
-    """Run until SIGTERM or SIGINT (exit status 0) or a fatal failure (1), shutting down gracefully."""
-    if settings.workers > 1:
-        from .workers import serve_workers
-
-        return await serve_workers(settings)
-    server = CifarServer(settings)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loads: set[asyncio.Task[None]] = set()
-
-    def reload() -> None:
-        task = loop.create_task(server.reload())
-        loads.add(task)
-        task.add_done_callback(loads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    await server.start()
-    stopping = asyncio.ensure_future(stop.wait())
-    failing = asyncio.ensure_future(server.failed.wait())
-    await asyncio.wait({stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
-    for task in (stopping, failing):
-        task.cancel()
-    await server.stop()
-    return server.exit_code
-
-
-class ServerThread:
-    """A real server on its own event loop in a background thread (tests, benchmarks, embedding)."""
-
-    def __init__(self, settings: Settings, runtime: Runtime | None = None) -> None:
-        self.settings = settings
-        self._runtime = runtime
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="cifar-serve", daemon=True)
-        self.server: CifarServer | None = None
-        self.supervisor: Supervisor | None = None
-
-    def start(self, wait_ready: bool = True) -> ServerThread:
-        """Start serving; with ``wait_ready=False``, return once the port is bound (still warming up)."""
-        self._thread.start()
-        if self.settings.workers > 1 and self._runtime is None:
-            from .workers import Supervisor
-
-            self.supervisor = Supervisor(self.settings)
-            run = asyncio.run_coroutine_threadsafe(self.supervisor.start(wait_ready), self._loop)
-            try:
-                run.result()
-            except BaseException:
-                self.stop()
-                raise
-            return self
-
-        async def boot() -> CifarServer:
-            srv = CifarServer(self.settings, self._runtime)
-            await srv.bind()
-            return srv
-
-        self.server = asyncio.run_coroutine_threadsafe(boot(), self._loop).result()
-        warming = asyncio.run_coroutine_threadsafe(self.server.warm_up(), self._loop)
-        if wait_ready:
-            warming.result()
-        return self
-
-    @property
-    def _running(self) -> CifarServer | Supervisor:
-        running = self.supervisor or self.server
-        assert running is not None, "not started"
-        return running
-
-    @property
-    def port(self) -> int:
-        return self._running.port
-
-    @property
-    def address(self) -> str:
-        return f"{self.settings.host}:{self.port}"
-
-    @property
-    def metrics_port(self) -> int:
-        return self._running.metrics_port
-
-    @property
-    def http_port(self) -> int:
-        return self._running.http_port
-
-    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
-        """A sample's current value over every process of the server (0 when absent)."""
-        if self.supervisor is not None:
-            registry = self.supervisor.registry()
-        else:
-            assert self.server is not None
-            registry = self.server.metrics.registry
-        return float(registry.get_sample_value(name, labels or {}) or 0.0)
-
-    @property
-    def http_address(self) -> str:
-        return f"{self.settings.host}:{self.http_port}"
-
-    def stop(self, grace: float | None = None) -> None:
-        if self.supervisor is not None:
-            asyncio.run_coroutine_threadsafe(self.supervisor.stop(grace), self._loop).result()
-            self.supervisor = None
-        if self.server is not None:
-            asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result()
-            self.server = None
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-            self._loop.close()
-
-    def __enter__(self) -> ServerThread:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

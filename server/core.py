@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import enum
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,15 +20,14 @@ import numpy as np
 
 from .batcher import DynamicBatcher
 from .errors import InvalidInput, ModelLoadFailed, ModelNotFound, Unavailable
+from .lifecycle import Lifecycle, State
 from .metrics import Metrics
 from .settings import Settings
 from .stats import ModelStats, RequestTimes, StatsSnapshot
 
 __all__ = [
     "InferenceCore",
-    "Phase",
     "Ranked",
-    "Readiness",
     "RequestChecks",
     "Runtime",
     "RuntimeInfo",
@@ -96,46 +95,13 @@ class Runtime(RuntimeInfo, Protocol):
     def warmup(self) -> None: ...
 
 
-class Phase(enum.Enum):
-    STARTING = "starting"
-    SERVING = "serving"
-    DRAINING = "draining"
-    FAILED = "failed"
-
-
-class Readiness:
-    """Whether the core takes new work, and why not."""
-
-    def __init__(self) -> None:
-        self.phase = Phase.STARTING
-        self.reason = ""
-
-    @property
-    def serving(self) -> bool:
-        return self.phase is Phase.SERVING
-
-    def set(self, phase: Phase, reason: str = "") -> None:
-        self.phase = phase
-        self.reason = reason
-
-    def check(self) -> None:
-        """Raise :class:`Unavailable` unless new work is taken."""
-        if self.phase is Phase.SERVING:
-            return
-        if self.phase is Phase.STARTING:
-            raise Unavailable("warming up: the model is loading; retry shortly")
-        if self.phase is Phase.DRAINING:
-            raise Unavailable("shutting down: not taking new calls; use another replica")
-        raise Unavailable(f"server failed ({self.reason}); it is exiting")
-
-
 class ServingCore(Protocol):
     """What servicers, the edge and the app use of a core: :class:`InferenceCore` in this
     process, or :class:`.remote.RemoteCore` in a worker process of ``--workers N``."""
 
     settings: Settings
     metrics: Metrics
-    readiness: Readiness
+    lifecycle: Lifecycle
 
     @property
     def model_name(self) -> str: ...
@@ -147,10 +113,6 @@ class ServingCore(Protocol):
     def model_version(self) -> str: ...
     @property
     def max_inflight(self) -> int: ...
-    @property
-    def unloaded(self) -> bool: ...
-    @property
-    def loading(self) -> bool: ...
     @property
     def last_load_error(self) -> str: ...
     @property
@@ -190,7 +152,7 @@ def load_runtime(settings: Settings, slots: int) -> Runtime:
     return runtime
 
 
-def check_sample(runtime: Runtime) -> str:
+def check_sample(runtime: Runtime, max_batch: int = 0) -> str:
     """Run the images stored in the runtime's manifest and compare with the logits stored there.
 
     Raises :class:`ModelLoadFailed` on a mismatch; returns what was checked, for the log.
@@ -202,7 +164,9 @@ def check_sample(runtime: Runtime) -> str:
     n = int(sample["count"])
     images = np.frombuffer(base64.b64decode(sample["images_b64"]), np.uint8).reshape(n, 32, 32, 3)
     expected = np.asarray(sample["logits"], np.float32)
-    got = runtime.infer(images)
+    # In chunks the runtime is built for (a CUDA runtime has graphs only up to --max-batch-size).
+    step = max_batch if max_batch > 0 else n
+    got = np.concatenate([runtime.infer(images[i : i + step]) for i in range(0, n, step)])
     precision = str(runtime.describe().get("precision", "fp32"))
     if precision == "fp32":
         diff = float(np.abs(got - expected).max())
@@ -284,7 +248,7 @@ class InferenceCore(RequestChecks):
     ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.readiness = Readiness()
+        self.lifecycle = Lifecycle()
         slots = settings.max_inflight_batches or 0
         self._loader = loader or (lambda s: load_runtime(s, max(slots, 2)))
         first = runtime if runtime is not None else self._loader(settings)
@@ -298,8 +262,6 @@ class InferenceCore(RequestChecks):
         self._active = _Loaded(first, m.version, settings.model_dir)
         self._on_failure: Callable[[BaseException], None] | None = None
         self._load_lock: asyncio.Lock | None = None
-        self.unloaded = False
-        self.loading = False
         self.last_load_error = ""
         self._set_version_metric(None, m.version)
         # Triton-style statistics, one accumulator per model version that has served.
@@ -344,15 +306,42 @@ class InferenceCore(RequestChecks):
         self.runtime.warmup()
 
     async def warm_up(self) -> None:
-        """Warm the runtime up off the event loop (calls meanwhile get UNAVAILABLE)."""
-        await asyncio.to_thread(self.runtime.warmup)
+        """Warm the runtime up off the event loop (calls meanwhile get UNAVAILABLE).
+
+        On a daemon thread, not the default executor: a SIGTERM during a long warm-up stops the
+        process at once instead of waiting for the warm-up to end.
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle(exc: BaseException | None) -> None:
+            if done.done():
+                return
+            if exc is None:
+                done.set_result(None)
+            else:
+                done.set_exception(exc)
+
+        def run() -> None:
+            error: BaseException | None = None
+            try:
+                self.runtime.warmup()
+            except BaseException as exc:  # handed to the awaiting coroutine
+                error = exc
+            try:
+                loop.call_soon_threadsafe(settle, error)
+            except RuntimeError:  # the loop closed meanwhile: nobody waits any more
+                pass
+
+        threading.Thread(target=run, name="warm-up", daemon=True).start()
+        await done
 
     async def connect(self) -> None:
         """Nothing to connect to: the model is in this process (see :class:`.remote.RemoteCore`)."""
 
     def start(self, on_failure: Callable[[BaseException], None] | None = None) -> None:
         """Create the batcher on the running event loop (before warm-up: calls meanwhile get
-        UNAVAILABLE from :attr:`readiness`, never an unstarted core)."""
+        UNAVAILABLE from :attr:`lifecycle`, never an unstarted core)."""
         self._on_failure = on_failure
         self._active.batcher = self._new_batcher(self._active.runtime)
 
@@ -371,10 +360,11 @@ class InferenceCore(RequestChecks):
         active = self._active
         if active.batcher is None:
             raise Unavailable("warming up: the model is loading; retry shortly")
-        if self.unloaded:
-            raise Unavailable(
-                f"model {self.model_name!r} is unloaded; load it again with RepositoryModelLoad"
-            )
+        life = self.lifecycle
+        # Not lifecycle.check(): calls accepted before a drain began (a stream's later items)
+        # still run. Only a missing model refuses work here.
+        if life.state is State.UNLOADED or (life.state is State.LOADING and not life.answers_while_loading):
+            life.check()
         # Statistics count the requests that reached the model's queue (as Triton's do).
         stats = self.stats_for(active.version)
         started = time.perf_counter_ns()
@@ -410,28 +400,35 @@ class InferenceCore(RequestChecks):
             self._load_lock = asyncio.Lock()
         async with self._load_lock:
             source = model_dir or self.settings.model_dir
-            self.loading = True
+            life = self.lifecycle
+            before = life.state
+            if not life.to(State.LOADING, f"loading {source}"):
+                raise Unavailable(f"cannot load now: the server is {life.state.value}")
             try:
                 runtime, checked = await asyncio.to_thread(self._prepare, source)
             except ModelLoadFailed as exc:
                 self.last_load_error = exc.message
+                life.to(before)
                 logger.error(
-                    "model load from %s refused, still serving version %s: %s",
+                    "model load from %s refused, %s: %s",
                     source,
-                    self.model_version,
+                    f"still serving version {self.model_version}"
+                    if before is State.SERVING
+                    else "the model stays unloaded",
                     exc.message,
                 )
                 raise
-            finally:
-                self.loading = False
+            except BaseException:
+                life.to(before)
+                raise
             old = self._active
             new = _Loaded(runtime, runtime.manifest.version, source)
             new.batcher = self._new_batcher(runtime)
             self._active = new  # the swap: requests arriving from here on run on the new version
-            self.unloaded = False
             self.last_load_error = ""
             self._set_version_metric(old.version, new.version)
-            logger.warning(
+            life.to(State.SERVING)
+            logger.info(
                 "model %s: now serving version %s from %s (was version %s from %s); %s",
                 self.model_name,
                 new.version,
@@ -459,7 +456,7 @@ class InferenceCore(RequestChecks):
             )
         try:
             runtime.warmup()
-            checked = check_sample(runtime)
+            checked = check_sample(runtime, self.settings.max_batch_size)
         except ModelLoadFailed:
             raise
         except Exception as exc:
@@ -467,7 +464,8 @@ class InferenceCore(RequestChecks):
         return runtime, checked
 
     async def unload(self) -> None:
-        self.unloaded = True
+        if not self.lifecycle.to(State.UNLOADED, "unloaded by RepositoryModelUnload"):
+            raise Unavailable(f"cannot unload now: the server is {self.lifecycle.state.value}")
         logger.warning(
             "model %s version %s unloaded: inference answers UNAVAILABLE until a load",
             self.model_name,

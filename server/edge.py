@@ -1,78 +1,41 @@
-"""The RPC edge: the one layer every call of the inference services passes through.
+"""The gRPC edge: the interceptor that puts every gRPC call through :mod:`.admission`.
 
-For every handler kind (unary, server-streaming, client-streaming, bidi) one interceptor owns:
+For every handler kind (unary, server-streaming, client-streaming, bidi) it applies the
+admission layer (the endpoint's policy, auth, readiness, the byte budget, call accounting and
+the status mapping) and adds what only gRPC has:
 
-- auth: ``authorization: Bearer <token>`` compared in constant time (health and reflection stay
-  open, as load balancers and grpcurl need them);
-- readiness: ``UNAVAILABLE`` while the model warms up, while the server drains, and after the
-  batcher died, with a message saying which (the client library retries ``UNAVAILABLE``);
-- a memory bound on request bytes held before their images are queued: every message is
-  counted from the moment it is parsed until its call (or stream item) is answered, and past
-  ``--max-inflight-request-bytes`` a new one gets ``RESOURCE_EXHAUSTED`` instead of being held;
-- malformed request bytes: ``INVALID_ARGUMENT`` (grpc's own answer is UNKNOWN and a traceback);
-- in-flight accounting, the request counter and the latency histogram, once per call;
-- the one mapping from domain errors to status codes (:func:`.errors.status_for`), and a
-  logged traceback for anything unexpected.
+- the byte budget is taken as each message is parsed (grpc.aio parses on the event loop), and
+  given back when its call (or stream item) is answered;
+- malformed request bytes: ``INVALID_ARGUMENT`` (grpc's own answer is UNKNOWN and a traceback).
 
-Servicers stay plain: protobuf in, a call to the inference core, protobuf out; they raise
-domain errors. Every streaming RPC goes through :func:`ordered_stream`, the one bounded,
-ordered-window stream helper.
+Health and reflection pass untouched (probes and grpcurl carry no token). Servicers stay
+plain: protobuf in, a call to the inference core, protobuf out; they raise domain errors.
+Every streaming RPC goes through :func:`ordered_stream`, the one bounded, ordered-window
+stream helper.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
-from .core import Readiness
-from .errors import (
-    InferenceError,
-    InternalError,
-    InvalidInput,
-    ResourceExhausted,
-    Unauthenticated,
-    status_for,
-)
+from .admission import Admission, ByteBudget, grpc_status
+from .errors import Code, InferenceError, InternalError, InvalidInput, ResourceExhausted, status_for
 from .metrics import Metrics
 
-__all__ = ["ByteBudget", "Edge", "Received", "ordered_stream"]
+__all__ = ["Edge", "Received", "ordered_stream"]
 
 logger = logging.getLogger(__name__)
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
-_MIB = 1024 * 1024
-
-
-class ByteBudget:
-    """Request bytes held at once. Only the event loop touches it (grpc.aio parses there)."""
-
-    def __init__(self, limit: int, metrics: Metrics | None = None) -> None:
-        self.limit = limit
-        self.held = 0
-        self._metrics = metrics
-
-    def try_acquire(self, n: int) -> bool:
-        if self.held + n > self.limit:
-            return False
-        self.held += n
-        self._gauge()
-        return True
-
-    def release(self, n: int) -> None:
-        self.held -= n
-        self._gauge()
-
-    def _gauge(self) -> None:
-        if self._metrics is not None:
-            self._metrics.inflight_bytes.set(self.held)
+# Not admitted by the edge at all: the standard health service and reflection.
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 class Received:
@@ -103,97 +66,68 @@ class Received:
         return self.message
 
 
-class _Call:
-    """One call's accounting: in-flight count, bytes held, status, latency, error mapping."""
+def _code_of(context: grpc.aio.ServicerContext) -> Code:
+    try:
+        code = context.code()
+    except Exception:  # an older grpc without code(): the call did abort, with some status
+        return Code.UNKNOWN
+    if isinstance(code, grpc.StatusCode):
+        return Code[code.name]
+    for member in grpc.StatusCode:
+        if member.value[0] == code:
+            return Code[member.name]
+    return Code.UNKNOWN
 
-    __slots__ = ("_context", "_method", "_metrics", "_started", "held")
 
-    def __init__(self, metrics: Metrics, method: str, context: grpc.aio.ServicerContext) -> None:
-        self._metrics = metrics
-        self._method = method
+class _Scope:
+    """One gRPC call under admission: accounting, release of held bytes, status on failure."""
+
+    __slots__ = ("_call", "_context", "held")
+
+    def __init__(self, admission: Admission, label: str, context: grpc.aio.ServicerContext) -> None:
+        self._call = admission.call(label)
         self._context = context
-        self._started = 0.0
         self.held: Received | None = None
 
-    async def __aenter__(self) -> _Call:
-        self._started = time.monotonic()
-        self._metrics.begin()
+    async def __aenter__(self) -> _Scope:
         return self
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> bool:
-        message = ""
-        if exc is None:
-            code = grpc.StatusCode.OK
-        elif isinstance(exc, grpc.aio.AbortError):
-            code = _code_of(self._context)
-        elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-            code = grpc.StatusCode.CANCELLED
-        elif isinstance(exc, InferenceError):
-            code, message = status_for(exc)
-        elif isinstance(exc, Exception):
-            logger.error("unexpected error in %s", self._method, exc_info=exc)
-            code, message = status_for(exc)
-        else:
-            code = grpc.StatusCode.UNKNOWN
         if self.held is not None:
             self.held.release()
-        self._metrics.end()
-        self._metrics.requests.labels(self._method, code.name).inc()
-        self._metrics.latency.labels(self._method).observe(time.monotonic() - self._started)
+        message = ""
+        if exc is None:
+            self._call.finish(Code.OK)
+        elif isinstance(exc, grpc.aio.AbortError):
+            self._call.finish(_code_of(self._context))
+        else:
+            code, message = self._call.outcome(exc)
+            self._call.finish()
+            if code is Code.CANCELLED or not isinstance(exc, Exception):
+                message = ""
         if message:
-            await self._context.abort(code, message)  # raises AbortError in place of exc
+            await self._context.abort(grpc_status(self._call.code), message)  # replaces exc
         return False
 
 
-def _code_of(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    try:
-        code = context.code()
-    except Exception:  # an older grpc without code(): the call did abort, with some status
-        return grpc.StatusCode.UNKNOWN
-    if isinstance(code, grpc.StatusCode):
-        return code
-    for member in grpc.StatusCode:
-        if member.value[0] == code:
-            return member
-    return grpc.StatusCode.UNKNOWN
+def _authorization(context: grpc.aio.ServicerContext) -> str | bytes | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value
+    return None
 
 
 class Edge(grpc.aio.ServerInterceptor):
-    """The server's one interceptor; see the module docstring for what it owns.
+    """The server's one interceptor; see the module docstring for what it owns."""
 
-    ``open_prefixes``: method prefixes passed through untouched (health, reflection).
-    ``ungated``: full method names answered while not ready (liveness and readiness probes).
-    """
-
-    def __init__(
-        self,
-        *,
-        metrics: Metrics,
-        readiness: Readiness,
-        budget: ByteBudget,
-        auth_token: str = "",
-        open_prefixes: tuple[str, ...] = (),
-        ungated: Iterable[str] = (),
-    ) -> None:
-        self._metrics = metrics
-        self._readiness = readiness
-        self._budget = budget
-        self._expected = f"Bearer {auth_token}".encode() if auth_token else b""
-        self._open = open_prefixes
-        self._ungated = frozenset(ungated)
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
-    def _authorized(self, context: grpc.aio.ServicerContext) -> bool:
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
-                given = value.encode() if isinstance(value, str) else bytes(value)
-                return hmac.compare_digest(given, self._expected)
-        return False
-
     def _parser(self, parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Received]:
-        budget = self._budget
+        budget = self._admission.budget
 
         def parse_held(data: bytes) -> Received:
             try:
@@ -203,14 +137,10 @@ class Edge(grpc.aio.ServerInterceptor):
                     None, InvalidInput(f"malformed request message ({type(exc).__name__}: {exc})")
                 )
             n = len(data)
-            if not budget.try_acquire(n):
-                return Received(
-                    message,
-                    ResourceExhausted(
-                        f"server is holding {budget.held / _MIB:.1f} MiB of requests, limit "
-                        f"{budget.limit / _MIB:.1f} MiB (--max-inflight-request-bytes); retry later"
-                    ),
-                )
+            try:
+                budget.acquire(n)
+            except ResourceExhausted as exc:
+                return Received(message, exc)
             return Received(message, budget=budget, nbytes=n)
 
         return parse_held
@@ -225,7 +155,7 @@ class Edge(grpc.aio.ServerInterceptor):
         if wrapped is not None:
             return wrapped
         handler = await continuation(details)
-        if handler is None or method.startswith(self._open):
+        if handler is None or method.startswith(OPEN_PREFIXES):
             return handler
         wrapped = self._wrap(method, handler)
         # The wrapper depends on the method only (auth reads each call's own metadata), so it is
@@ -235,27 +165,22 @@ class Edge(grpc.aio.ServerInterceptor):
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         name = method.rsplit("/", 1)[-1]
-        gated = method not in self._ungated
-        checks_token = bool(self._expected)
+        admission = self._admission
+        policy = admission.policy(name)
         kw = {
             "request_deserializer": self._parser(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
 
         def admit(context: grpc.aio.ServicerContext) -> None:
-            if checks_token and not self._authorized(context):
-                raise Unauthenticated("missing or invalid bearer token")
-            if gated:
-                self._readiness.check()
-
-        metrics = self._metrics
+            admission.admit(policy, _authorization(context))
 
         if handler.unary_unary:
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Received, context: grpc.aio.ServicerContext) -> Any:
-                async with _Call(metrics, name, context) as call:
-                    call.held = request
+                async with _Scope(admission, name, context) as scope:
+                    scope.held = request
                     admit(context)
                     return await inner_uu(request.unwrap(), context)
 
@@ -267,8 +192,8 @@ class Edge(grpc.aio.ServerInterceptor):
             async def unary_stream(
                 request: Received, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
-                async with _Call(metrics, name, context) as call:
-                    call.held = request
+                async with _Scope(admission, name, context) as scope:
+                    scope.held = request
                     admit(context)
                     async for response in inner_us(request.unwrap(), context):
                         yield response
@@ -281,7 +206,7 @@ class Edge(grpc.aio.ServerInterceptor):
             async def stream_unary(
                 requests: AsyncIterator[Received], context: grpc.aio.ServicerContext
             ) -> Any:
-                async with _Call(metrics, name, context):
+                async with _Scope(admission, name, context):
                     admit(context)
                     return await inner_su(requests, context)
 
@@ -292,12 +217,19 @@ class Edge(grpc.aio.ServerInterceptor):
         async def stream_stream(
             requests: AsyncIterator[Received], context: grpc.aio.ServicerContext
         ) -> AsyncIterator[Any]:
-            async with _Call(metrics, name, context):
+            async with _Scope(admission, name, context):
                 admit(context)
                 async for response in inner_ss(requests, context):
                     yield response
 
         return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
+
+
+def _releaser(item: Received) -> Callable[[asyncio.Task[Any]], None]:
+    def release(_task: asyncio.Task[Any]) -> None:
+        item.release()
+
+    return release
 
 
 async def ordered_stream(
@@ -325,7 +257,7 @@ async def ordered_stream(
     outstanding = 0
 
     async def one(item: Received) -> Resp:
-        code = grpc.StatusCode.OK
+        code = Code.OK
         try:
             return await handle(item.unwrap())
         except InferenceError as exc:
@@ -365,6 +297,9 @@ async def ordered_stream(
                 task = asyncio.ensure_future(one(item))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
+                # A task cancelled before its first step never runs one()'s finally: give its
+                # bytes back here too (release is idempotent).
+                task.add_done_callback(_releaser(item))
                 pending.put_nowait(task)
             pending.put_nowait(None)
         except Exception as exc:

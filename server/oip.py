@@ -29,9 +29,11 @@ import numpy as np
 from cifar_serve.v1 import open_inference_pb2 as pb
 from cifar_serve.v1 import open_inference_pb2_grpc as pb_grpc
 
+from .control import ModelControl
 from .core import ServingCore
 from .edge import Received, ordered_stream
 from .errors import InferenceError, InvalidInput, ModelNotFound
+from .lifecycle import State
 from .servicer import STREAM_WINDOW, deadline_of
 from .shm import SharedMemoryRegistry
 from .stats import Duration, StatsSnapshot
@@ -45,6 +47,7 @@ __all__ = [
     "ShmRef",
     "add_oip_to_server",
     "classification_strings",
+    "model_ready",
     "parse_request",
     "repository_state",
     "serialize_bytes_tensor",
@@ -306,23 +309,35 @@ def serialize_bytes_tensor(elements: Iterable[bytes]) -> bytes:
 
 def repository_state(core: ServingCore) -> tuple[str, str]:
     """The model's state in the repository extension (READY, UNAVAILABLE, LOADING) and why."""
-    if core.loading:
-        return "LOADING", "a new version is loading beside the serving one"
-    if core.unloaded:
+    life = core.lifecycle
+    if life.state is State.LOADING:
+        if life.answers_while_loading:
+            return "LOADING", "a new version is loading beside the serving one"
+        return "LOADING", "loading after an unload"
+    if life.state is State.UNLOADED:
         return "UNAVAILABLE", "unloaded"
-    return ("READY", core.last_load_error) if core.readiness.serving else ("UNAVAILABLE", "not ready")
+    return ("READY", core.last_load_error) if life.ready else ("UNAVAILABLE", "not ready")
+
+
+def model_ready(core: ServingCore, name: str, version: str) -> bool:
+    """v2 ModelReady: an unknown model or version is "not ready", not an error (as Triton)."""
+    known = name == core.model_name and version in ("", core.model_version)
+    return known and core.lifecycle.ready
 
 
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, core: ServingCore, shm: SharedMemoryRegistry | None = None) -> None:
+    def __init__(
+        self, core: ServingCore, shm: SharedMemoryRegistry | None = None, control: ModelControl | None = None
+    ) -> None:
         self.core = core
         self.version = _server_version()
         self.shm = shm if shm is not None else SharedMemoryRegistry()
+        self.control = control if control is not None else ModelControl(core, core.settings)
 
     # ------------------------------------------------------------------ health and metadata
 
     def _ready(self) -> bool:
-        return self.core.readiness.serving  # the model is loaded, warm, and not draining
+        return self.core.lifecycle.ready  # a model is loaded, warm, and the server not draining
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -337,10 +352,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
-        # As Triton: an unknown model or version is "not ready", not an error.
-        known = request.name == self.core.model_name and request.version in ("", self.core.model_version)
-        known = known and not self.core.unloaded
-        return pb.ModelReadyResponse(ready=known and self._ready())
+        return pb.ModelReadyResponse(ready=model_ready(self.core, request.name, request.version))
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
@@ -438,10 +450,6 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ------------------------------------------------------------------ model repository
 
-    def _repository_model(self, name: str) -> None:
-        if name != self.core.model_name:
-            raise ModelNotFound(f"unknown model {name!r}; this server serves {self.core.model_name!r}")
-
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
@@ -457,22 +465,18 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
-        self._repository_model(request.model_name)
-        model_dir = ""
+        params: dict[str, object] = {}
         for key, param in request.parameters.items():
-            if key != "model_dir":
-                raise InvalidInput(f"parameter {key!r}: unknown; RepositoryModelLoad takes 'model_dir'")
-            if param.WhichOneof("parameter_choice") != "string_param":
+            if key == "model_dir" and param.WhichOneof("parameter_choice") != "string_param":
                 raise InvalidInput("parameter 'model_dir' must be a string_param")
-            model_dir = param.string_param
-        await self.core.load(model_dir)
+            params[key] = getattr(param, param.WhichOneof("parameter_choice") or "string_param")
+        await self.control.load(request.model_name, params)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
-        self._repository_model(request.model_name)
-        await self.core.unload()
+        await self.control.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     # ------------------------------------------------------------------ configuration and statistics
@@ -595,12 +599,16 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def add_oip_to_server(
-    server: grpc.aio.Server, core: ServingCore, shm: SharedMemoryRegistry | None = None
+    server: grpc.aio.Server,
+    core: ServingCore,
+    shm: SharedMemoryRegistry | None = None,
+    control: ModelControl | None = None,
 ) -> str:
     """Serve the Open Inference Protocol on ``server``; returns its full service name (for reflection).
 
-    ``shm``: the shared memory registry, when another API (REST) shares it.
+    ``shm``: the shared memory registry, when another API (REST) shares it; ``control``: the
+    model control both APIs share.
     """
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(core, shm), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(core, shm, control), server)
     name: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
     return name

@@ -35,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from .core import InferenceCore, Phase, Readiness, RequestChecks
-from .errors import InferenceError, InternalError, Unavailable
+from .core import InferenceCore, RequestChecks
+from .errors import InferenceError, InternalError, Unavailable, exhausted
+from .lifecycle import Lifecycle, State
 from .metrics import Metrics
 from .settings import Settings
 from .stats import StatsSnapshot
@@ -113,7 +114,8 @@ class RemoteCore(RequestChecks):
     def __init__(self, settings: Settings, metrics: Metrics, link: socket.socket, run_dir: str, index: int):
         self.settings = settings
         self.metrics = metrics
-        self.readiness = Readiness()
+        # Mirrors the model process's lifecycle (pushed with its state), and this worker's drain.
+        self.lifecycle = Lifecycle()
         self._link = link
         self._dir = Path(run_dir)
         self._index = index
@@ -157,7 +159,7 @@ class RemoteCore(RequestChecks):
 
     async def warm_up(self) -> None:
         """Wait until the model process is warm (or has failed: readiness then says so)."""
-        while self._state.get("phase") == Phase.STARTING.value and self.lost is None:
+        while self._state.get("phase") == State.STARTING.value and self.lost is None:
             self._changed.clear()
             await self._changed.wait()
 
@@ -191,13 +193,17 @@ class RemoteCore(RequestChecks):
             SimpleNamespace(type=rt["device_type"], index=rt["device_index"]),
             rt["describe"],
         )
-        if state["phase"] == Phase.FAILED.value and self.readiness.phase is not Phase.FAILED:
-            self._fail(Unavailable(state["reason"] or "the model process failed"))
+        phase = State(state["phase"])
+        if phase is State.FAILED:
+            if self.lifecycle.state is not State.FAILED:
+                self._fail(Unavailable(state["reason"] or "the model process failed"))
+        else:
+            self.lifecycle.mirror(phase, state["reason"], bool(state["answers_while_loading"]))
         self._changed.set()
 
     def _fail(self, exc: BaseException) -> None:
         self.lost = exc
-        self.readiness.set(Phase.FAILED, str(exc))
+        self.lifecycle.to(State.FAILED, str(exc))
         for p in list(self._pending.values()):
             if not p.future.done():
                 p.future.set_exception(Unavailable(f"model process lost: {exc}"))
@@ -293,14 +299,6 @@ class RemoteCore(RequestChecks):
         return int(self._state["max_inflight"])
 
     @property
-    def unloaded(self) -> bool:
-        return bool(self._state["unloaded"])
-
-    @property
-    def loading(self) -> bool:
-        return bool(self._state["loading"])
-
-    @property
     def last_load_error(self) -> str:
         return str(self._state["last_load_error"])
 
@@ -322,10 +320,10 @@ class RemoteCore(RequestChecks):
         """Logits for uint8 ``[n,32,32,3]`` images from the model process, and their version."""
         n = int(images.shape[0])
         self.check_count(n)
-        if self.unloaded:
-            raise Unavailable(
-                f"model {self.model_name!r} is unloaded; load it again with RepositoryModelLoad"
-            )
+        life = self.lifecycle
+        # As InferenceCore.infer: only a missing model refuses a call the edge admitted.
+        if life.state is State.UNLOADED or (life.state is State.LOADING and not life.answers_while_loading):
+            life.check()
         images_bytes, total = _layout(n, self.num_classes)
         rid = next(self._ids)
         future: asyncio.Future[tuple[np.ndarray, str]] = asyncio.get_running_loop().create_future()
@@ -337,11 +335,17 @@ class RemoteCore(RequestChecks):
             message: tuple[Any, ...] = ("infer", rid, -1, base, n, base + images_bytes, deadline)
         else:
             path = self._dir / f"worker-{self._index}-{rid}.segment"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise exhausted(exc, "cannot hold the request's images") or exc from None
             pending = _Pending(future, n, images_bytes, None, (path, fd))
             try:
                 os.ftruncate(fd, total)
                 os.pwrite(fd, np.ascontiguousarray(images, np.uint8).data, 0)
+            except OSError as exc:
+                self._release(pending)
+                raise exhausted(exc, "cannot hold the request's images") or exc from None
             except BaseException:
                 self._release(pending)
                 raise
@@ -436,6 +440,9 @@ class ModelHost:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        # Every change of the model's lifecycle (warm, loading, unloaded, failed) reaches every
+        # worker, whose health and readiness follow it.
+        self.core.lifecycle.subscribe(lambda _life: self.publish())
         for sock in self._socks:
             reader, writer = await asyncio.open_unix_connection(sock=sock)
             task = loop.create_task(self._serve_link(reader, writer))
@@ -454,14 +461,13 @@ class ModelHost:
         rt = core.runtime
         device = rt.device
         return {
-            "phase": core.readiness.phase.value,
-            "reason": core.readiness.reason,
+            "phase": core.lifecycle.state.value,
+            "reason": core.lifecycle.reason,
+            "answers_while_loading": core.lifecycle.answers_while_loading,
             "model_name": core.model_name,
             "labels": list(core.labels),
             "version": core.model_version,
             "max_inflight": core.max_inflight,
-            "unloaded": core.unloaded,
-            "loading": core.loading,
             "last_load_error": core.last_load_error,
             "info": core.info(),
             "runtime": {
@@ -532,6 +538,12 @@ class ModelHost:
             link.send(("done", rid, version))
         except asyncio.CancelledError:
             link.send(("error", rid, Unavailable("cancelled")))
+        except OSError as exc:
+            full: InferenceError | None = exhausted(exc, "cannot read the request's images")
+            if full is None:
+                logger.exception("model process: inference failed")
+                full = InternalError(f"inference failed: {type(exc).__name__}")
+            link.send(("error", rid, full))
         except InferenceError as exc:
             link.send(("error", rid, exc))
         except Exception as exc:
@@ -553,18 +565,11 @@ class ModelHost:
         try:
             if name == "statistics":
                 result: Any = await core.statistics()
-            elif name == "load":
-                task = asyncio.ensure_future(core.load(*args))
-                await asyncio.sleep(0)  # the core marks itself loading: tell the workers
-                self.publish()
-                try:
-                    result = await task
-                finally:
-                    self.publish()
+            elif name == "load":  # the lifecycle's listener tells the workers of every step
+                result = await core.load(*args)
             elif name == "unload":
                 await core.unload()
                 result = None
-                self.publish()
             else:
                 raise InternalError(f"unknown call {name!r}")
             link.send(("result", rid, result))

@@ -12,17 +12,24 @@ and its ``/ready``, ``/config``, ``/stats``; ``POST .../infer`` with JSON tensor
 tensor data extension (``Inference-Header-Content-Length``), the classification extension, and
 Triton's system shared memory endpoints under ``/v2/systemsharedmemory``.
 
-Errors answer ``{"error": "<message>"}`` with the HTTP status of the gRPC code (Google's
-mapping: 400 invalid argument, 401 unauthenticated, 404 not found, 409 already exists, 413 body
-too large, 429 resource exhausted, 503 unavailable, 504 deadline exceeded, 500 internal).
-The request counter and latency histogram count REST calls as ``REST/<Method>``.
+Every route passes the one admission layer (:mod:`.admission`) under the Open Inference
+Protocol method name it shares with gRPC: the same policy group, token, readiness gate, byte
+budget, accounting (``REST/<Method>`` in the request counter and latency histogram) and
+status mapping. Errors answer ``{"error": "<message>"}`` with the HTTP status of the code (400
+invalid argument, 401 unauthenticated, 403 permission denied, 404 not found, 408 a stalled body,
+409 already exists, 413 body too large, 429 resource exhausted, 499 client gone, 503 unavailable,
+504 deadline exceeded, 500 internal).
+
+HTTP is bounded like gRPC: body bytes count against the shared budget as they arrive (chunked
+bodies too, never from a declared ``Content-Length``), a client that leaves its headers or body
+unfinished for ``--http-read-timeout-s`` is cut off (408 for a body) and its bytes freed, and a
+large JSON document is decoded off the event loop with its decoded size held in the budget.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import socket
@@ -32,27 +39,27 @@ from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import numpy as np
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from cifar_serve.v1 import open_inference_pb2 as pb
 
+from .admission import Admission, ByteBudget, http_status
+from .control import ModelControl
 from .core import ServingCore
-from .edge import ByteBudget
 from .errors import (
+    BodyTimeout,
+    BodyTooLarge,
+    Code,
     DeadlineExceeded,
-    InferenceError,
     InvalidInput,
-    ModelNotFound,
-    ResourceExhausted,
-    Unauthenticated,
-    status_for,
+    Unavailable,
 )
 from .oip import (
     _INLINE_STRINGS,
@@ -65,6 +72,7 @@ from .oip import (
     InferPlan,
     _server_version,
     classification_strings,
+    model_ready,
     parse_request,
     repository_state,
     serialize_bytes_tensor,
@@ -74,34 +82,46 @@ from .settings import Settings
 from .shm import SharedMemoryRegistry
 from .stats import StatsSnapshot
 
-__all__ = ["HTTP_STATUS", "RestServer", "build_app", "model_config", "model_stats"]
+__all__ = ["RestServer", "build_app", "model_config", "model_stats"]
 
 logger = logging.getLogger(__name__)
 
 HEADER_LENGTH = "inference-header-content-length"
-_MIB = 1024 * 1024
-
-# gRPC code -> HTTP status (google.rpc's published mapping; Triton's where it has one).
-HTTP_STATUS: dict[grpc.StatusCode, int] = {
-    grpc.StatusCode.OK: 200,
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
+# A JSON document decoded into Python lists of ints takes several times its text (measured:
+# ~5x for a UINT8 image tensor); that much is held against the byte budget while it lives.
+JSON_MEMORY_FACTOR = 8
+# Smaller JSON documents decode on the event loop: a thread hop costs more than they do.
+JSON_INLINE_BYTES = 64 * 1024
 
 
-class BodyTooLarge(ResourceExhausted):
-    """The request body is over ``--max-receive-message-bytes``: HTTP 413."""
+class _Held:
+    """Bytes one REST call holds against the shared budget; given back once, at the call's end."""
+
+    __slots__ = ("_budget", "n")
+
+    def __init__(self, budget: ByteBudget) -> None:
+        self._budget = budget
+        self.n = 0
+
+    def take(self, n: int) -> None:
+        self._budget.acquire(n)
+        self.n += n
+
+    def release(self) -> None:
+        if self.n:
+            self._budget.release(self.n)
+            self.n = 0
+
+
+async def _next_within(chunks: Any, timeout: float) -> bytes:
+    """The next body chunk, or :class:`TimeoutError` when none comes within ``timeout``."""
+    timeout_cm = getattr(asyncio, "timeout", None)  # Python 3.11+: no task per chunk
+    if timeout_cm is None:
+        chunk: bytes = await asyncio.wait_for(anext(chunks), timeout)
+        return chunk
+    async with timeout_cm(timeout):
+        chunk = await anext(chunks)
+    return chunk
 
 
 # ---------------------------------------------------------------------------- model description
@@ -182,6 +202,13 @@ def model_stats(core: ServingCore, snaps: dict[str, StatsSnapshot]) -> dict[str,
 
 
 # ---------------------------------------------------------------------------- JSON <-> protobuf
+
+
+def _loads(text: memoryview | bytes) -> Any:
+    try:
+        return json.loads(bytes(text))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"malformed JSON in the request body: {exc}") from None
 
 
 def _parameter(value: Any, target: pb.InferParameter, what: str) -> None:
@@ -388,11 +415,11 @@ def encode_infer(
 # ---------------------------------------------------------------------------- the application
 
 
-def _error(exc: BaseException) -> tuple[grpc.StatusCode, Response]:
-    code, message = status_for(exc)
-    status = 413 if isinstance(exc, BodyTooLarge) else HTTP_STATUS.get(code, 500)
-    headers = {"WWW-Authenticate": "Bearer"} if code is grpc.StatusCode.UNAUTHENTICATED else None
-    return code, JSONResponse({"error": message}, status_code=status, headers=headers)
+def _error(exc: BaseException, code: Code, message: str) -> Response:
+    headers = {"WWW-Authenticate": "Bearer"} if code is Code.UNAUTHENTICATED else {}
+    if isinstance(exc, BodyTimeout):
+        headers["Connection"] = "close"  # the rest of its body is not worth waiting for
+    return JSONResponse({"error": message}, status_code=http_status(exc, code), headers=headers or None)
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -400,48 +427,48 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 class _Api:
     def __init__(
-        self, core: ServingCore, shm: SharedMemoryRegistry, budget: ByteBudget, settings: Settings
+        self,
+        core: ServingCore,
+        shm: SharedMemoryRegistry,
+        admission: Admission,
+        control: ModelControl,
+        settings: Settings,
     ) -> None:
         self.core = core
         self.shm = shm
-        self.budget = budget
+        self.admission = admission
+        self.budget = admission.budget
+        self.control = control
         self.settings = settings
         self.version = _server_version()
-        self._expected = f"Bearer {settings.auth_token}".encode() if settings.auth_token else b""
 
-    def endpoint(self, method: str, handler: Handler, *, gated: bool = True, auth: bool = True) -> Handler:
-        """One call's accounting, auth, readiness and error mapping (the REST twin of the gRPC edge)."""
-        metrics = self.core.metrics
+    def endpoint(self, method: str, handler: Handler) -> Handler:
+        """The route under the admission layer, as the gRPC method ``method`` is."""
+        admission = self.admission
+        policy = admission.policy(method)
         label = f"REST/{method}"
 
         async def run(request: Request) -> Response:
-            started = time.monotonic()
-            code = grpc.StatusCode.OK
-            metrics.begin()
+            call = admission.call(label)
             try:
-                if auth and self._expected and not self._authorized(request):
-                    raise Unauthenticated("missing or invalid bearer token")
-                if gated:
-                    self.core.readiness.check()
-                return await handler(request)
+                admission.admit(policy, request.headers.get("authorization"))
+                response = await handler(request)
+            except ClientDisconnect:
+                # The client went away mid-upload: its business, not a server fault.
+                logger.debug("%s: the client disconnected before its request was read", label)
+                call.finish(Code.CANCELLED)
+                return Response(status_code=499)
             except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
+                call.finish(Code.CANCELLED)
                 raise
             except Exception as exc:
-                if not isinstance(exc, InferenceError):
-                    logger.error("unexpected error in %s", label, exc_info=exc)
-                code, response = _error(exc)
-                return response
-            finally:
-                metrics.end()
-                metrics.requests.labels(label, code.name).inc()
-                metrics.latency.labels(label).observe(time.monotonic() - started)
+                code, message = call.outcome(exc)
+                call.finish()
+                return _error(exc, code, message)
+            call.finish(Code.OK)
+            return response
 
         return run
-
-    def _authorized(self, request: Request) -> bool:
-        given = request.headers.get("authorization")
-        return given is not None and hmac.compare_digest(given.encode(), self._expected)
 
     # ------------------------------------------------------------------ health and metadata
 
@@ -449,12 +476,13 @@ class _Api:
         return JSONResponse({"live": True})
 
     async def ready(self, request: Request) -> Response:
-        readiness = self.core.readiness
-        if readiness.serving:
+        life = self.core.lifecycle
+        if life.ready:
             return JSONResponse({"ready": True})
         try:
-            readiness.check()
-        except InferenceError as exc:
+            life.check()
+            reason = ""
+        except Unavailable as exc:
             reason = exc.message
         # The v2 spec: 200 is true, a 4xx is false (Triton answers 400).
         return JSONResponse({"ready": False, "error": reason}, status_code=400)
@@ -472,9 +500,7 @@ class _Api:
 
     async def model_ready(self, request: Request) -> Response:
         p = request.path_params
-        core = self.core
-        known = p["model"] == core.model_name and p.get("version", "") in ("", core.model_version)
-        ready = known and core.readiness.serving and not core.unloaded
+        ready = model_ready(self.core, p["model"], p.get("version", ""))
         return JSONResponse({"name": p["model"], "ready": ready}, status_code=200 if ready else 400)
 
     async def model_config(self, request: Request) -> Response:
@@ -488,42 +514,53 @@ class _Api:
 
     # ------------------------------------------------------------------ inference
 
-    async def _body(self, request: Request) -> tuple[bytes, int]:
-        """The body (bounded by --max-receive-message-bytes) and the bytes it holds against the budget."""
+    async def _body(self, request: Request, held: _Held) -> bytes:
+        """The body, bounded by --max-receive-message-bytes, each chunk held in the budget as it
+        arrives (a declared Content-Length reserves nothing: a client may never send it)."""
         limit = self.settings.max_receive_message_bytes
         declared = request.headers.get("content-length")
         too_large = f"request body exceeds --max-receive-message-bytes ({limit} bytes)"
-        held = 0
-        if declared is not None and declared.isdigit():
-            if int(declared) > limit:
-                raise BodyTooLarge(f"{too_large}: Content-Length is {declared}")
-            held = int(declared)
-            if not self.budget.try_acquire(held):
-                raise ResourceExhausted(
-                    f"server is holding {self.budget.held / _MIB:.1f} MiB of requests, limit "
-                    f"{self.budget.limit / _MIB:.1f} MiB (--max-inflight-request-bytes); retry later"
-                )
-        try:
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:  # a chunked body without a Content-Length
-                    raise BodyTooLarge(too_large)
-                chunks.append(chunk)
-        except BaseException:
-            self.budget.release(held)
-            raise
-        return b"".join(chunks), held
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise BodyTooLarge(f"{too_large}: Content-Length is {declared}")
+        timeout = self.settings.http_read_timeout_s
+        chunks: list[bytes] = []
+        size = 0
+        stream = aiter(request.stream())
+        while True:
+            try:
+                chunk = await _next_within(stream, timeout)
+            except StopAsyncIteration:
+                break
+            except (asyncio.TimeoutError, TimeoutError):
+                raise BodyTimeout(
+                    f"the request body stalled: no byte for {timeout:g}s after {size} bytes "
+                    "(--http-read-timeout-s)"
+                ) from None
+            if not chunk:
+                continue
+            size += len(chunk)
+            if size > limit:  # a chunked body, or one longer than it declared
+                raise BodyTooLarge(too_large)
+            held.take(len(chunk))
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _json(self, text: memoryview | bytes, held: _Held) -> Any:
+        """``text`` as JSON; a large document is decoded on a thread, its decoded size held."""
+        if len(text) <= JSON_INLINE_BYTES:
+            return _loads(text)
+        held.take(JSON_MEMORY_FACTOR * len(text))
+        return await asyncio.to_thread(_loads, text)
 
     async def infer(self, request: Request) -> Response:
-        body, held = await self._body(request)
+        held = _Held(self.budget)
         try:
-            return await self._infer(request, body)
+            body = await self._body(request, held)
+            return await self._infer(request, body, held)
         finally:
-            self.budget.release(held)
+            held.release()
 
-    async def _infer(self, request: Request, body: bytes) -> Response:
+    async def _infer(self, request: Request, body: bytes, held: _Held) -> Response:
         core = self.core
         p = request.path_params
         core.check_model(p["model"], p.get("version", ""))
@@ -538,10 +575,7 @@ class _Api:
                     f"body's {len(body)} bytes"
                 )
             split = int(header)
-        try:
-            doc = json.loads(view[:split].tobytes())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidInput(f"malformed JSON in the request body: {exc}") from None
+        doc = await self._json(view[:split], held)
         max_images = self.settings.max_images_per_request
         decoded = decode_infer(doc, view[split:], p["model"], p.get("version", ""), max_images)
         plan = parse_request(decoded.request, core.num_classes, max_images, self.shm)
@@ -562,12 +596,12 @@ class _Api:
     # ------------------------------------------------------------------ model repository
 
     async def _json_body(self, request: Request) -> dict[str, Any]:
-        body, held = await self._body(request)
-        self.budget.release(held)
+        held = _Held(self.budget)
         try:
-            doc = json.loads(body or b"{}")
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidInput(f"malformed JSON in the request body: {exc}") from None
+            body = await self._body(request, held)
+            doc = await self._json(body or b"{}", held)
+        finally:
+            held.release()
         if not isinstance(doc, dict):
             raise InvalidInput("the request body must be a JSON object")
         return doc
@@ -582,28 +616,15 @@ class _Api:
             [{"name": core.model_name, "version": core.model_version, "state": state, "reason": reason}]
         )
 
-    def _repository_model(self, request: Request) -> None:
-        name = request.path_params["model"]
-        if name != self.core.model_name:
-            raise ModelNotFound(f"unknown model {name!r}; this server serves {self.core.model_name!r}")
-
     async def repository_load(self, request: Request) -> Response:
-        self._repository_model(request)
         params = (await self._json_body(request)).get("parameters", {})
         if not isinstance(params, dict):
             raise InvalidInput("'parameters' must be an object")
-        for key in params:
-            if key != "model_dir":
-                raise InvalidInput(f"parameter {key!r}: unknown; load takes 'model_dir'")
-        model_dir = params.get("model_dir", "")
-        if not isinstance(model_dir, str):
-            raise InvalidInput("parameter 'model_dir' must be a string")
-        await self.core.load(model_dir)
+        await self.control.load(request.path_params["model"], params)
         return JSONResponse({})
 
     async def repository_unload(self, request: Request) -> Response:
-        self._repository_model(request)
-        await self.core.unload()
+        await self.control.unload(request.path_params["model"])
         return JSONResponse({})
 
     # ------------------------------------------------------------------ system shared memory
@@ -632,29 +653,31 @@ class _Api:
 
 
 def build_app(
-    core: ServingCore, shm: SharedMemoryRegistry, budget: ByteBudget, settings: Settings
+    core: ServingCore,
+    shm: SharedMemoryRegistry,
+    admission: Admission,
+    control: ModelControl,
+    settings: Settings,
 ) -> Starlette:
-    api = _Api(core, shm, budget, settings)
+    """The v2 routes, each under the admission policy of the gRPC method it shares a name with."""
+    api = _Api(core, shm, admission, control, settings)
     e = api.endpoint
     model = "/v2/models/{model}"
     versioned = "/v2/models/{model}/versions/{version}"
     routes = [
-        Route("/v2/health/live", e("ServerLive", api.live, gated=False, auth=False), methods=["GET"]),
-        Route("/v2/health/ready", e("ServerReady", api.ready, gated=False, auth=False), methods=["GET"]),
-        Route("/v2", e("ServerMetadata", api.server_metadata, gated=False), methods=["GET"]),
+        Route("/v2/health/live", e("ServerLive", api.live), methods=["GET"]),
+        Route("/v2/health/ready", e("ServerReady", api.ready), methods=["GET"]),
+        Route("/v2", e("ServerMetadata", api.server_metadata), methods=["GET"]),
         Route("/v2/models/stats", e("ModelStatistics", api.model_stats), methods=["GET"]),
-        # The repository extension answers while not ready, as over gRPC (a load is how to recover).
-        Route(
-            "/v2/repository/index", e("RepositoryIndex", api.repository_index, gated=False), methods=["POST"]
-        ),
+        Route("/v2/repository/index", e("RepositoryIndex", api.repository_index), methods=["POST"]),
         Route(
             "/v2/repository/models/{model}/load",
-            e("RepositoryModelLoad", api.repository_load, gated=False),
+            e("RepositoryModelLoad", api.repository_load),
             methods=["POST"],
         ),
         Route(
             "/v2/repository/models/{model}/unload",
-            e("RepositoryModelUnload", api.repository_unload, gated=False),
+            e("RepositoryModelUnload", api.repository_unload),
             methods=["POST"],
         ),
         Route(
@@ -684,7 +707,7 @@ def build_app(
     for base in (model, versioned):
         routes += [
             Route(base, e("ModelMetadata", api.model_metadata), methods=["GET"]),
-            Route(base + "/ready", e("ModelReady", api.model_ready, gated=False), methods=["GET"]),
+            Route(base + "/ready", e("ModelReady", api.model_ready), methods=["GET"]),
             Route(base + "/config", e("ModelConfig", api.model_config), methods=["GET"]),
             Route(base + "/stats", e("ModelStatistics", api.model_stats), methods=["GET"]),
             Route(base + "/infer", e("ModelInfer", api.infer), methods=["POST"]),
@@ -708,13 +731,62 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
+def _protocol(header_timeout: float) -> type[HttpToolsProtocol]:
+    """uvicorn's HTTP protocol, closing a connection whose request headers stall.
+
+    uvicorn times out idle keep-alive connections but not a request whose headers never end;
+    such sockets hold a connection each, forever.
+    """
+
+    class Protocol(HttpToolsProtocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(header_timeout, self._stalled)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _stalled(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing():
+                logger.debug("closing a connection whose request headers stalled for %gs", header_timeout)
+                self.transport.close()
+
+    return Protocol
+
+
 class RestServer:
     """uvicorn serving :func:`build_app` in the running event loop, on its own port."""
 
     def __init__(
-        self, core: ServingCore, shm: SharedMemoryRegistry, budget: ByteBudget, settings: Settings
+        self,
+        core: ServingCore,
+        shm: SharedMemoryRegistry,
+        admission: Admission,
+        control: ModelControl,
+        settings: Settings,
     ) -> None:
-        self._app = build_app(core, shm, budget, settings)
+        self._app = build_app(core, shm, admission, control, settings)
         self._settings = settings
         self._server: _Uvicorn | None = None
         self._task: asyncio.Task[None] | None = None
@@ -749,6 +821,7 @@ class RestServer:
             log_config=None,  # the application configures logging
             access_log=False,
             lifespan="off",
+            http=_protocol(s.http_read_timeout_s),
             server_header=False,
             timeout_keep_alive=75,  # batch clients pause between requests; 5 s (uvicorn's) drops them
             timeout_graceful_shutdown=max(1, round(s.grace_period_s)),

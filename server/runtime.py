@@ -48,9 +48,16 @@ class Manifest:
 
     def artifact_path(self, kind: str) -> Path:
         try:
-            return self.path.parent / self.artifacts[kind]["path"]
+            name = str(self.artifacts[kind]["path"])
         except KeyError:
             raise ArtifactError(f"{self.path}: manifest lists no {kind!r} artifact") from None
+        # A manifest names files beside itself only: an absolute path, a '..' or a symlink out of
+        # the folder would let whoever wrote the manifest make the server read any file.
+        folder = os.path.realpath(self.path.parent)
+        resolved = os.path.realpath(os.path.join(folder, name))
+        if os.path.isabs(name) or os.path.commonpath([folder, resolved]) != folder:
+            raise ArtifactError(f"{self.path}: the {kind!r} artifact path leaves the manifest's folder")
+        return Path(resolved)
 
 
 def load_manifest(model_dir: str | os.PathLike[str]) -> Manifest:

@@ -114,9 +114,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             return pb.ClassifyStreamResponse(id=req.id, response=await self._classify(req.request, deadline))
 
         def error_answer(req: pb.ClassifyStreamRequest, exc: InferenceError) -> pb.ClassifyStreamResponse:
-            return pb.ClassifyStreamResponse(
-                id=req.id, error_code=exc.code.value[0], error_message=exc.message
-            )
+            return pb.ClassifyStreamResponse(id=req.id, error_code=exc.code.value, error_message=exc.message)
 
         return ordered_stream(
             request_iterator,

@@ -70,7 +70,27 @@ class Settings:
     tls_cert: str = _opt("", "server certificate (PEM) to serve TLS")
     tls_key: str = _opt("", "server private key (PEM)")
     tls_client_ca: str = _opt("", "CA (PEM) that client certificates must chain to (mutual TLS)")
-    auth_token: str = _opt("", "if set, callers must send 'authorization: Bearer <token>'")
+    auth_token: str = _opt(
+        "",
+        "if set, inference calls (and admin calls, unless --admin-token is set) must send "
+        "'authorization: Bearer <token>'; health, liveness, readiness and server metadata stay open",
+    )
+    admin_token: str = _opt(
+        "",
+        "if set, admin calls (model repository load/unload/index, shared-memory registration) must "
+        "send 'authorization: Bearer <admin token>'; the --auth-token does not grant them",
+    )
+    model_control_mode: str = _opt(
+        "none",
+        "none: RepositoryModelLoad/Unload are refused and the model keeps serving (SIGHUP still "
+        "reloads); explicit: admin callers may unload, and load versions from inside "
+        "--model-repository",
+        choices=("none", "explicit"),
+    )
+    model_repository: str = _opt(
+        "",
+        "the only folder a load may read model versions from (default: the folder that holds --model-dir)",
+    )
     max_inflight_request_bytes: int = _opt(
         256 * 1024 * 1024,
         "most request bytes held at once before their images are queued (being parsed, decoded or "
@@ -84,6 +104,12 @@ class Settings:
         8000,
         "Open Inference Protocol HTTP/REST port, on --host with the same TLS and token (0: pick a "
         "free one, -1: off)",
+    )
+
+    http_read_timeout_s: float = _opt(
+        30.0,
+        "longest an HTTP client may leave its request headers or body unfinished without sending "
+        "a byte; then the connection is closed (headers) or answered 408 (body) and its bytes freed",
     )
 
     # --- processes (server/workers.py) ---
@@ -186,6 +212,10 @@ def _problems(s: Settings) -> Sequence[str]:
             out.append(f"{_flag(name)} must be at least 1, got {getattr(s, name)}")
     if not 1 <= s.workers <= 64:
         out.append(f"--workers must be between 1 and 64, got {s.workers}")
+    if s.http_read_timeout_s <= 0:
+        out.append(f"--http-read-timeout-s must be positive, got {s.http_read_timeout_s}")
+    if s.admin_token and s.admin_token == s.auth_token:
+        out.append("--admin-token must differ from --auth-token: a shared secret grants every group")
     for name in ("max_batch_delay_ms", "grace_period_s", "max_inflight_batches", "torch_threads"):
         if getattr(s, name) < 0:
             out.append(f"{_flag(name)} must not be negative, got {getattr(s, name)}")

@@ -33,7 +33,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AlreadyExists, InvalidInput, NotFound, ResourceExhausted
+from .errors import AlreadyExists, InvalidInput, NotFound, ResourceExhausted, exhausted
 
 __all__ = ["MAX_REGIONS", "RegionStatus", "SharedMemoryRegistry"]
 
@@ -125,6 +125,15 @@ class SharedMemoryRegistry:
         if self._store is not None:
             try:
                 region.token = self._publish(region)
+                if len(self) > MAX_REGIONS:  # another worker registered one at the same moment
+                    self._record_path(name).unlink(missing_ok=True)
+                    raise ResourceExhausted(
+                        f"{MAX_REGIONS} shared memory regions are registered, the most this server "
+                        "holds; unregister some"
+                    )
+            except OSError as exc:
+                os.close(fd)
+                raise exhausted(exc, f"shared memory region {name!r}") or exc from None
             except BaseException:
                 os.close(fd)
                 raise
@@ -225,11 +234,15 @@ class SharedMemoryRegistry:
         except PermissionError:
             pass  # a read-only object still serves inputs
         except OSError as exc:
-            raise InvalidInput(_open_error(name, key, exc)) from None
+            raise exhausted(exc, f"shared memory region {name!r}") or InvalidInput(
+                _open_error(name, key, exc)
+            ) from None
         try:
             return os.open(path, os.O_RDONLY | flags), False
         except OSError as exc:
-            raise InvalidInput(_open_error(name, key, exc)) from None
+            raise exhausted(exc, f"shared memory region {name!r}") or InvalidInput(
+                _open_error(name, key, exc)
+            ) from None
 
     def _prune(self) -> None:
         """Close this process's descriptors of regions unregistered through another worker."""

@@ -140,8 +140,9 @@ def model_main(settings: Settings, run_dir: str, links: list[socket.socket], con
 
 
 async def _model(settings: Settings, run_dir: str, links: list[socket.socket], conn: Connection) -> int:
-    from .core import InferenceCore, Phase
+    from .core import InferenceCore
     from .errors import InferenceError
+    from .lifecycle import State
     from .metrics import Metrics
     from .remote import ModelHost
 
@@ -155,25 +156,19 @@ async def _model(settings: Settings, run_dir: str, links: list[socket.socket], c
     stop = asyncio.Event()
     loads: set[asyncio.Task[None]] = set()
 
+    core.lifecycle.subscribe(lambda life: core.metrics.ready.set(1 if life.ready else 0))
+
     def on_failure(exc: BaseException) -> None:
-        core.readiness.set(Phase.FAILED, f"batcher died: {type(exc).__name__}: {exc}")
-        core.metrics.ready.set(0)
-        host.publish()
+        core.lifecycle.to(State.FAILED, f"batcher died: {type(exc).__name__}: {exc}")
         failed.set()
 
     async def reload() -> None:
-        if not core.readiness.serving:
-            logger.warning("SIGHUP ignored: not serving yet (or draining)")
+        if core.lifecycle.state not in (State.SERVING, State.UNLOADED):
+            logger.warning("SIGHUP ignored: the model is %s", core.lifecycle.state.value)
             return
         logger.info("SIGHUP: loading %s", settings.model_dir)
         with contextlib.suppress(InferenceError):  # the core logs why; the old version serves on
-            task = asyncio.ensure_future(core.load())
-            await asyncio.sleep(0)
-            host.publish()
-            try:
-                await task
-            finally:
-                host.publish()
+            await core.load()
 
     def on_message(message: Any) -> None:
         if message == "reload":
@@ -188,10 +183,7 @@ async def _model(settings: Settings, run_dir: str, links: list[socket.socket], c
     _watch_parent(conn, on_message)
     conn.send(("listening",))
     await core.warm_up()
-    if core.readiness.phase is Phase.STARTING:
-        core.readiness.set(Phase.SERVING)
-        core.metrics.ready.set(1)
-        host.publish()
+    if core.lifecycle.to(State.SERVING):
         d = core.runtime.describe()
         logger.info(
             "model %s v%s warm: %s",
@@ -241,7 +233,7 @@ async def _worker(settings: Settings, run_dir: str, index: int, link: socket.soc
         loop.add_signal_handler(sig, stop.set)
     _watch_parent(conn, lambda message: stop.set())
     await server.warm_up()
-    if server.readiness.serving:
+    if server.lifecycle.ready:
         conn.send(("serving",))
     waits = [asyncio.ensure_future(e.wait()) for e in (stop, server.failed)]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

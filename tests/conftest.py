@@ -111,7 +111,7 @@ def make_settings():  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def server(model_dir: Path) -> Iterator[object]:
     """A real cifar-serve on a free loopback port, shared by the session (ServerThread)."""
-    from cifar_serve.server.app import ServerThread
+    from cifar_serve.server.launch import ServerThread
 
     srv = ServerThread(_make_settings(model_dir)).start()
     try:
@@ -205,7 +205,7 @@ def fake_runtime() -> FakeRuntime:
 @pytest.fixture
 def fake_server(fake_runtime: FakeRuntime, tmp_path: Path) -> Iterator[object]:
     """``fake_server(**settings)``: a real server on a free port over :class:`FakeRuntime`."""
-    from cifar_serve.server.app import ServerThread
+    from cifar_serve.server.launch import ServerThread
 
     started: list[ServerThread] = []
 

@@ -260,7 +260,7 @@ def test_server_lists_and_default_port() -> None:
 
 @pytest.fixture(scope="module")
 def pair(model_dir: Path, make_settings: Callable[..., Any]) -> Iterator[list[Any]]:
-    from cifar_serve.server.app import ServerThread
+    from cifar_serve.server.launch import ServerThread
 
     servers = [ServerThread(make_settings(model_dir, torch_threads=1)).start() for _ in range(2)]
     try:

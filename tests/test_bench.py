@@ -191,7 +191,7 @@ def test_duration_mode_and_multiple_processes(server) -> None:  # type: ignore[n
 
 def test_errors_are_counted_by_status_code(model_dir, make_settings) -> None:  # type: ignore[no-untyped-def]
     from cifar_serve.client.bench import BenchConfig, run_bench
-    from cifar_serve.server.app import ServerThread
+    from cifar_serve.server.launch import ServerThread
 
     # A queue that holds one 4-image request: concurrent callers beyond it are turned away.
     settings = make_settings(

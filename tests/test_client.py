@@ -409,7 +409,7 @@ def test_missing_file_is_a_cifar_serve_error(client: Client, sample_jpegs: Jpegs
 
 def test_a_server_without_a_port_is_on_50051(model_dir: Path, make_settings: Any, sample: Any) -> None:
     """``127.0.0.1`` means port 50051 (gRPC's own default would be 443)."""
-    from cifar_serve.server.app import ServerThread
+    from cifar_serve.server.launch import ServerThread
 
     assert Client("127.0.0.1").address == "127.0.0.1:50051"
     with socket.socket() as s:
@@ -489,7 +489,7 @@ def test_client_argument_checks() -> None:
 @pytest.fixture(scope="module")
 def batching_server(model_dir: Path, make_settings: Callable[..., Any]) -> Iterator[Any]:
     """A dedicated server that waits 20 ms to fill a batch (so batching is reliable), bearer token on."""
-    from cifar_serve.server.app import ServerThread
+    from cifar_serve.server.launch import ServerThread
 
     settings = make_settings(model_dir, max_batch_size=16, max_batch_delay_ms=20.0, auth_token=TOKEN)
     with ServerThread(settings) as srv:
@@ -649,7 +649,7 @@ def test_mutual_tls(
     offline_logits: np.ndarray,
     tmp_path: Path,
 ) -> None:
-    from cifar_serve.server.app import ServerThread
+    from cifar_serve.server.launch import ServerThread
 
     pki = _pki(tmp_path)
     settings = make_settings(

@@ -1019,7 +1019,7 @@ def test_healthcheck_asks_the_port_the_server_listens_on(
 def test_healthcheck_command_against_a_real_server(
     tmp_path: Path, docker: Dockerfile, model_dir: Path, make_settings: Any
 ) -> None:
-    from cifar_serve.server.app import ServerThread
+    from cifar_serve.server.launch import ServerThread
 
     _, cmd = docker.healthcheck()
     argv = ContainerFS(docker, {}).argv(cmd)
@@ -1131,7 +1131,7 @@ def test_healthcheck_speaks_tls_to_a_tls_server(
     tmp_path: Path, docker: Dockerfile, model_dir: Path, make_settings: Any
 ) -> None:
     pytest.importorskip("cryptography")
-    from cifar_serve.server.app import ServerThread
+    from cifar_serve.server.launch import ServerThread
 
     _, cmd = docker.healthcheck()
     argv = ContainerFS(docker, {}).argv(cmd)

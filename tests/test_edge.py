@@ -212,7 +212,7 @@ def test_bearer_token_is_compared_in_constant_time(
 ) -> None:
     import hmac
 
-    from cifar_serve.server import edge
+    from cifar_serve.server import admission as edge
 
     compared: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest

@@ -33,7 +33,7 @@ DELAY_MS = 5.0
 
 @pytest.fixture(scope="module")
 def stats_server(model_dir: Path, make_settings: Any) -> Iterator[Any]:
-    from cifar_serve.server.app import ServerThread
+    from cifar_serve.server.launch import ServerThread
 
     with ServerThread(make_settings(model_dir, max_batch_size=BATCH, max_batch_delay_ms=DELAY_MS)) as srv:
         yield srv
@@ -145,7 +145,7 @@ def test_statistics_per_model_version(
     """After a new version is loaded, each version keeps its own counts; a version can be asked for."""
     import shutil
 
-    from cifar_serve.server.app import ServerThread
+    from cifar_serve.server.launch import ServerThread
 
     v2 = tmp_path / "v2"
     shutil.copytree(model_dir, v2)

@@ -480,7 +480,7 @@ def test_counts_in_the_shared_metrics(
 @pytest.fixture(scope="module")
 def small_server(model_dir: Path, make_settings: Any) -> Iterator[Any]:
     """Batches of 2 at most and a long wait for more (only a full batch answers at once); short streams."""
-    from cifar_serve.server.app import ServerThread
+    from cifar_serve.server.launch import ServerThread
 
     settings = make_settings(
         model_dir, max_batch_size=2, max_batch_delay_ms=3000.0, max_stream_requests=2, idle_dispatch=False

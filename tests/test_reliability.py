@@ -165,7 +165,7 @@ def test_fuzz_random_bytes(data, channel) -> None:  # type: ignore[no-untyped-de
 
 @pytest.fixture(scope="module")
 def small_server(model_dir, make_settings):  # type: ignore[no-untyped-def]
-    from cifar_serve.server.app import ServerThread
+    from cifar_serve.server.launch import ServerThread
 
     s = make_settings(
         model_dir,
@@ -394,7 +394,7 @@ def pki(tmp_path_factory):  # type: ignore[no-untyped-def]
 
 
 def test_mutual_tls(pki, model_dir, sample, make_settings) -> None:  # type: ignore[no-untyped-def]
-    from cifar_serve.server.app import ServerThread
+    from cifar_serve.server.launch import ServerThread
 
     skey, scrt = pki["server"]
     s = make_settings(
@@ -425,7 +425,7 @@ def test_mutual_tls(pki, model_dir, sample, make_settings) -> None:  # type: ign
 
 
 def test_bearer_token(model_dir, sample, make_settings) -> None:  # type: ignore[no-untyped-def]
-    from cifar_serve.server.app import ServerThread
+    from cifar_serve.server.launch import ServerThread
 
     s = make_settings(model_dir, auth_token="s3cret", metrics_port=-1, max_batch_size=4)
     with ServerThread(s) as srv, grpc.insecure_channel(srv.address) as ch:

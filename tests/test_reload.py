@@ -50,7 +50,7 @@ def test_new_version_swapped_in_under_load_and_broken_ones_refused(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from cifar_serve.server.app import ServerThread
+    from cifar_serve.server.launch import ServerThread
 
     v2 = _copy(model_dir, tmp_path / "v2", "2")
     tampered = _copy(model_dir, tmp_path / "tampered", "3")

@@ -501,7 +501,7 @@ def test_rest_stats_are_the_grpc_statistics(server: Any, model: tuple[str, str],
 @pytest.fixture(scope="module")
 def small_server(model_dir: Path, make_settings: Any) -> Iterator[Any]:
     """Batches of 2 that wait long for a second request; bodies of at most 64 KiB."""
-    from cifar_serve.server.app import ServerThread
+    from cifar_serve.server.launch import ServerThread
 
     settings = make_settings(
         model_dir,
