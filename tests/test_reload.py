@@ -67,7 +67,14 @@ def test_new_version_swapped_in_under_load_and_broken_ones_refused(
     caplog.set_level(logging.INFO, logger="cifar_serve.server.core")
     x = sample.images[:4]
     request = pb.ClassifyRequest(packed=pb.PackedImages(data=x.tobytes(), count=4), include_logits=True)
-    with ServerThread(make_settings(model_dir, max_batch_size=16, metrics_port=-1)) as srv:
+    settings = make_settings(
+        model_dir,
+        max_batch_size=16,
+        metrics_port=-1,
+        model_control_mode="explicit",
+        model_repository=str(tmp_path),
+    )
+    with ServerThread(settings) as srv:
         channel = grpc.insecure_channel(srv.address)
         stub = pb_grpc.ClassifierStub(channel)
         v2_stub = oip_grpc.GRPCInferenceServiceStub(channel)

@@ -610,7 +610,7 @@ def test_warming_up_is_not_ready_and_infer_is_503(fake_server: Any, fake_runtime
     assert answer.status == 503 and "warming up" in answer.json()["error"]
     fake_runtime.warm_gate.set()
     deadline = time.monotonic() + 30
-    while not srv.server.readiness.serving and time.monotonic() < deadline:
+    while not srv.server.lifecycle.ready and time.monotonic() < deadline:
         time.sleep(0.01)  # warm-up runs in the server's thread; nothing to await from here
     assert call(a, "GET", "/v2/health/ready").status == 200
     answer = infer(a, "cifar10_resnet18", x)
@@ -805,25 +805,38 @@ def _post_json(address: str, path: str, doc: Any) -> Answer:
     return call(address, "POST", path, json.dumps(doc).encode(), {"Content-Type": "application/json"})
 
 
-def test_repository_index_and_refused_loads(server: Any, model: tuple[str, str], tmp_path: Path) -> None:
+def test_repository_index_and_model_control_closed_by_default(server: Any, model: tuple[str, str]) -> None:
     a = server.http_address
     index = _post_json(a, "/v2/repository/index", {})
     assert index.status == 200
     assert index.json() == [{"name": model[0], "version": model[1], "state": "READY", "reason": ""}]
     answer = _post_json(a, "/v2/repository/models/no_such_model/load", {})
     assert answer.status == 404 and "no_such_model" in answer.json()["error"]
-    answer = _post_json(a, f"/v2/repository/models/{model[0]}/load", {"parameters": {"colour": "red"}})
+    for verb in ("load", "unload"):
+        answer = _post_json(a, f"/v2/repository/models/{model[0]}/{verb}", {})
+        assert answer.status == 400 and "--model-control-mode" in answer.json()["error"]
+    assert call(a, "GET", "/v2/health/ready").status == 200
+
+
+def test_refused_loads_in_explicit_mode(fake_server: Any, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    srv = fake_server(model_control_mode="explicit", model_repository=str(tmp_path))
+    a = srv.http_address
+    load = "/v2/repository/models/cifar10_resnet18/load"
+    answer = _post_json(a, load, {"parameters": {"colour": "red"}})
     assert answer.status == 400 and "'colour'" in answer.json()["error"]
     # A folder without artifacts: refused with the reason, the serving version stays.
-    answer = _post_json(
-        a, f"/v2/repository/models/{model[0]}/load", {"parameters": {"model_dir": str(tmp_path)}}
-    )
-    assert answer.status == 400 and "cannot load" in answer.json()["error"]
-    assert _post_json(a, "/v2/repository/index", {}).json()[0]["version"] == model[1]
+    answer = _post_json(a, load, {"parameters": {"model_dir": "empty"}})
+    error = answer.json()["error"]
+    assert answer.status == 400 and "cannot load" in error and "manifest" in error
+    assert str(tmp_path) not in error  # named relative to the repository, not by its host path
+    index = _post_json(a, "/v2/repository/index", {}).json()[0]
+    assert index["version"] == "1" and index["state"] == "READY"
+    assert call(a, "GET", "/v2/health/ready").status == 200
 
 
 def test_repository_unload_makes_infer_unavailable(fake_server: Any) -> None:
-    srv = fake_server()
+    srv = fake_server(model_control_mode="explicit")
     a = srv.http_address
     assert _post_json(a, "/v2/repository/models/cifar10_resnet18/unload", {}).status == 200
     assert _post_json(a, "/v2/repository/index", {}).json()[0]["state"] == "UNAVAILABLE"
