@@ -257,8 +257,10 @@ def _parse_images(
             f"{what}: contents.uint_contents holds {values.size} values, shape {_shape_text(shape)} "
             f"needs {expected}"
         )
-    if int(values.max()) > 255 or int(values.min()) < 0:
+    if int(values.max()) > 255:
         raise InvalidInput(f"{what}: contents.uint_contents holds values above 255, out of range for UINT8")
+    if int(values.min()) < 0:  # neither transport delivers one today; a guard against wrap-around
+        raise InvalidInput(f"{what}: contents.uint_contents holds negative values, out of range for UINT8")
     return values.astype(np.uint8).reshape(n, *IMAGE_SHAPE)
 
 
