@@ -100,7 +100,8 @@ def decode_request(request: pb.ModelInferRequest) -> InferRequest:
         values = None
         if tensor.HasField("contents"):
             contents = tensor.contents
-            if tensor.datatype == "UINT8":  # any other datatype is refused for that, first
+            # Only for UINT8: another datatype gets parse_request's datatype message, the useful one.
+            if tensor.datatype == "UINT8":
                 others = [f.name for f, _ in contents.ListFields() if f.name != "uint_contents"]
                 if others:
                     raise InvalidInput(
