@@ -3,9 +3,10 @@
 Starlette routes, uvicorn serves (both the maintained standard of Python ASGI; uvicorn runs in
 the server's own event loop, so REST and gRPC calls share one core, one
 batcher, one shared memory registry and one set of metrics). Starlette is used without
-FastAPI's request models on purpose: the v2 JSON is translated into the gRPC
-``ModelInferRequest`` and validated by :func:`.oip.parse_request`, so both APIs accept and
-refuse exactly the same requests, with the same messages.
+FastAPI's request models on purpose: the v2 JSON is decoded into the neutral
+:class:`.protocol.InferRequest` and validated by :func:`.protocol.parse_request`, as gRPC's
+requests are, so both APIs accept and refuse exactly the same requests, with the same messages.
+Metadata, config and statistics come from :mod:`.describe`, as gRPC's do.
 
 Endpoints: ``GET /v2/health/live``, ``/v2/health/ready``, ``/v2``, ``/v2/models/{m}[/versions/{v}]``
 and its ``/ready``, ``/config``, ``/stats``; ``POST .../infer`` with JSON tensors or Triton's binary
@@ -48,8 +49,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from cifar_serve.v1 import open_inference_pb2 as pb
-
+from . import describe
 from .admission import Admission, ByteBudget, http_status
 from .control import ModelControl
 from .core import ServingCore
@@ -61,28 +61,23 @@ from .errors import (
     InvalidInput,
     Unavailable,
 )
-from .oip import (
-    _INLINE_STRINGS,
-    _PLATFORMS,
-    EXTENSIONS,
+from .protocol import (
     IMAGE_SHAPE,
-    INPUT_NAME,
-    OUTPUT_NAME,
-    SERVER_NAME,
+    INLINE_STRINGS,
     InferPlan,
-    _server_version,
-    classification_strings,
-    model_ready,
+    InferRequest,
+    InputTensor,
+    OutputRequest,
+    ParamValue,
+    infer_outputs,
     parse_request,
-    repository_state,
-    serialize_bytes_tensor,
+    server_version,
     write_shm_outputs,
 )
 from .settings import Settings
 from .shm import SharedMemoryRegistry
-from .stats import StatsSnapshot
 
-__all__ = ["RestServer", "build_app", "model_config", "model_stats"]
+__all__ = ["RestServer", "build_app", "decode_infer", "encode_infer"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,84 +119,17 @@ async def _next_within(chunks: Any, timeout: float) -> bytes:
     return chunk
 
 
-# ---------------------------------------------------------------------------- model description
-# config and stats are minimal views, written here until the gRPC ModelConfig/ModelStatistics
-# exist; then both APIs should answer from one function.
+# ---------------------------------------------------------------------------- JSON <-> neutral
 
 
-def model_metadata(core: ServingCore) -> dict[str, Any]:
-    return {
-        "name": core.model_name,
-        "versions": [core.model_version],
-        "platform": _PLATFORMS.get(core.runtime.backend, core.runtime.backend),
-        "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, *IMAGE_SHAPE]}],
-        "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, core.num_classes]}],
-    }
-
-
-def model_config(core: ServingCore) -> dict[str, Any]:
-    """The model's configuration in the shape of Triton's ``model_config`` JSON (the fields that apply)."""
-    s = core.settings
-    return {
-        "name": core.model_name,
-        "platform": _PLATFORMS.get(core.runtime.backend, core.runtime.backend),
-        "max_batch_size": s.max_images_per_request,
-        "input": [
-            {
-                "name": INPUT_NAME,
-                "data_type": "TYPE_UINT8",
-                "format": "FORMAT_NHWC",
-                "dims": list(IMAGE_SHAPE),
-            }
-        ],
-        "output": [{"name": OUTPUT_NAME, "data_type": "TYPE_FP32", "dims": [core.num_classes]}],
-        "dynamic_batching": {
-            "preferred_batch_size": [s.max_batch_size],
-            "max_queue_delay_microseconds": int(s.max_batch_delay_ms * 1000),
-        },
-        "version_policy": {"specific": {"versions": [core.model_version]}},
-        "parameters": {"labels": {"string_value": ",".join(core.labels)}},
-    }
-
-
-def model_stats(core: ServingCore, snaps: dict[str, StatsSnapshot]) -> dict[str, Any]:
-    """Triton's statistics JSON, from the same per-version accumulator as gRPC's ModelStatistics."""
-
-    def dur(d: Any) -> dict[str, int]:
-        return {"count": d.count, "ns": d.ns}
-
-    return {
-        "model_stats": [
-            {
-                "name": core.model_name,
-                "version": version,
-                "last_inference": snap.last_inference_ms,
-                "inference_count": snap.inference_count,
-                "execution_count": snap.execution_count,
-                "inference_stats": {
-                    "success": dur(snap.success),
-                    "fail": dur(snap.fail),
-                    "queue": dur(snap.queue),
-                    "compute_input": dur(snap.compute_input),
-                    "compute_infer": dur(snap.compute_infer),
-                    "compute_output": dur(snap.compute_output),
-                },
-                "batch_stats": [
-                    {
-                        "batch_size": size,
-                        "compute_input": dur(phases[0]),
-                        "compute_infer": dur(phases[1]),
-                        "compute_output": dur(phases[2]),
-                    }
-                    for size, phases in sorted(snap.batches.items())
-                ],
-            }
-            for version, snap in snaps.items()
-        ]
-    }
-
-
-# ---------------------------------------------------------------------------- JSON <-> protobuf
+def _parameter(value: Any, what: str) -> ParamValue:
+    """A JSON parameter value as the protocol carries it: a boolean, a 64-bit integer, a number or
+    a string (the kinds of the protobuf's InferParameter, so both APIs accept the same)."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        raise InvalidInput(f"{what} is out of the 64-bit integer range")
+    if isinstance(value, bool | int | float | str):
+        return value
+    raise InvalidInput(f"{what} must be a boolean, a number or a string, got {type(value).__name__}")
 
 
 def _loads(text: memoryview | bytes) -> Any:
@@ -211,31 +139,15 @@ def _loads(text: memoryview | bytes) -> Any:
         raise InvalidInput(f"malformed JSON in the request body: {exc}") from None
 
 
-def _parameter(value: Any, target: pb.InferParameter, what: str) -> None:
-    if isinstance(value, bool):
-        target.bool_param = value
-    elif isinstance(value, int):
-        if not -(2**63) <= value < 2**64:
-            raise InvalidInput(f"{what} is out of the 64-bit integer range")
-        if value >= 2**63:
-            target.uint64_param = value
-        else:
-            target.int64_param = value
-    elif isinstance(value, float):
-        target.double_param = value
-    elif isinstance(value, str):
-        target.string_param = value
-    else:
-        raise InvalidInput(f"{what} must be a boolean, a number or a string, got {type(value).__name__}")
-
-
-def _parameters(doc: Mapping[str, Any], target: Any, what: str, skip: tuple[str, ...] = ()) -> None:
+def _parameters(doc: Mapping[str, Any], what: str, skip: tuple[str, ...] = ()) -> dict[str, ParamValue]:
     params = doc.get("parameters", {})
     if not isinstance(params, dict):
         raise InvalidInput(f"{what}: 'parameters' must be an object")
-    for key, value in params.items():
-        if key not in skip:
-            _parameter(value, target[key], f"{what}: parameter {key!r}")
+    return {
+        key: _parameter(value, f"{what}: parameter {key!r}")
+        for key, value in params.items()
+        if key not in skip
+    }
 
 
 def _object_list(doc: Mapping[str, Any], key: str, what: str) -> list[dict[str, Any]]:
@@ -272,20 +184,22 @@ def _typed_uint8(data: Any, count: int | None, what: str) -> list[int]:
 
 @dataclass(frozen=True)
 class _Decoded:
-    request: pb.ModelInferRequest
+    request: InferRequest
     binary_outputs: tuple[bool, ...]  # per requested output (or one entry when none is named)
     deadline: float | None
 
 
 def decode_infer(doc: Any, binary: memoryview, model: str, version: str, max_images: int) -> _Decoded:
-    """A v2 JSON inference request (and its binary tail) as a gRPC ModelInferRequest."""
+    """A v2 JSON inference request (and its binary tail) as the neutral :class:`.protocol.InferRequest`.
+
+    Binary input data stays a view of the request body, not a copy: the batcher copies the images
+    into its batch anyway.
+    """
     if not isinstance(doc, dict):
         raise InvalidInput("the inference request must be a JSON object")
-    req = pb.ModelInferRequest(model_name=model, model_version=version)
     rid = doc.get("id", "")
     if not isinstance(rid, str):
         raise InvalidInput("'id' must be a string")
-    req.id = rid
     params = doc.get("parameters", {})
     if not isinstance(params, dict):
         raise InvalidInput("'parameters' must be an object")
@@ -300,6 +214,7 @@ def decode_infer(doc: Any, binary: memoryview, model: str, version: str, max_ima
     if not isinstance(binary_all, bool):
         raise InvalidInput("parameter 'binary_data_output' must be a boolean")
 
+    inputs: list[InputTensor] = []
     pos = 0
     for t in _object_list(doc, "inputs", "request"):
         name = t.get("name")
@@ -310,8 +225,7 @@ def decode_infer(doc: Any, binary: memoryview, model: str, version: str, max_ima
         if not isinstance(datatype, str):
             raise InvalidInput(f"{what}: 'datatype' must be a string")
         shape = _shape(t, what)
-        tensor = req.inputs.add(name=name, datatype=datatype, shape=shape)
-        _parameters(t, tensor.parameters, what, skip=("binary_data_size",))
+        tensor_params = _parameters(t, what, skip=("binary_data_size",))
         tparams = t.get("parameters", {})
         kinds = [
             k
@@ -331,6 +245,8 @@ def decode_infer(doc: Any, binary: memoryview, model: str, version: str, max_ima
         # limit: otherwise parse_request's message about the shape or the limit is the useful one.
         image_shape = len(shape) == 4 and tuple(shape[1:]) == IMAGE_SHAPE and 1 <= shape[0] <= max_images
         count = int(np.prod(shape)) if image_shape else None
+        data: memoryview | None = None
+        values: list[int] | None = None
         if "binary_data_size" in tparams:
             size = tparams["binary_data_size"]
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -342,28 +258,39 @@ def decode_infer(doc: Any, binary: memoryview, model: str, version: str, max_ima
                 )
             if datatype == "UINT8" and count is not None and size != count:
                 raise InvalidInput(f"{what}: binary_data_size is {size} bytes, shape {shape} needs {count}")
-            req.raw_input_contents.append(bytes(binary[pos : pos + size]))
+            data = binary[pos : pos + size]
             pos += size
         elif "data" in t and datatype == "UINT8":  # other datatypes: parse_request names the problem
-            tensor.contents.uint_contents.extend(_typed_uint8(t["data"], count, what))
+            values = _typed_uint8(t["data"], count, what)
+        inputs.append(InputTensor(name, datatype, tuple(shape), tensor_params, data, values))
     if pos != len(binary):
         raise InvalidInput(
             f"the body holds {len(binary) - pos} bytes of binary data beyond what the inputs' "
             "binary_data_size declare"
         )
 
+    outputs: list[OutputRequest] = []
     flags: list[bool] = []
     for o in _object_list(doc, "outputs", "request"):
         name = o.get("name")
         if not isinstance(name, str):
             raise InvalidInput(f"output {name!r}: 'name' must be a string")
-        out = req.outputs.add(name=name)
-        _parameters(o, out.parameters, f"output {name!r}")
+        outputs.append(OutputRequest(name, _parameters(o, f"output {name!r}")))
         flag = o.get("parameters", {}).get("binary_data", binary_all)
         if not isinstance(flag, bool):
             raise InvalidInput(f"output {name!r}: parameter 'binary_data' must be a boolean")
         flags.append(flag)
-    return _Decoded(req, tuple(flags) or (binary_all,), deadline)
+    # Request-level parameters the server reads (timeout, binary_data_output) are read above; the
+    # rest pass through as they are, unchecked, as the server never reads them.
+    request = InferRequest(
+        model_name=model,
+        model_version=version,
+        id=rid,
+        inputs=inputs,
+        outputs=outputs,
+        parameters={k: v for k, v in params.items() if isinstance(v, bool | int | float | str)},
+    )
+    return _Decoded(request, tuple(flags) or (binary_all,), deadline)
 
 
 def encode_infer(
@@ -380,26 +307,17 @@ def encode_infer(
         doc["id"] = request_id
     outputs: list[dict[str, Any]] = []
     tail: list[bytes] = []
-    refs = plan.shm_outputs or (None,) * len(plan.outputs)
-    for classes, ref, as_binary in zip(plan.outputs, refs, binary, strict=True):
-        out: dict[str, Any] = {"name": OUTPUT_NAME}
-        if ref is not None:  # already written into the region
-            out.update(datatype="FP32", shape=list(logits.shape))
-        elif classes:
-            strings = classification_strings(logits, classes, core.labels)
-            out.update(datatype="BYTES", shape=[len(logits), classes])
-            if as_binary:
-                tail.append(serialize_bytes_tensor(strings))
-                out["parameters"] = {"binary_data_size": len(tail[-1])}
-            else:
-                out["data"] = [s.decode() for s in strings]
-        else:
-            out.update(datatype="FP32", shape=list(logits.shape))
-            if as_binary:
-                tail.append(logits.astype("<f4", copy=False).tobytes())
-                out["parameters"] = {"binary_data_size": len(tail[-1])}
-            else:
-                out["data"] = logits.ravel().tolist()
+    for tensor, as_binary in zip(infer_outputs(plan, logits, core.labels), binary, strict=True):
+        out: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
+        if tensor.logits is None and tensor.strings is None:
+            pass  # already written into its shared memory region
+        elif as_binary:
+            tail.append(tensor.raw())
+            out["parameters"] = {"binary_data_size": len(tail[-1])}
+        elif tensor.strings is not None:
+            out["data"] = [s.decode() for s in tensor.strings]
+        elif tensor.logits is not None:
+            out["data"] = tensor.logits.ravel().tolist()
         outputs.append(out)
     doc["outputs"] = outputs
     header = json.dumps(doc, separators=(",", ":")).encode()
@@ -440,7 +358,7 @@ class _Api:
         self.budget = admission.budget
         self.control = control
         self.settings = settings
-        self.version = _server_version()
+        self.version = server_version()
 
     def endpoint(self, method: str, handler: Handler) -> Handler:
         """The route under the admission layer, as the gRPC method ``method`` is."""
@@ -488,7 +406,7 @@ class _Api:
         return JSONResponse({"ready": False, "error": reason}, status_code=400)
 
     async def server_metadata(self, request: Request) -> Response:
-        return JSONResponse({"name": SERVER_NAME, "version": self.version, "extensions": list(EXTENSIONS)})
+        return JSONResponse(describe.server_metadata(self.version))
 
     def _model(self, request: Request) -> None:
         p = request.path_params
@@ -496,21 +414,21 @@ class _Api:
 
     async def model_metadata(self, request: Request) -> Response:
         self._model(request)
-        return JSONResponse(model_metadata(self.core))
+        return JSONResponse(describe.model_metadata(self.core))
 
     async def model_ready(self, request: Request) -> Response:
         p = request.path_params
-        ready = model_ready(self.core, p["model"], p.get("version", ""))
+        ready = describe.model_ready(self.core, p["model"], p.get("version", ""))
         return JSONResponse({"name": p["model"], "ready": ready}, status_code=200 if ready else 400)
 
     async def model_config(self, request: Request) -> Response:
         self._model(request)
-        return JSONResponse(model_config(self.core))
+        return JSONResponse(describe.model_config(self.core))
 
     async def model_stats(self, request: Request) -> Response:
         if "model" in request.path_params:
             self._model(request)
-        return JSONResponse(model_stats(self.core, await self.core.statistics()))
+        return JSONResponse(describe.model_statistics(self.core, await self.core.statistics()))
 
     # ------------------------------------------------------------------ inference
 
@@ -588,7 +506,7 @@ class _Api:
         if len(binary) != len(plan.outputs):
             binary = (binary[0],) * len(plan.outputs)
         rid = decoded.request.id
-        if len(logits) * sum(plan.outputs) > _INLINE_STRINGS:
+        if len(logits) * sum(plan.outputs) > INLINE_STRINGS:
             # Thousands of classification strings take milliseconds: keep them off the event loop.
             return await asyncio.to_thread(encode_infer, core, rid, plan, binary, logits, version)
         return encode_infer(core, rid, plan, binary, logits, version)
@@ -608,13 +526,7 @@ class _Api:
 
     async def repository_index(self, request: Request) -> Response:
         doc = await self._json_body(request)
-        core = self.core
-        state, reason = repository_state(core)
-        if doc.get("ready") is True and state != "READY":
-            return JSONResponse([])
-        return JSONResponse(
-            [{"name": core.model_name, "version": core.model_version, "state": state, "reason": reason}]
-        )
+        return JSONResponse(describe.repository_index(self.core, ready_only=doc.get("ready") is True))
 
     async def repository_load(self, request: Request) -> Response:
         params = (await self._json_body(request)).get("parameters", {})

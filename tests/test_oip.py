@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 import pytest
 
-from cifar_serve.server.oip import classification_strings, serialize_bytes_tensor
+from cifar_serve.server.protocol import classification_strings, serialize_bytes_tensor
 from cifar_serve.v1 import classifier_pb2, classifier_pb2_grpc
 from cifar_serve.v1 import open_inference_pb2 as pb
 from cifar_serve.v1 import open_inference_pb2_grpc as pb_grpc
