@@ -24,14 +24,15 @@ __all__ = ["ServerThread", "serve"]
 logger = logging.getLogger(__name__)
 
 
-async def serve(settings: Settings) -> int:
+async def serve(settings: Settings, server: CifarServer | None = None) -> int:
     """Run until SIGTERM or SIGINT (exit status 0) or a fatal failure (1), shutting down gracefully.
 
     A signal during warm-up stops the server at once: the warm-up is abandoned, not awaited.
+    ``server``: one built already (tests pass one over a fake model).
     """
-    if settings.workers > 1:
+    if settings.workers > 1 and server is None:
         return await serve_workers(settings)
-    server = CifarServer(settings)
+    server = server if server is not None else CifarServer(settings)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

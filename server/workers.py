@@ -182,20 +182,25 @@ async def _model(settings: Settings, run_dir: str, links: list[socket.socket], c
     await host.start()
     _watch_parent(conn, on_message)
     conn.send(("listening",))
-    await core.warm_up()
-    if core.lifecycle.to(State.SERVING):
-        d = core.runtime.describe()
-        logger.info(
-            "model %s v%s warm: %s",
-            core.model_name,
-            core.model_version,
-            ", ".join(f"{k} {v}" for k, v in d.items() if isinstance(v, (str, int, float, bool))),
-        )
-        conn.send(("ready",))
+
+    async def warm() -> None:
+        await core.warm_up()
+        if core.lifecycle.to(State.SERVING):
+            d = core.runtime.describe()
+            logger.info(
+                "model %s v%s warm: %s",
+                core.model_name,
+                core.model_version,
+                ", ".join(f"{k} {v}" for k, v in d.items() if isinstance(v, (str, int, float, bool))),
+            )
+            conn.send(("ready",))
+
+    # Told to stop while warming up, the process stops at once: the warm-up is abandoned.
+    warming = asyncio.ensure_future(warm())
     waits = [asyncio.ensure_future(e.wait()) for e in (stop, failed)]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    for w in waits:
-        w.cancel()
+    for task in (*waits, warming, *loads):
+        task.cancel()
     await core.stop()
     await host.close()
     return 1 if failed.is_set() else 0
@@ -232,13 +237,17 @@ async def _worker(settings: Settings, run_dir: str, index: int, link: socket.soc
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     _watch_parent(conn, lambda message: stop.set())
-    await server.warm_up()
-    if server.lifecycle.ready:
-        conn.send(("serving",))
+
+    async def warm() -> None:
+        await server.warm_up()
+        if server.lifecycle.ready:
+            conn.send(("serving",))
+
+    warming = asyncio.ensure_future(warm())  # a SIGTERM meanwhile stops the worker at once
     waits = [asyncio.ensure_future(e.wait()) for e in (stop, server.failed)]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    for w in waits:
-        w.cancel()
+    for task in (*waits, warming):
+        task.cancel()
     await server.stop()
     return server.exit_code
 

@@ -334,3 +334,38 @@ def test_a_dead_batcher_fails_waiting_callers_at_once_and_turns_not_serving(
     with pytest.raises(grpc.RpcError) as info:
         stub.Classify(_classify(), timeout=10)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def test_sigterm_during_warm_up_stops_at_once(fake_runtime: Any, make_settings: Any, tmp_path: Any) -> None:
+    """The warm-up never ends here: the server must stop without waiting for it."""
+    import asyncio
+    import os
+    import signal
+
+    from cifar_serve.server.app import CifarServer
+    from cifar_serve.server.launch import serve
+    from cifar_serve.server.lifecycle import State
+
+    fake_runtime.warm_gate.clear()
+    settings = make_settings(tmp_path, workers=1, metrics_port=-1, http_port=-1)
+
+    async def main() -> tuple[int, State]:
+        server = CifarServer(settings, runtime=fake_runtime)
+        running = asyncio.ensure_future(serve(settings, server=server))
+        while server.lifecycle.state is State.STARTING and server.port == 0:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert server.lifecycle.state is State.STARTING  # still warming up
+        os.kill(os.getpid(), signal.SIGTERM)
+        code = await asyncio.wait_for(running, 30)
+        return code, server.lifecycle.state
+
+    try:
+        code, state = asyncio.run(main())
+    finally:
+        fake_runtime.warm_gate.set()
+    assert code == 0
+    assert state is State.STOPPED

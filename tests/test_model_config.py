@@ -162,7 +162,11 @@ def test_statistics_per_model_version(
         )
 
     with (
-        ServerThread(make_settings(model_dir, max_batch_size=4)) as srv,
+        ServerThread(
+            make_settings(
+                model_dir, max_batch_size=4, model_control_mode="explicit", model_repository=str(tmp_path)
+            )
+        ) as srv,
         grpc.insecure_channel(srv.address) as ch,
     ):
         oip = pb_grpc.GRPCInferenceServiceStub(ch)
