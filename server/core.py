@@ -21,6 +21,7 @@ import numpy as np
 from .batcher import DynamicBatcher
 from .errors import InvalidInput, ModelLoadFailed, ModelNotFound, Unavailable
 from .lifecycle import Lifecycle, State
+from .limits import check_image_count
 from .metrics import Metrics
 from .settings import Settings
 from .stats import ModelStats, RequestTimes, StatsSnapshot
@@ -215,13 +216,7 @@ class RequestChecks:
             )
 
     def check_count(self: _Identity, n: int) -> None:
-        if n == 0:
-            raise InvalidInput("request holds no images")
-        if n > self.settings.max_images_per_request:
-            raise InvalidInput(
-                f"request holds {n} images, more than the limit of {self.settings.max_images_per_request} "
-                "per request; split it"
-            )
+        check_image_count(n, self.settings.max_images_per_request)
 
     def check_top_k(self: _Identity, k: int) -> None:
         if not 1 <= k <= self.num_classes:

@@ -21,6 +21,7 @@ from importlib import metadata
 import numpy as np
 
 from .errors import InvalidInput
+from .limits import check_image_count
 from .shm import SharedMemoryRegistry
 
 __all__ = [
@@ -221,8 +222,7 @@ def _parse_images(
     if len(shape) != 4 or shape[1:] != IMAGE_SHAPE or shape[0] < 1:
         raise InvalidInput(f"{what}: shape {_shape_text(shape)}, expected [n,32,32,3] with n >= 1")
     n = shape[0]
-    if n > max_images:
-        raise InvalidInput(f"{what}: {n} images, more than the limit of {max_images} per request; split it")
+    check_image_count(n, max_images, what)
     expected = n * IMAGE_BYTES
     raw = tensor.data
     ref = _shm_ref(tensor.parameters, what) if shm is not None else None

@@ -16,6 +16,7 @@ from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
 from .core import ServingCore, rank
 from .edge import Received, ordered_stream
 from .errors import InferenceError, InvalidInput
+from .limits import check_image_count
 from .preprocess import decode_image, packed_to_array, raw_to_array
 
 __all__ = ["ClassifierServicer", "deadline_of", "request_images"]
@@ -39,17 +40,12 @@ def request_images(request: pb.ClassifyRequest, max_images: int, max_pixels: int
     if has_packed and len(request.images):
         raise InvalidInput("send either images or packed, not both")
     if has_packed:
-        if request.packed.count > max_images:
-            raise InvalidInput(
-                f"request holds {request.packed.count} images, "
-                f"more than the limit of {max_images} per request"
-            )
+        check_image_count(request.packed.count, max_images)
         return packed_to_array(request.packed.data, request.packed.count)
     n = len(request.images)
     if n == 0:
         raise InvalidInput("request holds no images: set images or packed")
-    if n > max_images:
-        raise InvalidInput(f"request holds {n} images, more than the limit of {max_images} per request")
+    check_image_count(n, max_images)
     out = np.empty((n, 32, 32, 3), np.uint8)
     for i, image in enumerate(request.images):
         kind = image.WhichOneof("data")

@@ -505,3 +505,21 @@ def _get_metrics(srv: Any) -> str:
         return conn.getresponse().read().decode()
     finally:
         conn.close()
+
+
+def test_a_large_json_body_holds_its_decoded_size(tight_server: Any, images: np.ndarray) -> None:
+    """A JSON tensor decodes into several times its text: that much counts against the budget,
+    so a body well under the message limit can still be refused rather than blow up memory."""
+    x = np.concatenate([images] * 4)  # 32 images: ~0.3 MiB of JSON, several MiB decoded
+    doc = {
+        "inputs": [
+            {"name": "images", "datatype": "UINT8", "shape": list(x.shape), "data": x.ravel().tolist()}
+        ]
+    }
+    body = json.dumps(doc).encode()
+    assert 256 * 1024 < len(body) < 1024 * 1024  # under --max-receive-message-bytes
+    out = Client(tight_server, "rest")._http("POST", f"/v2/models/{MODEL}/infer", raw=body)
+    assert out.code == "429", out
+    assert "--max-inflight-request-bytes" in out.message
+    # The same images as binary data, the bytes they are, go through.
+    assert Client(tight_server, "grpc").infer(x, None).ok

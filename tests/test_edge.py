@@ -369,3 +369,71 @@ def test_sigterm_during_warm_up_stops_at_once(fake_runtime: Any, make_settings: 
         fake_runtime.warm_gate.set()
     assert code == 0
     assert state is State.STOPPED
+
+
+def test_check_sample_runs_in_batches_the_runtime_takes() -> None:
+    """A runtime built for batches of at most 4 (CUDA graphs up to --max-batch-size) still passes
+    the manifest's 8-image check on a reload."""
+    import base64
+    from types import SimpleNamespace
+
+    from cifar_serve.server.core import check_sample
+
+    images = np.arange(8 * 32 * 32 * 3, dtype=np.uint32).astype(np.uint8).reshape(8, 32, 32, 3)
+
+    class Capped:
+        def __init__(self) -> None:
+            logits = images.reshape(8, -1)[:, :10].astype(np.float32)
+            self.manifest = SimpleNamespace(
+                raw={
+                    "check_sample": {
+                        "count": 8,
+                        "images_b64": base64.b64encode(images.tobytes()).decode(),
+                        "logits": logits.tolist(),
+                        "atol": 1e-4,
+                    }
+                }
+            )
+
+        def infer(self, x: np.ndarray) -> np.ndarray:
+            assert len(x) <= 4, f"a batch of {len(x)}, more than this runtime was built for"
+            return x.reshape(len(x), -1)[:, :10].astype(np.float32)
+
+        def describe(self) -> dict[str, object]:
+            return {"precision": "fp32"}
+
+    assert "8 sample images match" in check_sample(Capped(), max_batch=4)  # type: ignore[arg-type]
+
+
+def test_out_of_descriptors_is_resource_exhausted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registering a region when the process has no descriptor left: RESOURCE_EXHAUSTED saying so."""
+    import errno
+    import os
+    import uuid
+    from pathlib import Path
+
+    from cifar_serve.server import shm
+    from cifar_serve.server.errors import ResourceExhausted
+
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm on this host")
+    key = f"/cifar-serve-test-{uuid.uuid4().hex}"
+    Path("/dev/shm" + key).write_bytes(b"\0" * 64)
+    registry = shm.SharedMemoryRegistry()
+    real_open = os.open
+
+    def no_descriptors(path: Any, *args: Any, **kw: Any) -> int:
+        if str(path).startswith("/dev/shm/cifar-serve-test-"):
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(path, *args, **kw)
+
+    try:
+        monkeypatch.setattr(shm.os, "open", no_descriptors)
+        with pytest.raises(ResourceExhausted) as info:
+            registry.register("r", key, 0, 16)
+        assert "file descriptors" in info.value.message
+        monkeypatch.undo()
+        registry.register("r", key, 0, 16)  # descriptors back: the same call works
+    finally:
+        registry.close()
+        Path("/dev/shm" + key).unlink()
