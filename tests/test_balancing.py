@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -73,8 +74,35 @@ def _shm_regions(address: str) -> set[str]:
 
 
 def _set_health(srv: Any, serving: bool) -> None:
-    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-    asyncio.run_coroutine_threadsafe(srv.server._set_health(status), srv._loop).result()
+    """Take the server's model away (health NOT_SERVING) or bring it back, through its own API."""
+    from cifar_serve.v1 import open_inference_pb2 as oip
+    from cifar_serve.v1 import open_inference_pb2_grpc as oip_grpc
+
+    with grpc.insecure_channel(srv.address) as ch:
+        stub = oip_grpc.GRPCInferenceServiceStub(ch)
+        if serving:
+            stub.RepositoryModelLoad(
+                oip.RepositoryModelLoadRequest(model_name="cifar10_resnet18"), timeout=120
+            )
+        else:
+            stub.RepositoryModelUnload(
+                oip.RepositoryModelUnloadRequest(model_name="cifar10_resnet18"), timeout=30
+            )
+        want = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        deadline = time.monotonic() + 30
+        while (
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30).status != want
+        ):
+            assert time.monotonic() < deadline, "health never followed the model"
+            time.sleep(0.05)
+
+
+def _is_serving(srv: Any) -> bool:
+    with grpc.insecure_channel(srv.address) as ch:
+        status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30).status
+    return bool(status == health_pb2.HealthCheckResponse.SERVING)
 
 
 class Replica:
@@ -262,7 +290,8 @@ def test_server_lists_and_default_port() -> None:
 def pair(model_dir: Path, make_settings: Callable[..., Any]) -> Iterator[list[Any]]:
     from cifar_serve.server.launch import ServerThread
 
-    servers = [ServerThread(make_settings(model_dir, torch_threads=1)).start() for _ in range(2)]
+    settings = make_settings(model_dir, torch_threads=1, model_control_mode="explicit")
+    servers = [ServerThread(settings).start() for _ in range(2)]
     try:
         yield servers
     finally:
@@ -296,7 +325,6 @@ def test_async_client_spreads_too(pair: list[Any], sample: Any, offline_logits: 
     assert min(counts) >= 5, counts
 
 
-@pytest.mark.in_process
 def test_a_not_serving_server_gets_no_requests_until_it_is_back(pair: list[Any], sample: Any) -> None:
     first, second = pair
     _set_health(first, serving=False)
@@ -316,7 +344,8 @@ def test_a_not_serving_server_gets_no_requests_until_it_is_back(pair: list[Any],
                     break
             assert ok_classify_calls(first.metrics_port) > before[0], "the server that is back is never used"
     finally:
-        _set_health(first, serving=True)
+        if not _is_serving(first):
+            _set_health(first, serving=True)
 
 
 def test_dns_name_is_balanced_over_its_addresses(pair: list[Any], sample: Any) -> None:
