@@ -214,8 +214,11 @@ class RemoteCore(RequestChecks):
         self._on_failure = on_failure
 
     async def warm_up(self) -> None:
-        """Wait until the model process is warm (or has failed: readiness then says so)."""
-        while self._state.get("phase") == Phase.STARTING.value and self.lost is None:
+        """Wait until the model process is warm (or has failed: readiness then says so).
+
+        A model process that fails or dies meanwhile is waited for in its replacement.
+        """
+        while (self._state.get("phase") == Phase.STARTING.value or self._restarting) and self.lost is None:
             self._changed.clear()
             await self._changed.wait()
 
