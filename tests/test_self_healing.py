@@ -298,7 +298,9 @@ def test_a_killed_model_process_is_restarted_and_calls_get_only_unavailable_mean
     srv.proc.send_signal(signal.SIGTERM)
     assert srv.proc.wait(timeout=60) == 0, srv.text()
     logger.info(
-        f"model kill: {len(load.raw_failures)} raw calls failed (all UNAVAILABLE, {load.ok} answered); "
+        f"model kill: {len(load.raw_failures)} raw calls failed (all UNAVAILABLE: "
+        f"{sum('exited' in d for _, d in load.raw_failures)} in flight, the rest refused while it "
+        f"restarted; {load.ok} answered); "
         f"SERVING again {serving_s:.2f}s after the kill; test {time.monotonic() - began:.1f}s"
     )
 
