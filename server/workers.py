@@ -46,6 +46,7 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -284,7 +285,7 @@ async def _worker(settings: Settings, run_dir: str, index: int, link: socket.soc
     return server.exit_code
 
 
-def _health_follower(server: CifarServer) -> Any:
+def _health_follower(server: CifarServer) -> Callable[[bool], None]:
     """``on_link(up)`` for a worker's core: health follows readiness while the model process restarts."""
     from grpc_health.v1 import health_pb2
 
