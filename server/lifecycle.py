@@ -88,7 +88,8 @@ class Lifecycle:
             return
         state = self.state
         if state is State.STARTING:
-            raise Unavailable("warming up: the model is loading; retry shortly")
+            # A worker whose model process restarts says so in its reason.
+            raise Unavailable(self.reason or "warming up: the model is loading; retry shortly")
         if state is State.LOADING:
             raise Unavailable("the model is loading after an unload; retry shortly")
         if state is State.UNLOADED:
@@ -135,7 +136,9 @@ class Lifecycle:
     def mirror(self, state: State, reason: str, answers_while_loading: bool) -> None:
         """Take on another process's state as it is (a worker mirroring the model process),
         unless this process is already on its way out."""
-        if self.state in (State.DRAINING, State.STOPPED) or (state is self.state and reason == self.reason):
+        if self.state in (State.DRAINING, State.STOPPED, State.FAILED) or (
+            state is self.state and reason == self.reason
+        ):
             return
         self.state = state
         self.reason = reason

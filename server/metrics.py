@@ -19,7 +19,14 @@ from prometheus_client import (
     make_wsgi_app,
 )
 
-__all__ = ["Metrics", "answered", "enter_multiprocess_mode", "multiprocess_registry", "serve_registry"]
+__all__ = [
+    "Metrics",
+    "answered",
+    "enter_multiprocess_mode",
+    "multiprocess_registry",
+    "process_restarts",
+    "serve_registry",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +201,24 @@ def multiprocess_registry(path: str) -> CollectorRegistry:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=path)
     return registry
+
+
+def process_restarts() -> Counter:
+    """``cifar_serve_process_restarts_total`` by ``role`` (``worker``, ``model``), the supervisor's own.
+
+    In no registry yet: the supervisor adds it to each registry it builds over the children's
+    multiprocess files (it is not a child and writes no such file of its own). Both roles start at
+    0, so a dashboard sees the series before the first restart.
+    """
+    counter = Counter(
+        "cifar_serve_process_restarts",
+        "crashed processes of --workers N restarted by the supervisor, by role (worker, model)",
+        ["role"],
+        registry=None,
+    )
+    for role in ("worker", "model"):
+        counter.labels(role)
+    return counter
 
 
 def enter_multiprocess_mode(path: str) -> None:

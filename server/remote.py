@@ -14,6 +14,12 @@ process pushes its state (phase, version, model description) whenever it changes
 
 The model process reads and writes arenas with ``pread``/``pwrite``, never a mapping, so a
 worker that dies or truncates its file cannot crash the process every worker depends on.
+
+Either end may be replaced while the other lives on (the supervisor restarts dead processes,
+:mod:`.workers`): the model process serves a new worker's link alongside the others
+(:meth:`ModelHost.add`), and a worker whose model process died fails its waiting calls with
+UNAVAILABLE, refuses new ones ("model process restarting") and serves again once the link the
+supervisor hands it reaches a warm replacement (:meth:`RemoteCore.relink`).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ IMAGE_BYTES = 32 * 32 * 3
 SLOT_BYTES = 64 * 1024  # 20 single images with their logits: every small request fits one slot
 ARENA_SLOTS = 256  # slots per worker (16 MiB); more requests at once spill into segment files
 _HEADER = struct.Struct("!I")
+_RESTARTING = "model process restarting"
 
 
 # ---------------------------------------------------------------------------- framing
@@ -132,7 +139,13 @@ class RemoteCore(RequestChecks):
         self._reader_task: asyncio.Task[None] | None = None
         self._on_failure: Callable[[BaseException], None] | None = None
         self._closing = False
-        self.lost: BaseException | None = None
+        self.lost: BaseException | None = None  # a fault of this process's own: fatal
+        # The model process went away (False) or its replacement is warm (True); the worker
+        # turns its health with it.
+        self._link_up = False
+        self._restarting = False
+        self._generation = 0  # of the link now in use: a replaced link's reader ends quietly
+        self._relinks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ life cycle
 
@@ -146,25 +159,65 @@ class RemoteCore(RequestChecks):
             self._arena = mmap.mmap(fd, ARENA_SLOTS * SLOT_BYTES)
         finally:
             os.close(fd)
-        reader, self._writer = await asyncio.open_unix_connection(sock=self._link)
-        self._writer.write(_frame(("hello", self._index, str(self._arena_path))))
+        reader = await self._open(self._link)
         first = await _read(reader)
         if first is None or first[0] != "state":
             raise Unavailable("the model process closed the connection at start-up")
         self._apply(first[1])
-        self._reader_task = asyncio.get_running_loop().create_task(self._read_loop(reader), name="model-link")
+        self._read_from(reader)
+
+    async def _open(self, sock: socket.socket) -> asyncio.StreamReader:
+        """Make ``sock`` the link to the model process and name this worker's arena to it."""
+        reader, self._writer = await asyncio.open_unix_connection(sock=sock)
+        self._generation += 1
+        self._link_up = True
+        self._writer.write(_frame(("hello", self._index, str(self._arena_path))))
+        return reader
+
+    def _read_from(self, reader: asyncio.StreamReader) -> None:
+        self._reader_task = asyncio.get_running_loop().create_task(
+            self._read_loop(reader, self._generation), name="model-link"
+        )
+
+    def relink(self, sock: socket.socket) -> None:
+        """Serve through ``sock``, a link to the model process's replacement (from the supervisor)."""
+        task = asyncio.get_running_loop().create_task(self._relink(sock), name="model-relink")
+        self._relinks.add(task)
+        task.add_done_callback(self._relinks.discard)
+
+    async def _relink(self, sock: socket.socket) -> None:
+        if self._closing:
+            sock.close()
+            return
+        # The supervisor hands a new link only once the old model process has exited, so
+        # nothing writes into the space of calls still pending on the old one: free it. (Its
+        # reader may not have seen the end yet: the pipe and the link are read in either order.)
+        self._link_lost("the model process exited")
+        self._drop_pending()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+        if self._writer is not None:
+            self._writer.close()
+        reader = await self._open(sock)
+        logger.info("worker %d: linked to the new model process; waiting for it to warm up", self._index)
+        self._read_from(reader)
 
     def start(self, on_failure: Callable[[BaseException], None] | None = None) -> None:
         self._on_failure = on_failure
 
     async def warm_up(self) -> None:
-        """Wait until the model process is warm (or has failed: readiness then says so)."""
-        while self._state.get("phase") == State.STARTING.value and self.lost is None:
+        """Wait until the model process is warm (or has failed: readiness then says so).
+
+        A model process that fails or dies meanwhile is waited for in its replacement.
+        """
+        while (self._state.get("phase") == State.STARTING.value or self._restarting) and self.lost is None:
             self._changed.clear()
             await self._changed.wait()
 
     async def stop(self) -> None:
         self._closing = True
+        for task in list(self._relinks):
+            task.cancel()
         if self._writer is not None:
             self._writer.close()
             with contextlib.suppress(ConnectionError):
@@ -195,11 +248,43 @@ class RemoteCore(RequestChecks):
         )
         phase = State(state["phase"])
         if phase is State.FAILED:
-            if self.lifecycle.state is not State.FAILED:
-                self._fail(Unavailable(state["reason"] or "the model process failed"))
+            # Its batcher died: it exits, and the supervisor starts another.
+            self._link_lost(f"the model process failed ({state['reason'] or 'no reason given'})")
         else:
-            self.lifecycle.mirror(phase, state["reason"], bool(state["answers_while_loading"]))
+            if self._restarting and phase is not State.STARTING:
+                self._restarting = False
+                logger.info("worker %d: the new model process is warm; serving again", self._index)
+            if not self._restarting:
+                self.lifecycle.mirror(phase, state["reason"], bool(state["answers_while_loading"]))
         self._changed.set()
+
+    def _link_lost(self, why: str) -> None:
+        """The model process is gone or going: fail what waits on it, refuse new work until relinked."""
+        if not self._link_up:
+            return
+        self._link_up = False
+        self._restarting = True
+        logger.warning("worker %d: %s; answering UNAVAILABLE until it is back", self._index, why)
+        if self.lifecycle.state is not State.FAILED:  # health goes NOT_SERVING meanwhile
+            self.lifecycle.mirror(State.STARTING, f"{_RESTARTING}; retry shortly", False)
+        error = Unavailable(f"{_RESTARTING}: {why}; retry shortly")
+        # Their space stays reserved until the process is known to be gone (_drop_pending).
+        for p in self._pending.values():
+            if not p.future.done():
+                p.future.set_exception(error)
+        for fut in self._calls.values():
+            if not fut.done():
+                fut.set_exception(error)
+        self._calls.clear()
+        self._changed.set()
+
+    def _drop_pending(self) -> None:
+        """Give back the space of every call sent to a model process that has exited."""
+        for p in self._pending.values():
+            if not p.future.done():
+                p.future.set_exception(Unavailable(f"{_RESTARTING}; retry shortly"))
+            self._release(p)
+        self._pending.clear()
 
     def _fail(self, exc: BaseException) -> None:
         self.lost = exc
@@ -215,20 +300,23 @@ class RemoteCore(RequestChecks):
         if self._on_failure is not None:
             self._on_failure(exc)
 
-    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+    async def _read_loop(self, reader: asyncio.StreamReader, generation: int) -> None:
         try:
             while await self._read_one(reader):
                 pass
         except Exception as exc:  # never leave callers waiting on a link nobody reads
             logger.exception("worker %d: reading the model process's answers failed", self._index)
             self._fail(exc)
+            return
+        if generation == self._generation and not self._closing:
+            # The model process exited (or was killed): the supervisor restarts it and hands
+            # this worker a link to the new one.
+            self._link_lost("the model process exited")
+            self._drop_pending()
 
     async def _read_one(self, reader: asyncio.StreamReader) -> bool:
         message = await _read(reader)
         if message is None:
-            if not self._closing:
-                logger.error("worker %d: the model process closed its connection", self._index)
-                self._fail(ConnectionError("the model process exited"))
             return False
         kind = message[0]
         if kind == "state":
@@ -312,8 +400,10 @@ class RemoteCore(RequestChecks):
     # ------------------------------------------------------------------ calls
 
     def _send(self, message: object) -> None:
-        if self.lost is not None or self._writer is None or self._writer.is_closing():
+        if self.lost is not None:
             raise Unavailable("the model process is gone; this server is exiting")
+        if not self._link_up or self._writer is None or self._writer.is_closing():
+            raise Unavailable(f"{_RESTARTING}; retry shortly")
         self._writer.write(_frame(message))
 
     async def infer(self, images: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, str]:
@@ -360,7 +450,7 @@ class RemoteCore(RequestChecks):
             return await future
         except asyncio.CancelledError:
             # The model process may be computing it: its space is given back when it answers.
-            if rid in self._pending and self.lost is None and self._writer is not None:
+            if rid in self._pending and self.lost is None and self._link_up and self._writer is not None:
                 self._writer.write(_frame(("cancel", rid)))
             raise
 
@@ -439,15 +529,26 @@ class ModelHost:
         self._calls: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         # Every change of the model's lifecycle (warm, loading, unloaded, failed) reaches every
         # worker, whose health and readiness follow it.
         self.core.lifecycle.subscribe(lambda _life: self.publish())
         for sock in self._socks:
             reader, writer = await asyncio.open_unix_connection(sock=sock)
-            task = loop.create_task(self._serve_link(reader, writer))
-            self._serving.add(task)
-            task.add_done_callback(self._serving.discard)
+            self._serve(self._serve_link(reader, writer))
+
+    def add(self, sock: socket.socket) -> None:
+        """Serve one more worker: a replacement of a dead one, linked by the supervisor."""
+
+        async def serve() -> None:
+            reader, writer = await asyncio.open_unix_connection(sock=sock)
+            await self._serve_link(reader, writer)
+
+        self._serve(serve())
+
+    def _serve(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._serving.add(task)
+        task.add_done_callback(self._serving.discard)
 
     async def close(self) -> None:
         for link in list(self._links):

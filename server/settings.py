@@ -118,6 +118,16 @@ class Settings:
         "front-end processes accepting gRPC and REST calls on the same ports (SO_REUSEPORT); with "
         "2 or more, the model runs in one more process that batches the calls of all of them",
     )
+    max_restarts: int = _opt(
+        5,
+        "with --workers 2 or more: a worker or the model process that dies is restarted, at most this "
+        "many times within --restart-window-s; one more death makes cifar-serve exit 1 (0: never restart)",
+    )
+    restart_window_s: float = _opt(
+        60.0,
+        "the window --max-restarts counts restarts in; repeated restarts of one role wait longer each "
+        "time, all together less than half of it",
+    )
 
     def __post_init__(self) -> None:
         # Validated here, not in the CLI, so settings built from the environment, from flags or
@@ -216,13 +226,21 @@ def _problems(s: Settings) -> Sequence[str]:
         out.append(f"--http-read-timeout-s must be positive, got {s.http_read_timeout_s}")
     if s.admin_token and s.admin_token == s.auth_token:
         out.append("--admin-token must differ from --auth-token: a shared secret grants every group")
-    for name in ("max_batch_delay_ms", "grace_period_s", "max_inflight_batches", "torch_threads"):
+    for name in (
+        "max_batch_delay_ms",
+        "grace_period_s",
+        "max_inflight_batches",
+        "torch_threads",
+        "max_restarts",
+    ):
         if getattr(s, name) < 0:
             out.append(f"{_flag(name)} must not be negative, got {getattr(s, name)}")
     for name in ("port", "metrics_port", "http_port"):
         low = -1 if name in ("metrics_port", "http_port") else 0
         if not low <= getattr(s, name) <= 65535:
             out.append(f"{_flag(name)} must be a port number (0-65535), got {getattr(s, name)}")
+    if s.restart_window_s <= 0:
+        out.append(f"--restart-window-s must be positive, got {s.restart_window_s}")
     if s.max_queue_images < s.max_batch_size:
         out.append(
             f"--max-queue-images ({s.max_queue_images}) must be at least "

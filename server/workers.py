@@ -13,14 +13,29 @@ a gRPC object, a thread or a loaded model:
 
 Shutdown keeps every accepted call: SIGTERM (or SIGINT) makes every worker drain as a single
 server does (NOT_SERVING, refuse new calls, finish accepted ones within the grace period), and
-only when all have exited is the model process told to stop. A child that dies on its own is
-noticed at once: the others turn NOT_SERVING and drain, and the supervisor exits 1, so an
-orchestrator restarts the whole server; no caller waits on a process that is gone.
+only when all have exited is the model process told to stop.
+
+A child that dies on its own once the server has been ready is noticed at once (its sentinel)
+and restarted; the others serve on:
+
+* a dead **worker** is replaced by a new one with the same index, settings and ports, and a
+  fresh socket pair whose other end the supervisor passes to the running model process over
+  its pipe (``SCM_RIGHTS``); only the calls the dead worker held fail (their connections are gone);
+* a dead **model process** is started again with a fresh link to every live worker, passed to
+  each over its pipe. Meanwhile the workers answer UNAVAILABLE ("model process restarting") and
+  are NOT_SERVING; they serve again once the new one is warm. Shared memory regions (records in
+  the run folder) survive; statistics start again from zero in the new process.
+
+More than ``--max-restarts`` restarts within ``--restart-window-s`` is a crash loop: the
+supervisor then drains the others and exits 1, so the orchestrator takes over. A child that
+dies before the server was first ready fails the start the same way: a model that cannot warm
+up will not on a second try either.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -31,6 +46,7 @@ import signal
 import socket
 import tempfile
 import time
+from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -39,7 +55,8 @@ from typing import TYPE_CHECKING, Any
 from .settings import Settings
 
 if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
+    from prometheus_client import CollectorRegistry, Counter
+
 
 __all__ = ["Supervisor", "serve_workers"]
 
@@ -112,12 +129,17 @@ def _child_setup(settings: Settings, run_dir: str, name: str) -> None:
 
 
 def _watch_parent(conn: Connection, on_message: Any) -> None:
-    """Call ``on_message(msg)`` for each message from the supervisor, ``on_message(None)`` at its end."""
+    """Call ``on_message(msg)`` for each message from the supervisor, ``on_message(None)`` at its end.
+
+    ``("link", socket)``: a socket to a restarted peer, which follows its message over the pipe.
+    """
     loop = asyncio.get_running_loop()
 
     def readable() -> None:
         try:
             message = conn.recv()
+            if isinstance(message, tuple) and message[:1] == ("link",):
+                message = ("link", socket.socket(fileno=reduction.recv_handle(conn)))
         except (EOFError, OSError):
             loop.remove_reader(conn.fileno())
             on_message(None)
@@ -175,6 +197,8 @@ async def _model(settings: Settings, run_dir: str, links: list[socket.socket], c
             task = asyncio.get_running_loop().create_task(reload())
             loads.add(task)
             task.add_done_callback(loads.discard)
+        elif isinstance(message, tuple) and message[0] == "link":  # a replacement worker
+            host.add(message[1])
         else:  # "stop", or the supervisor is gone
             stop.set()
 
@@ -236,7 +260,14 @@ async def _worker(settings: Settings, run_dir: str, index: int, link: socket.soc
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    _watch_parent(conn, lambda message: stop.set())
+
+    def on_message(message: Any) -> None:
+        if isinstance(message, tuple) and message[0] == "link":  # to a restarted model process
+            core.relink(message[1])
+        else:  # the supervisor is gone
+            stop.set()
+
+    _watch_parent(conn, on_message)
 
     async def warm() -> None:
         await server.warm_up()
@@ -255,17 +286,33 @@ async def _worker(settings: Settings, run_dir: str, index: int, link: socket.soc
 # ---------------------------------------------------------------------------- the supervisor
 
 
+def _exit_reason(code: int | None) -> str:
+    """``killed by SIGKILL``, ``exited with status 1``: how a child ended, for the log."""
+    if code is None:
+        return "vanished"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
+
+
 @dataclasses.dataclass
 class _Child:
     name: str
     process: BaseProcess
     conn: Connection
+    role: str = "model"  # or "worker"
+    index: int = -1  # a worker's
 
 
 class Supervisor:
-    """Starts, watches and stops the model process and the workers (``--workers N``)."""
+    """Starts, watches, restarts and stops the model process and the workers (``--workers N``)."""
 
     def __init__(self, settings: Settings) -> None:
+        from .metrics import process_restarts
+
         self.settings = settings
         self.port = 0
         self.http_port = -1
@@ -274,13 +321,19 @@ class Supervisor:
         self.failed = asyncio.Event()
         self._model: _Child | None = None
         self._workers: list[_Child] = []
+        self._child_settings = settings
         self._reserved: list[socket.socket] = []
         self._run_dir: Path | None = None
         self._metrics_http: Any = None
         self._ready = asyncio.Event()
+        self._readying: asyncio.Task[None] | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
+        self._ended: asyncio.Queue[_Child] = asyncio.Queue()
+        self._restarts: collections.deque[tuple[float, str]] = collections.deque()  # (when, role)
+        self._restarted: Counter = process_restarts()
+        self._announcing: set[asyncio.Task[None]] = set()
 
     @property
     def address(self) -> str:
@@ -294,7 +347,12 @@ class Supervisor:
         except BaseException:
             await self._teardown()
             raise
+        for c in self._children():
+            self._watch_exit(c)
         self._watch = asyncio.get_running_loop().create_task(self._watch_children(), name="supervisor")
+        # Read by one task only (the children's first messages), however many wait for it.
+        self._readying = asyncio.get_running_loop().create_task(self._wait_ready(), name="supervisor-ready")
+        self._readying.add_done_callback(lambda t: t.cancelled() or t.exception())
         if wait_ready:
             await self.wait_ready()
 
@@ -313,6 +371,7 @@ class Supervisor:
         if s.metrics_port >= 0:
             try:
                 registry = multiprocess_registry(str(self._run_dir / "metrics"))
+                registry.register(self._restarted)
                 self._metrics_http = serve_registry(registry, s.host, s.metrics_port)
             except OSError as exc:
                 raise StartupError(
@@ -320,14 +379,16 @@ class Supervisor:
                     f"{exc.strerror or exc}"
                 ) from None
             self.metrics_port = int(self._metrics_http.server_address[1])
-        child = dataclasses.replace(s, port=self.port, http_port=self.http_port, metrics_port=-1)
-        run_dir = str(self._run_dir)
+        # Replacements get these too: the ports the first children bound (a port of 0 was a free one).
+        self._child_settings = dataclasses.replace(
+            s, port=self.port, http_port=self.http_port, metrics_port=-1
+        )
         # One socket pair per worker, made here: only the two processes at its ends hold it.
         pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(s.workers)]
         try:
-            self._model = self._spawn("model", model_main, (child, run_dir, [a for a, _ in pairs]))
+            self._model = self._spawn_model([a for a, _ in pairs])
             for i, (_, b) in enumerate(pairs):
-                self._workers.append(self._spawn(f"worker-{i}", worker_main, (child, run_dir, i, b)))
+                self._workers.append(self._spawn_worker(i, b))
         finally:
             for a, b in pairs:  # the children have their own copies now
                 a.close()
@@ -351,6 +412,19 @@ class Supervisor:
         child.close()
         return _Child(name, process, parent)
 
+    def _spawn_model(self, links: list[socket.socket]) -> _Child:
+        assert self._run_dir is not None
+        return self._spawn("model", model_main, (self._child_settings, str(self._run_dir), links))
+
+    def _spawn_worker(self, index: int, link: socket.socket) -> _Child:
+        assert self._run_dir is not None
+        name = f"worker-{index}"
+        child = self._spawn(name, worker_main, (self._child_settings, str(self._run_dir), index, link))
+        return dataclasses.replace(child, role="worker", index=index)
+
+    def _children(self) -> list[_Child]:
+        return [c for c in (self._model, *self._workers) if c is not None]
+
     async def _recv(self, child: _Child, timeout: float) -> Any:
         """The child's next message; StartupFailed if it exits first."""
         loop = asyncio.get_running_loop()
@@ -363,7 +437,7 @@ class Supervisor:
             await asyncio.sleep(0.02)
         try:
             return child.conn.recv()
-        except EOFError:
+        except (EOFError, OSError):
             raise StartupFailed(f"{child.name} exited with status {child.process.exitcode}") from None
 
     async def _expect(self, child: _Child, what: str) -> Any:
@@ -384,15 +458,19 @@ class Supervisor:
         from .metrics import multiprocess_registry
 
         assert self._run_dir is not None, "not started"
-        return multiprocess_registry(str(self._run_dir / "metrics"))
+        registry = multiprocess_registry(str(self._run_dir / "metrics"))
+        registry.register(self._restarted)
+        return registry
 
     async def wait_ready(self) -> None:
         """Wait until the model process is warm and every worker has turned SERVING."""
-        if self._ready.is_set():
-            return
+        assert self._readying is not None, "not started"
+        await asyncio.shield(self._readying)
+
+    async def _wait_ready(self) -> None:
         assert self._model is not None
         await self._expect(self._model, "ready")
-        for w in self._workers:
+        for w in list(self._workers):
             await self._expect(w, "serving")
         self._ready.set()
         logger.info("serving on %s:%d with %d workers", self.settings.host, self.port, len(self._workers))
@@ -403,33 +481,163 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 self._model.conn.send("reload")
 
-    async def _watch_children(self) -> None:
+    # ------------------------------------------------------------------ watching and restarting
+
+    def _watch_exit(self, child: _Child) -> None:
+        """Queue ``child`` for the watcher the moment it exits (its sentinel turns readable)."""
         loop = asyncio.get_running_loop()
-        children = [c for c in (self._model, *self._workers) if c is not None]
-        ended: asyncio.Future[_Child] = loop.create_future()
 
-        def on_exit(child: _Child) -> None:
+        def on_exit() -> None:
             loop.remove_reader(child.process.sentinel)
-            if not ended.done():
-                ended.set_result(child)
+            self._ended.put_nowait(child)
 
-        for c in children:
-            loop.add_reader(c.process.sentinel, on_exit, c)
-        try:
-            child = await ended
-        finally:
-            for c in children:
-                loop.remove_reader(c.process.sentinel)
-        if self._stopping:
-            return
-        child.process.join()
+        loop.add_reader(child.process.sentinel, on_exit)
+
+    def _unwatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        for c in self._children():
+            loop.remove_reader(c.process.sentinel)
+
+    async def _watch_children(self) -> None:
+        while True:
+            child = await self._ended.get()
+            if self._stopping:
+                return
+            if not await self._heal(child):
+                self.exit_code = 1
+                self.failed.set()
+                return
+
+    async def _heal(self, child: _Child) -> bool:
+        """Restart ``child``, which exited; False when the server is to exit instead."""
+        if child is not self._model and not any(child is w for w in self._workers):
+            return True  # already replaced (a worker restart found the model dead and did it first)
+        noticed = time.monotonic()
+        why = _exit_reason(self._bury(child))
+        s = self.settings
+        if not self._ready.is_set():
+            logger.error("%s %s before the server was ready: shutting the server down", child.name, why)
+            return False
+        # Restarts within the window, this one included.
+        while self._restarts and self._restarts[0][0] < noticed - s.restart_window_s:
+            self._restarts.popleft()
+        if len(self._restarts) >= s.max_restarts:
+            logger.error(
+                "%s %s; not restarting it (%s): shutting the server down",
+                child.name,
+                why,
+                "--max-restarts 0"
+                if s.max_restarts == 0
+                else f"a crash loop: {len(self._restarts)} restarts within {s.restart_window_s:g}s already, "
+                f"--max-restarts {s.max_restarts}",
+            )
+            return False
+        self._restarts.append((noticed, child.role))
+        self._restarted.labels(child.role).inc()
+        delay = self._backoff(sum(1 for _, role in self._restarts if role == child.role))
         logger.error(
-            "%s exited unexpectedly (status %s): shutting the server down",
+            "%s %s; restarting%s (%d of %d in %gs)",
             child.name,
-            child.process.exitcode,
+            why,
+            f" in {delay:.2f}s" if delay else "",
+            len(self._restarts),
+            s.max_restarts,
+            s.restart_window_s,
         )
-        self.exit_code = 1
-        self.failed.set()
+        if delay:
+            await asyncio.sleep(delay)
+        if child.role == "model":
+            self._restart_model(noticed)
+        else:
+            model = self._model
+            if model is not None and not model.process.is_alive():
+                # It died too and its turn has not come: a worker needs a live model to link to,
+                # and the model's restart links every live worker, this one included.
+                if not await self._heal(model):
+                    return False
+            self._restart_worker(child.index, noticed)
+        return True
+
+    def _backoff(self, nth: int) -> float:
+        """Seconds before the ``nth`` restart of one role within the window: none for the first,
+        then doubling, the window over 2**(max_restarts - nth + 2): all together less than half of
+        the window, so a process that dies at once still runs into --max-restarts within it."""
+        s = self.settings
+        if nth <= 1:
+            return 0.0
+        return float(s.restart_window_s / 2.0 ** (s.max_restarts - nth + 2))
+
+    def _bury(self, child: _Child) -> int | None:
+        """Reap a dead child and remove what it leaves behind; its exit code."""
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(child.process.sentinel)
+        child.process.join()
+        if self._run_dir is not None and child.process.pid is not None:
+            from prometheus_client import multiprocess
+
+            # Its live gauges (in flight, queued, ready) no longer count; its counters still do.
+            multiprocess.mark_process_dead(child.process.pid, str(self._run_dir / "metrics"))
+        if self._run_dir is not None and child.role == "worker":
+            # Its arena and request segments: the replacement creates its own under the same names.
+            for path in self._run_dir.glob(f"worker-{child.index}[.-]*"):
+                path.unlink(missing_ok=True)
+        return child.process.exitcode
+
+    def _give_link(self, child: _Child, sock: socket.socket) -> None:
+        """Pass ``sock`` to a running child over its pipe (``SCM_RIGHTS``): a link to a new peer."""
+        assert child.process.pid is not None
+        try:
+            child.conn.send(("link",))
+            reduction.send_handle(child.conn, sock.fileno(), child.process.pid)
+        except OSError as exc:  # it is dying too: the watcher restarts it, linked afresh
+            logger.warning("could not pass a link to %s: %s", child.name, exc)
+
+    def _restart_worker(self, index: int, noticed: float) -> None:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            worker = self._spawn_worker(index, b)
+            assert self._model is not None
+            self._give_link(self._model, a)
+        finally:
+            a.close()
+            b.close()
+        self._workers[index] = worker
+        self._watch_exit(worker)
+        self._announce(worker, "serving", noticed)
+
+    def _restart_model(self, noticed: float) -> None:
+        live = [w for w in self._workers if w.process.is_alive()]  # a dead one is linked on its restart
+        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in live]
+        try:
+            model = self._spawn_model([a for a, _ in pairs])
+            for w, (_, b) in zip(live, pairs, strict=True):
+                self._give_link(w, b)
+        finally:
+            for a, b in pairs:
+                a.close()
+                b.close()
+        self._model = model
+        self._watch_exit(model)
+        self._announce(model, "ready", noticed)
+
+    def _announce(self, child: _Child, what: str, noticed: float) -> None:
+        """Log when a restarted child is ready (or why it is not: its exit is the watcher's)."""
+
+        async def announce() -> None:
+            try:
+                while (message := await self._recv(child, _START_TIMEOUT_S))[0] != what:
+                    if message[0] == "failed":
+                        logger.error("%s could not start again: %s", child.name, message[1])
+                        return
+            except StartupFailed:
+                return
+            logger.info("%s %s again %.2fs after it died", child.name, what, time.monotonic() - noticed)
+
+        task = asyncio.get_running_loop().create_task(announce())
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
+
+    # ------------------------------------------------------------------ stopping
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain every worker (each within the grace period), then stop the model process."""
@@ -439,8 +647,10 @@ class Supervisor:
         self._stopping = True
         grace = self.settings.grace_period_s if grace is None else grace
         started = time.monotonic()
-        if self._watch is not None:
-            self._watch.cancel()
+        for task in (self._watch, self._readying, *self._announcing):
+            if task is not None:
+                task.cancel()
+        self._unwatch()
         for w in self._workers:
             if w.process.is_alive() and w.process.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
@@ -480,7 +690,7 @@ class Supervisor:
             multiprocess.mark_process_dead(child.process.pid, str(self._run_dir / "metrics"))
 
     async def _teardown(self) -> None:
-        for c in [*self._workers, *([self._model] if self._model else [])]:
+        for c in self._children():
             if c.process.is_alive():
                 c.process.kill()
             c.process.join()
@@ -516,11 +726,10 @@ async def serve_workers(settings: Settings) -> int:
         logger.info("stopped during start-up")
         return 0
     starting.result()  # a failed start raises its StartupError here
-    ready = asyncio.ensure_future(supervisor.wait_ready())  # logs "serving ... with N workers"
-    ready.add_done_callback(lambda t: t.cancelled() or t.exception())  # a child's death is the watcher's
+    # The supervisor logs "serving ... with N workers" once they are; a child's death is the watcher's.
     failing = asyncio.ensure_future(supervisor.failed.wait())
     await asyncio.wait({stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
-    for task in (stopping, failing, ready):
+    for task in (stopping, failing):
         task.cancel()
     await supervisor.stop()
     return supervisor.exit_code

@@ -53,3 +53,17 @@ def test_cifar_serve_with_a_bad_environment_exits_at_once_with_one_line() -> Non
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "CIFAR_SERVE_PRECISION" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_restart_limits_come_from_flags_and_environment_and_are_checked() -> None:
+    s = settings_from_args(
+        ["--max-restarts", "2"],
+        environ={"CIFAR_SERVE_RESTART_WINDOW_S": "30", "CIFAR_SERVE_MAX_RESTARTS": "9"},
+    )
+    assert (s.max_restarts, s.restart_window_s) == (2, 30.0)
+    assert (Settings().max_restarts, Settings().restart_window_s) == (5, 60.0)
+    assert Settings(max_restarts=0).max_restarts == 0  # never restart: the first death ends the server
+    with pytest.raises(SettingsError, match="--max-restarts must not be negative, got -1"):
+        Settings(max_restarts=-1)
+    with pytest.raises(SettingsError, match="--restart-window-s must be positive, got 0"):
+        Settings(restart_window_s=0)

@@ -150,7 +150,8 @@ def test_workers_share_the_port_and_the_model_batches_across_them(
 
 
 def test_a_dead_model_process_fails_calls_at_once_and_the_server_exits_1(start: Any, sample: Any) -> None:
-    srv = start()
+    # With restarts off (tests/test_self_healing.py has them on): the first death ends the server.
+    srv = start("--max-restarts", "0")
     (model_pid,) = srv.pids("model")
     channels = [_channel(srv.address) for _ in range(4)]
     watches = [
@@ -190,16 +191,16 @@ def test_a_dead_model_process_fails_calls_at_once_and_the_server_exits_1(start: 
         for ch in channels:
             ch.close()
     assert srv.proc.wait(timeout=60) == 1, srv.text()
-    assert "model exited unexpectedly" in srv.text()
+    assert "model killed by SIGKILL; not restarting it (--max-restarts 0)" in srv.text()
 
 
 def test_a_dead_worker_is_noticed_and_the_server_exits_1(start: Any, sample: Any) -> None:
-    srv = start()
+    srv = start("--max-restarts", "0")
     victim, survivor = srv.pids("worker-0")[0], srv.pids("worker-1")[0]
     os.kill(victim, signal.SIGKILL)
     assert srv.proc.wait(timeout=60) == 1, srv.text()
     log = srv.text()
-    assert "worker-0 exited unexpectedly" in log
+    assert "worker-0 killed by SIGKILL; not restarting it (--max-restarts 0)" in log
     # The other worker drained (NOT_SERVING, then finished) instead of being killed.
     assert re.search(rf"worker-1:{survivor} .*worker exiting; answered", log), log
 
