@@ -437,3 +437,21 @@ def test_out_of_descriptors_is_resource_exhausted(monkeypatch: pytest.MonkeyPatc
     finally:
         registry.close()
         Path("/dev/shm" + key).unlink()
+
+
+def test_an_exposed_server_without_tokens_says_so(
+    make_settings: Any, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from cifar_serve.server.app import warn_exposure
+
+    caplog.set_level(logging.WARNING, logger="cifar_serve.server.app")
+    warn_exposure(make_settings(tmp_path, host="127.0.0.1"))
+    warn_exposure(make_settings(tmp_path, host="::1"))
+    assert not caplog.records  # loopback: only this host reaches it
+    warn_exposure(make_settings(tmp_path, host="0.0.0.0", model_control_mode="explicit"))
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("--auth-token" in m for m in messages)
+    assert any("--admin-token" in m for m in messages)
+    caplog.clear()
+    warn_exposure(make_settings(tmp_path, host="0.0.0.0", auth_token="a", admin_token="b"))
+    assert not caplog.records
