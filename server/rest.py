@@ -493,9 +493,17 @@ class _Api:
                     f"body's {len(body)} bytes"
                 )
             split = int(header)
-        doc = await self._json(view[:split], held)
         max_images = self.settings.max_images_per_request
-        decoded = decode_infer(doc, view[split:], p["model"], p.get("version", ""), max_images)
+
+        def decode() -> _Decoded:
+            doc = _loads(view[:split])
+            return decode_infer(doc, view[split:], p["model"], p.get("version", ""), max_images)
+
+        if split <= JSON_INLINE_BYTES:
+            decoded = decode()
+        else:  # parsing and converting a large JSON tensor takes long: not on the event loop
+            held.take(JSON_MEMORY_FACTOR * split)
+            decoded = await asyncio.to_thread(decode)
         plan = parse_request(decoded.request, core.num_classes, max_images, self.shm)
         if decoded.deadline is not None and time.monotonic() >= decoded.deadline:
             raise DeadlineExceeded("the request's timeout passed before it was queued")
