@@ -29,6 +29,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -174,17 +175,39 @@ class ByteBudget:
             self._metrics.inflight_bytes.set(self.held)
 
 
+class _Series:
+    """The request counter's and latency histogram's children, bound once per (method, code):
+    ``.labels()`` on every call costs more than the rest of a call's accounting."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._counts: dict[tuple[str, Code], Any] = {}
+        self._latency: dict[str, Any] = {}
+
+    def count(self, label: str, code: Code) -> Any:
+        child = self._counts.get((label, code))
+        if child is None:
+            child = self._counts[(label, code)] = self.metrics.requests.labels(label, code.name)
+        return child
+
+    def latency(self, label: str) -> Any:
+        child = self._latency.get(label)
+        if child is None:
+            child = self._latency[label] = self.metrics.latency.labels(label)
+        return child
+
+
 class Call:
     """One call's accounting: in flight from creation to :meth:`finish`, counted once."""
 
-    __slots__ = ("_label", "_metrics", "_started", "code")
+    __slots__ = ("_label", "_series", "_started", "code")
 
-    def __init__(self, metrics: Metrics, label: str) -> None:
-        self._metrics = metrics
+    def __init__(self, series: _Series, label: str) -> None:
+        self._series = series
         self._label = label
         self._started = time.monotonic()
         self.code = Code.OK
-        metrics.begin()
+        series.metrics.begin()
 
     def outcome(self, exc: BaseException) -> tuple[Code, str]:
         """The status and message ``exc`` answers with (recorded for :meth:`finish`)."""
@@ -203,10 +226,10 @@ class Call:
     def finish(self, code: Code | None = None) -> None:
         if code is not None:
             self.code = code
-        m = self._metrics
-        m.end()
-        m.requests.labels(self._label, self.code.name).inc()
-        m.latency.labels(self._label).observe(time.monotonic() - self._started)
+        series = self._series
+        series.metrics.end()
+        series.count(self._label, self.code).inc()
+        series.latency(self._label).observe(time.monotonic() - self._started)
 
 
 class Admission:
@@ -217,6 +240,7 @@ class Admission:
         self.lifecycle = lifecycle
         self.metrics = metrics
         self.budget = ByteBudget(settings.max_inflight_request_bytes, metrics)
+        self._series = _Series(metrics)
         self._inference = _bearer(settings.auth_token)
         self._admin = _bearer(settings.admin_token)
 
@@ -225,7 +249,7 @@ class Admission:
         return POLICIES.get(method, _DEFAULT)
 
     def call(self, label: str) -> Call:
-        return Call(self.metrics, label)
+        return Call(self._series, label)
 
     def admit(self, policy: Policy, authorization: str | bytes | None) -> None:
         """Raise unless a call of ``policy`` with this ``authorization`` header may run now."""
