@@ -33,8 +33,8 @@ def markdown(fp32: dict[str, Any] | None, int8: dict[str, Any] | None, rates: di
         lines += [
             f"Raw in-process rates, no server: `{rates['command']}` ({rates['created']}; "
             f"{rates['threads']} threads, {rates['rounds']} alternating rounds of "
-            f"{rates['seconds_per_turn']} s per model and batch, best round; load average {rates['loadavg_start_end'][0]:.2f} -> "
-            f"{rates['loadavg_start_end'][1]:.2f}).",
+            f"{rates['seconds_per_turn']} s per model and batch, best round; load average "
+            f"{rates['loadavg_start_end'][0]:.2f} -> {rates['loadavg_start_end'][1]:.2f}).",
             "",
             "| batch | fp32 ONNX Runtime img/s | int8 ONNX Runtime img/s | int8/fp32 "
             "| fp32 TorchScript img/s | int8/best fp32 |",
