@@ -55,7 +55,10 @@ def main() -> int:
     def load(**kw: str) -> ModelRuntime:
         return ModelRuntime(args.model_dir, device="cpu", max_batch_size=top, threads=args.threads, **kw)
 
-    runtimes = {"fp32 onnxruntime": load(backend="onnxruntime"), "int8 onnxruntime": load(precision="int8")}
+    runtimes = {
+        "fp32 onnxruntime": load(backend="onnxruntime"),
+        "int8 onnxruntime": load(backend="onnxruntime", precision="int8"),
+    }
     if not args.no_torchscript:
         runtimes["fp32 torchscript"] = load(backend="torchscript")
     images = load_split(SAMPLE, "test").images

@@ -27,7 +27,15 @@ import torch
 
 from .checkpoint import load_model
 from .model import ServingModel
-from .quantize import INT8_NAME, Int8Request, compare_int8, quantize_int8, run_onnx
+from .quantize import (
+    GATE_MIN_AGREEMENT,
+    INT8_NAME,
+    INT8_PARITY_ATOL,
+    Int8Request,
+    compare_int8,
+    quantize_int8,
+    run_onnx,
+)
 
 __all__ = [
     "INPUT_NAME",
@@ -181,11 +189,24 @@ def _existing_export(out: Path) -> dict[str, Any] | None:
 
 
 def _same_export(
-    out: Path, manifest: dict[str, Any], ckpt_sha: str, opset: int, name: str, version: str, int8: bool
+    out: Path,
+    manifest: dict[str, Any],
+    ckpt_sha: str,
+    opset: int,
+    name: str,
+    version: str,
+    int8: Int8Request | None,
 ) -> bool:
     try:
-        if ("onnx_int8" in manifest["artifacts"]) != int8:
+        entry = manifest["artifacts"].get("onnx_int8")
+        if (entry is None) != (int8 is None):
             return False
+        if entry is not None and int8 is not None:
+            # Another calibration sample or quantizer choice is another int8 model.
+            if entry["quantization"] != int8.config.as_dict() or (
+                entry["calibration"]["sample_sha256"] != int8.calibration["sample_sha256"]
+            ):
+                return False
         if manifest["checkpoint"]["sha256"] != ckpt_sha or manifest["model"] != {
             "name": name,
             "version": version,
@@ -274,7 +295,42 @@ def _int8_sample_logits(int8_path: Path, sample: dict[str, Any]) -> list[list[fl
     return [[float(v) for v in row] for row in run_onnx(sess, INPUT_NAME, OUTPUT_NAME, x)]
 
 
-def _write_int8(tmp: Path, request: Int8Request, sample: dict[str, Any]) -> dict[str, Any]:
+def _int8_parity(
+    eager: torch.nn.Module, int8_path: Path, images: np.ndarray, batch_sizes: tuple[int, ...]
+) -> dict[str, Any]:
+    """The int8 model against eager fp32 at each batch size, with the int8 model's own tolerance:
+    quantization moves logits (up to ~0.3 measured) and may flip a close call, never more."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        ref = _batched(lambda x: eager.eval()(torch.from_numpy(x)).numpy(), images, 256)
+    worst, agreement = 0.0, 1.0
+    for bs in batch_sizes:
+        out = _batched(lambda x: np.asarray(sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0]), images, bs)
+        worst = max(worst, float(np.abs(out - ref).max()))
+        agreement = min(agreement, float((out.argmax(1) == ref.argmax(1)).mean()))
+    report = {
+        "images": len(images),
+        "batch_sizes": list(batch_sizes),
+        "atol": INT8_PARITY_ATOL,
+        "min_top1_agreement": GATE_MIN_AGREEMENT,
+        "max_abs_diff": worst,
+        "top1_agreement": agreement,
+    }
+    if worst > INT8_PARITY_ATOL or agreement < GATE_MIN_AGREEMENT:
+        raise ParityError(f"int8 parity check failed: {report}")
+    return report
+
+
+def _write_int8(
+    tmp: Path,
+    request: Int8Request,
+    sample: dict[str, Any],
+    eager: torch.nn.Module,
+    parity_images: np.ndarray | None,
+    batch_sizes: tuple[int, ...],
+) -> dict[str, Any]:
     """Quantize ``model.onnx`` in ``tmp``, gate it against fp32, and describe it for the manifest."""
     quantize_int8(tmp / ONNX_NAME, tmp / INT8_NAME, request.calibration_images, INPUT_NAME, request.config)
     gate = compare_int8(
@@ -289,6 +345,9 @@ def _write_int8(tmp: Path, request: Int8Request, sample: dict[str, Any]) -> dict
     if not gate.ok:
         raise Int8GateError(f"int8 gate failed: {gate.summary()}; no artifact was written")
     sample["logits_int8"] = _int8_sample_logits(tmp / INT8_NAME, sample)
+    parity = None
+    if parity_images is not None and len(parity_images):
+        parity = _int8_parity(eager, tmp / INT8_NAME, parity_images, batch_sizes)
     return {
         "path": INT8_NAME,
         "sha256": sha256_file(tmp / INT8_NAME),
@@ -297,6 +356,7 @@ def _write_int8(tmp: Path, request: Int8Request, sample: dict[str, Any]) -> dict
         "quantization": request.config.as_dict(),
         "calibration": request.calibration,
         "gate": gate.as_dict(),
+        "parity": parity,
     }
 
 
@@ -348,7 +408,7 @@ def export_model(
     if not force:
         existing = _existing_export(out)
         if existing is not None:
-            if _same_export(out, existing, ckpt_sha, opset, model_name, model_version, int8 is not None):
+            if _same_export(out, existing, ckpt_sha, opset, model_name, model_version, int8):
                 logger.info(
                     "%s already holds this export (checkpoint sha256 %s); left unchanged", out, ckpt_sha[:12]
                 )
@@ -379,7 +439,7 @@ def export_model(
             "onnx": {"path": ONNX_NAME, "sha256": sha256_file(tmp / ONNX_NAME), "opset": opset},
         }
         if int8 is not None:
-            artifacts["onnx_int8"] = _write_int8(tmp, int8, sample)
+            artifacts["onnx_int8"] = _write_int8(tmp, int8, sample, model, parity_images, batch_sizes)
         manifest: dict[str, Any] = {
             "format": "cifar-serve-manifest/1",
             "model": {"name": model_name, "version": model_version, "arch": "ResNet18"},

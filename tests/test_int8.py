@@ -78,7 +78,9 @@ def test_the_int8_runtime_answers_within_the_agreement_bound(int8_dir: Path, sam
     from cifar_serve.server.runtime import ModelRuntime
 
     fp32 = ModelRuntime(int8_dir, device="cpu", backend="onnxruntime", max_batch_size=64, threads=2)
-    int8 = ModelRuntime(int8_dir, device="auto", precision="int8", max_batch_size=64, threads=2)
+    int8 = ModelRuntime(
+        int8_dir, device="auto", backend="auto", precision="int8", max_batch_size=64, threads=2
+    )
     d = int8.describe()
     assert (d["backend"], d["precision"], d["device"]) == ("onnxruntime", "int8", "cpu")
     assert {row["runtime"] for row in d["runtime_table"]} == {"onnxruntime-int8"}
@@ -111,7 +113,7 @@ def test_a_tampered_int8_file_is_refused_by_its_sha256(int8_dir: Path, tmp_path:
         fh.seek(4000)
         fh.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(ArtifactError, match=r"model\.int8\.onnx: sha256 .* does not match"):
-        ModelRuntime(tampered, device="cpu", precision="int8")
+        ModelRuntime(tampered, device="cpu", backend="onnxruntime", precision="int8")
     # fp32 reads other files: the same folder still serves it.
     ModelRuntime(tampered, device="cpu", backend="onnxruntime")
 
@@ -121,7 +123,7 @@ def test_bad_combinations_say_what_to_do(int8_dir: Path, tmp_path: Path) -> None
 
     # Refused before anything loads, so no GPU is needed to see the message.
     with pytest.raises(ArtifactError, match=r"runs on the CPU only.*--device cpu"):
-        ModelRuntime(int8_dir, device="cuda:0", precision="int8")
+        ModelRuntime(int8_dir, device="cuda:0", backend="auto", precision="int8")
     with pytest.raises(ArtifactError, match=r"served by ONNX Runtime.*--backend onnxruntime"):
         ModelRuntime(int8_dir, device="cpu", backend="torchscript", precision="int8")
     no_int8 = _copy(int8_dir, tmp_path / "no-int8")
@@ -129,7 +131,7 @@ def test_bad_combinations_say_what_to_do(int8_dir: Path, tmp_path: Path) -> None
     del manifest["artifacts"]["onnx_int8"]
     (no_int8 / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=r"has no int8 model.*cifar-export --out .*--precision fp32"):
-        ModelRuntime(no_int8, device="cpu", precision="int8")
+        ModelRuntime(no_int8, device="cpu", backend="auto", precision="int8")
 
 
 def test_the_server_refuses_a_folder_without_int8_at_start(
@@ -221,3 +223,62 @@ def test_served_int8_hot_swaps_to_a_new_version(
         request = pb.ClassifyRequest(packed=pb.PackedImages(data=x.tobytes(), count=8))
         reply = stub.Classify(request, timeout=TIMEOUT_S)
         assert len(reply.results) == 8 and reply.model_version == "2"
+
+
+def test_int8_parity_with_eager_at_every_batch_size(int8_dir: Path, sample: Any) -> None:
+    """The parity test for the int8 artifact, with its own tolerance (fp32's is 1e-4)."""
+    import onnxruntime as ort
+    import torch
+
+    from cifar_serve.export.checkpoint import load_model
+    from cifar_serve.export.exporter import PARITY_BATCH_SIZES
+    from cifar_serve.export.model import ServingModel
+    from cifar_serve.export.quantize import GATE_MIN_AGREEMENT, INT8_PARITY_ATOL
+
+    net, meta = load_model(REPO / "models" / "resnet18_cifar10.pt")
+    eager = ServingModel(net, meta["mean"], meta["std"]).eval()
+    with torch.inference_mode():
+        ref = eager(torch.from_numpy(sample.images)).numpy()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(int8_dir / "model.int8.onnx"), opts, providers=["CPUExecutionProvider"])
+    for bs in PARITY_BATCH_SIZES:
+        got = np.concatenate(
+            [sess.run(["logits"], {"images": sample.images[i : i + bs]})[0] for i in range(0, len(ref), bs)]
+        )
+        assert float(np.abs(got - ref).max()) <= INT8_PARITY_ATOL, bs
+        assert float((got.argmax(1) == ref.argmax(1)).mean()) >= GATE_MIN_AGREEMENT, bs
+    recorded = json.loads((int8_dir / "manifest.json").read_text())["artifacts"]["onnx_int8"]["parity"]
+    assert recorded["max_abs_diff"] <= INT8_PARITY_ATOL and recorded["batch_sizes"] == list(
+        PARITY_BATCH_SIZES
+    )
+
+
+def test_an_int8_model_that_fails_the_gate_fails_the_export_with_both_figures(
+    sample: Any, tmp_path: Path
+) -> None:
+    from cifar_serve.export.exporter import Int8GateError, export_model
+    from cifar_serve.export.quantize import Int8Request
+
+    # Calibrated on black images only: every activation range collapses, and the answers with it.
+    black = np.zeros((16, 32, 32, 3), np.uint8)
+    request = Int8Request(black, {"split": "train", "sample_sha256": "x"}, sample.images, sample.labels, "s")
+    out = tmp_path / "out"
+    with pytest.raises(Int8GateError, match=r"int8 top-1 [\d.]+% vs fp32 [\d.]+% .* agreement [\d.]+%"):
+        export_model(REPO / "models" / "resnet18_cifar10.pt", out, None, int8=request)
+    assert sorted(p.name for p in out.iterdir()) == []  # nothing half-written
+
+
+def test_missing_default_calibration_data_names_the_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from cifar_serve.export import cli, int8_cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(int8_cli, "SOURCE_ROOT", tmp_path / "not-a-checkout")
+    args = ["--checkpoint", str(REPO / "models" / "resnet18_cifar10.pt"), "--out", str(tmp_path / "out")]
+    assert (
+        cli.main([*args, "--parity-data", str(REPO / "tests" / "fixtures" / "cifar10-test-sample.zip")]) != 0
+    )
+    assert "pass --calibration-data" in caplog.text and "--no-int8" in caplog.text
+    assert not (tmp_path / "out").exists()
