@@ -49,8 +49,8 @@ def markdown(fp32: dict[str, Any] | None, int8: dict[str, Any] | None, rates: di
         lines.append("")
     if not (fp32 and int8):
         lines += [
-            "Served comparison: **pending** — `make bench` writes it from `perf_analyzer.json` and "
-            "`perf_analyzer-int8.json`; one of them is missing from this run.",
+            "Served comparison: **pending** — `make bench` writes it from `perf_analyzer.json` (fp32) and "
+            "`perf_analyzer-int8.json`; one of them is missing.",
         ]
         return "\n".join(lines) + "\n"
     by_point = {(p["batch"], p["concurrency"]): p for p in fp32["points"]}
@@ -81,12 +81,14 @@ def markdown(fp32: dict[str, Any] | None, int8: dict[str, Any] | None, rates: di
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", default=str(REPO / "benchmarks"))
+    p.add_argument("--fp32-json", default="perf_analyzer.json", help="fp32 results in --out-dir")
+    p.add_argument("--int8-json", default="perf_analyzer-int8.json", help="int8 perf_analyzer results")
     p.add_argument("--markdown", default=str(REPO / "BENCHMARKS.md"), help="'' to print instead")
     args = p.parse_args()
     out = Path(args.out_dir)
     text = markdown(
-        _load(out / "perf_analyzer.json"),
-        _load(out / "perf_analyzer-int8.json"),
+        _load(out / args.fp32_json),
+        _load(out / args.int8_json),
         _load(out / "int8-rates.json"),
     )
     if args.markdown:
