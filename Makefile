@@ -74,9 +74,8 @@ check-gen: $(STAMP)
 bench: artifacts
 	$(PY) benchmarks/run_benchmark.py
 	$(PY) benchmarks/perf_analyzer.py --profile
-	$(PY) benchmarks/perf_analyzer.py --label int8 --precision int8
 	$(PY) benchmarks/int8_rates.py --json benchmarks/int8-rates.json
-	$(PY) benchmarks/int8_compare.py
+	$(PY) benchmarks/int8_compare.py --rounds 3
 	$(PY) benchmarks/perf_analyzer.py --label workers2 --server-arg=--workers=2
 	$(PY) benchmarks/perf_analyzer.py --label nospin --server-arg=--spin-wait=false
 	$(PY) benchmarks/perf_analyzer.py --label workers2-nospin --server-arg=--workers=2 --server-arg=--spin-wait=false
