@@ -86,7 +86,11 @@ def int8_request(args: argparse.Namespace, parity_path: Callable[[str], str]) ->
     images, record = calibration_sample(
         train.images, calibration_source, args.calibration_images, args.calibration_seed
     )
-    gate_source = args.gate_data or parity_path(args.parity_data)
+    try:
+        gate_source = args.gate_data or parity_path(args.parity_data)
+    except DatasetError as exc:
+        message = f"no test images for the int8 gate ({exc}); pass --gate-data or --no-int8"
+        raise DatasetError(message) from exc
     test = load_split(gate_source, "test")
     return Int8Request(
         calibration_images=images,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -143,6 +144,7 @@ def test_the_server_refuses_a_folder_without_int8_at_start(
     (no_int8 / "manifest.json").write_text(json.dumps(manifest))
     cmd = [sys.executable, "-m", "cifar_serve.server", "--model-dir", str(no_int8), "--precision", "int8"]
     cmd += ["--port", str(free_port()), "--metrics-port", "-1"]
+    cmd += ["--workers", os.environ.get("CIFAR_SERVE_WORKERS", "1")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "cannot start" in proc.stderr and "has no int8 model" in proc.stderr, proc.stderr
@@ -154,8 +156,6 @@ def int8_server(
     int8_dir: Path, tmp_path_factory: pytest.TempPathFactory, free_port: Any, wait_serving: Any
 ) -> Iterator[tuple[str, int, Path, subprocess.Popen[str]]]:
     """``cifar-serve --precision int8`` (with --workers N under CIFAR_SERVE_WORKERS) on a copy."""
-    import os
-
     served = _copy(int8_dir, tmp_path_factory.mktemp("int8-served") / "model", version="1")
     port, metrics_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "cifar_serve.server", "--model-dir", str(served), "--precision", "int8"]
