@@ -76,8 +76,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     CIFAR_SERVE_HOST=0.0.0.0 \
     CIFAR_SERVE_MODEL_DIR=/app/artifacts \
-    CIFAR_SERVE_GRACE_PERIOD_S=8 \
-    CIFAR_SERVE_CALIBRATION_DATA=/app/data/cifar10-train-calibration.zip
+    CIFAR_SERVE_GRACE_PERIOD_S=8
 WORKDIR /app
 USER app:app
 # gRPC, the v2 HTTP/REST API (on CIFAR_SERVE_HOST like gRPC), Prometheus metrics.
