@@ -44,8 +44,10 @@ RUN pip install --no-deps . && pip check
 FROM build AS artifacts
 COPY models/resnet18_cifar10.pt /src/models/resnet18_cifar10.pt
 COPY tests/fixtures/cifar10-test-sample.zip /src/data/cifar10-test-sample.zip
+COPY tests/fixtures/cifar10-train-calibration.zip /src/data/cifar10-train-calibration.zip
 RUN cifar-export --checkpoint models/resnet18_cifar10.pt --out /app/artifacts \
-        --parity-data data/cifar10-test-sample.zip --quiet \
+        --parity-data data/cifar10-test-sample.zip \
+        --calibration-data data/cifar10-train-calibration.zip --quiet \
  && test -f /app/artifacts/manifest.json
 
 # ---- runtime: the venv, the artifacts, a non-root user ----
@@ -66,6 +68,8 @@ COPY --from=artifacts --chown=app:app /app/artifacts /app/artifacts
 # (or `docker run --entrypoint cifar-export ...`) can export again into a volume.
 COPY models/resnet18_cifar10.pt /app/models/resnet18_cifar10.pt
 COPY tests/fixtures/cifar10-test-sample.zip /app/data/cifar10-test-sample.zip
+# The int8 model's calibration sample (training images), for exports run from the image.
+COPY tests/fixtures/cifar10-train-calibration.zip /app/data/cifar10-train-calibration.zip
 COPY deploy/healthcheck.py /app/deploy/healthcheck.py
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -40,7 +40,7 @@ serve: artifacts
 # The API, reliability and shutdown tests run twice: one process, then --workers 2.
 WORKER_TESTS ?= tests/test_server.py tests/test_oip.py tests/test_client.py tests/test_rest.py \
 	tests/test_shm.py tests/test_reliability.py tests/test_operations.py tests/test_cli.py \
-	tests/test_model_config.py tests/test_reload.py tests/test_balancing.py
+	tests/test_model_config.py tests/test_reload.py tests/test_balancing.py tests/test_int8.py
 
 test: artifacts
 	$(BIN)/pytest
@@ -74,6 +74,8 @@ check-gen: $(STAMP)
 bench: artifacts
 	$(PY) benchmarks/run_benchmark.py
 	$(PY) benchmarks/perf_analyzer.py --profile
+	$(PY) benchmarks/int8_rates.py --json benchmarks/int8-rates.json
+	$(PY) benchmarks/int8_compare.py --rounds 3
 	$(PY) benchmarks/perf_analyzer.py --label workers2 --server-arg=--workers=2
 	$(PY) benchmarks/perf_analyzer.py --label nospin --server-arg=--spin-wait=false
 	$(PY) benchmarks/perf_analyzer.py --label workers2-nospin --server-arg=--workers=2 --server-arg=--spin-wait=false

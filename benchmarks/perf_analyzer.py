@@ -256,7 +256,16 @@ def model_cpu_ms(cpu_per_batch: dict[int, float], size: int) -> float:
 
 
 def _runtime_args(args: argparse.Namespace) -> list[str]:
-    return ["--model-dir", args.model_dir, "--device", args.device, "--backend", args.backend]
+    return [
+        "--model-dir",
+        args.model_dir,
+        "--device",
+        args.device,
+        "--backend",
+        args.backend,
+        "--precision",
+        args.precision,
+    ]
 
 
 def process_tree_cpu_s(root: int) -> float:
@@ -590,7 +599,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"perf_analyzer from tritonclient {results['tritonclient']}, "
         f"`-i grpc {'--async ' if results['async'] else ''}--measurement-mode count_windows`"
         f"{results['windows']}, one process per point; server `{results['server_command']}` "
-        f"(1 process; runtime {m['describe']['backend']}, {m['describe']['device']}). "
+        f"(1 process; runtime {m['describe']['backend']} {m['describe'].get('precision', 'fp32')}, "
+        f"{m['describe']['device']}). "
         f"Load average at start {results['loadavg_start']}, at end "
         f"{results['loadavg_end']}: anything well above 0 means other work shared the 2 cores, and "
         "perf_analyzer itself runs on the same cores as the server.",
@@ -661,6 +671,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", default=str(REPO / "artifacts"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="auto", choices=("auto", "torchscript", "onnxruntime"))
+    p.add_argument(
+        "--precision", default="fp32", help="the server's --precision (int8: the export's model.int8.onnx)"
+    )
     p.add_argument("--torch-threads", type=int, default=0)
     p.add_argument("--concurrency", type=rb._ints, default=None, help="1-image points (default 1,8,32,128)")
     p.add_argument("--batch-concurrency", type=rb._ints, default=None, help="64-image points (default 4)")

@@ -11,6 +11,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .data import DatasetError, load_split
 from .exporter import ExportError, ExportResult, export_model
+from .int8_cli import add_int8_arguments, int8_request, int8_summary
 
 __all__ = ["DEFAULT_CHECKPOINT", "DEFAULT_OUT", "DEFAULT_PARITY_DATA", "main", "parity_data_path"]
 
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write a Triton model repository here (folders 0755, files 0644; only this model's "
         "folders are replaced)",
     )
+    add_int8_arguments(p)
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     return p
 
@@ -107,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_parity:
             split = load_split(parity_data_path(args.parity_data), "test")
             images = split.images if args.parity_images <= 0 else split.images[: args.parity_images]
-        result = export_model(args.checkpoint, args.out, images, opset=args.opset, force=args.force)
+        int8 = int8_request(args, parity_data_path)
+        result = export_model(
+            args.checkpoint, args.out, images, opset=args.opset, force=args.force, int8=int8
+        )
         if args.triton_repo:
             from .triton import write_triton_repo
 
@@ -116,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", exc)
         return 1
     logger.info("%s", _summary(result))
+    if not result.unchanged and (line := int8_summary(result.manifest)):
+        logger.info("%s", line)
     return 0
 
 

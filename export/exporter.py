@@ -27,6 +27,15 @@ import torch
 
 from .checkpoint import load_model
 from .model import ServingModel
+from .quantize import (
+    GATE_MIN_AGREEMENT,
+    INT8_NAME,
+    INT8_PARITY_ATOL,
+    Int8Request,
+    compare_int8,
+    quantize_int8,
+    run_onnx,
+)
 
 __all__ = [
     "INPUT_NAME",
@@ -35,6 +44,7 @@ __all__ = [
     "OUTPUT_NAME",
     "ExportError",
     "ExportResult",
+    "Int8GateError",
     "ParityError",
     "ParityReport",
     "check_parity",
@@ -65,6 +75,10 @@ class ExportError(RuntimeError):
 
 class ParityError(ExportError):
     """An exported runtime disagrees with PyTorch eager beyond tolerance."""
+
+
+class Int8GateError(ExportError):
+    """The int8 model loses more top-1 than the gate allows, or agrees too little with fp32."""
 
 
 @contextlib.contextmanager
@@ -175,9 +189,24 @@ def _existing_export(out: Path) -> dict[str, Any] | None:
 
 
 def _same_export(
-    out: Path, manifest: dict[str, Any], ckpt_sha: str, opset: int, name: str, version: str
+    out: Path,
+    manifest: dict[str, Any],
+    ckpt_sha: str,
+    opset: int,
+    name: str,
+    version: str,
+    int8: Int8Request | None,
 ) -> bool:
     try:
+        entry = manifest["artifacts"].get("onnx_int8")
+        if (entry is None) != (int8 is None):
+            return False
+        if entry is not None and int8 is not None:
+            # Another calibration sample or quantizer choice is another int8 model.
+            if entry["quantization"] != int8.config.as_dict() or (
+                entry["calibration"]["sample_sha256"] != int8.calibration["sample_sha256"]
+            ):
+                return False
         if manifest["checkpoint"]["sha256"] != ckpt_sha or manifest["model"] != {
             "name": name,
             "version": version,
@@ -257,6 +286,80 @@ def export_torchscript(model: ServingModel, path: Path) -> None:
     traced.save(str(path))
 
 
+def _int8_sample_logits(int8_path: Path, sample: dict[str, Any]) -> list[list[float]]:
+    """The int8 model's logits for the check sample: what a server loading it re-checks top-1 on."""
+    import onnxruntime as ort
+
+    x = np.frombuffer(base64.b64decode(sample["images_b64"]), np.uint8).reshape(-1, 32, 32, 3)
+    sess = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
+    return [[float(v) for v in row] for row in run_onnx(sess, INPUT_NAME, OUTPUT_NAME, x)]
+
+
+def _int8_parity(
+    eager: torch.nn.Module, int8_path: Path, images: np.ndarray, batch_sizes: tuple[int, ...]
+) -> dict[str, Any]:
+    """The int8 model against eager fp32 at each batch size, with the int8 model's own tolerance:
+    quantization moves logits (up to ~0.3 measured) and may flip a close call, never more."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        ref = _batched(lambda x: eager.eval()(torch.from_numpy(x)).numpy(), images, 256)
+    worst, agreement = 0.0, 1.0
+    for bs in batch_sizes:
+        out = _batched(lambda x: np.asarray(sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0]), images, bs)
+        worst = max(worst, float(np.abs(out - ref).max()))
+        agreement = min(agreement, float((out.argmax(1) == ref.argmax(1)).mean()))
+    report = {
+        "images": len(images),
+        "batch_sizes": list(batch_sizes),
+        "atol": INT8_PARITY_ATOL,
+        "min_top1_agreement": GATE_MIN_AGREEMENT,
+        "max_abs_diff": worst,
+        "top1_agreement": agreement,
+    }
+    if worst > INT8_PARITY_ATOL or agreement < GATE_MIN_AGREEMENT:
+        raise ParityError(f"int8 parity check failed: {report}")
+    return report
+
+
+def _write_int8(
+    tmp: Path,
+    request: Int8Request,
+    sample: dict[str, Any],
+    eager: torch.nn.Module,
+    parity_images: np.ndarray | None,
+    batch_sizes: tuple[int, ...],
+) -> dict[str, Any]:
+    """Quantize ``model.onnx`` in ``tmp``, gate it against fp32, and describe it for the manifest."""
+    quantize_int8(tmp / ONNX_NAME, tmp / INT8_NAME, request.calibration_images, INPUT_NAME, request.config)
+    gate = compare_int8(
+        tmp / ONNX_NAME,
+        tmp / INT8_NAME,
+        request.gate_images,
+        request.gate_labels,
+        request.gate_source,
+        INPUT_NAME,
+        OUTPUT_NAME,
+    )
+    if not gate.ok:
+        raise Int8GateError(f"int8 gate failed: {gate.summary()}; no artifact was written")
+    sample["logits_int8"] = _int8_sample_logits(tmp / INT8_NAME, sample)
+    parity = None
+    if parity_images is not None and len(parity_images):
+        parity = _int8_parity(eager, tmp / INT8_NAME, parity_images, batch_sizes)
+    return {
+        "path": INT8_NAME,
+        "sha256": sha256_file(tmp / INT8_NAME),
+        "runtime": "onnxruntime",
+        "device": "cpu",
+        "quantization": request.config.as_dict(),
+        "calibration": request.calibration,
+        "gate": gate.as_dict(),
+        "parity": parity,
+    }
+
+
 def check_sample(model: torch.nn.Module, images: np.ndarray | None) -> dict[str, Any]:
     """A few images (the first parity images, else seeded noise) and the eager model's logits."""
     if images is not None and len(images):
@@ -284,6 +387,7 @@ def export_model(
     model_name: str = MODEL_NAME,
     model_version: str = "1",
     force: bool = False,
+    int8: Int8Request | None = None,
 ) -> ExportResult:
     """Write TorchScript, ONNX and ``manifest.json`` into ``out_dir``; fail loudly on parity.
 
@@ -293,6 +397,9 @@ def export_model(
     A server may be serving ``out_dir``: if it already holds an export of another checkpoint
     (or another opset or name), nothing is touched and :class:`ExportError` says so, unless
     ``force``; if it holds this very export, intact, it is left as it is (``unchanged``).
+
+    With ``int8``, ``model.int8.onnx`` is also written (ONNX Runtime's static quantization of
+    ``model.onnx``) and must pass its gate (:class:`Int8GateError` otherwise, nothing written).
     """
     ckpt_path = Path(checkpoint)
     net, meta = load_model(ckpt_path)
@@ -301,7 +408,7 @@ def export_model(
     if not force:
         existing = _existing_export(out)
         if existing is not None:
-            if _same_export(out, existing, ckpt_sha, opset, model_name, model_version):
+            if _same_export(out, existing, ckpt_sha, opset, model_name, model_version, int8):
                 logger.info(
                     "%s already holds this export (checkpoint sha256 %s); left unchanged", out, ckpt_sha[:12]
                 )
@@ -326,6 +433,13 @@ def export_model(
             if not report.ok:
                 raise ParityError(f"parity check failed: {report.as_dict()}")
             parity = report.as_dict()
+        sample = check_sample(model, parity_images)
+        artifacts: dict[str, Any] = {
+            "torchscript": {"path": TORCHSCRIPT_NAME, "sha256": sha256_file(tmp / TORCHSCRIPT_NAME)},
+            "onnx": {"path": ONNX_NAME, "sha256": sha256_file(tmp / ONNX_NAME), "opset": opset},
+        }
+        if int8 is not None:
+            artifacts["onnx_int8"] = _write_int8(tmp, int8, sample, model, parity_images, batch_sizes)
         manifest: dict[str, Any] = {
             "format": "cifar-serve-manifest/1",
             "model": {"name": model_name, "version": model_version, "arch": "ResNet18"},
@@ -339,22 +453,19 @@ def export_model(
             "output": {"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, len(meta["labels"])]},
             "labels": list(meta["labels"]),
             "normalization": {"mean": list(meta["mean"]), "std": list(meta["std"]), "in_graph": True},
-            "artifacts": {
-                "torchscript": {"path": TORCHSCRIPT_NAME, "sha256": sha256_file(tmp / TORCHSCRIPT_NAME)},
-                "onnx": {"path": ONNX_NAME, "sha256": sha256_file(tmp / ONNX_NAME), "opset": opset},
-            },
+            "artifacts": artifacts,
             "checkpoint": {"file": ckpt_path.name, "sha256": ckpt_sha},
             "weights": meta.get("weights", "raw"),
             "test_accuracy": meta.get("test_accuracy"),
             "parity": parity,
-            "check_sample": check_sample(model, parity_images),
+            "check_sample": sample,
             "versions": _versions(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         # One rename per file, the manifest last: a reader never sees a truncated file, and a
         # manifest always describes artifacts already in place.
-        for name in (TORCHSCRIPT_NAME, ONNX_NAME, MANIFEST_NAME):
+        for name in (TORCHSCRIPT_NAME, ONNX_NAME, *([INT8_NAME] if int8 else []), MANIFEST_NAME):
             os.replace(tmp / name, out / name)
     logger.info("exported %s to %s", ckpt_path, out)
     return ExportResult(out, manifest)

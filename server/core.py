@@ -164,11 +164,14 @@ def check_sample(runtime: Runtime, max_batch: int = 0) -> str:
         return "no check sample in the manifest (exported by an older cifar-export): not checked"
     n = int(sample["count"])
     images = np.frombuffer(base64.b64decode(sample["images_b64"]), np.uint8).reshape(n, 32, 32, 3)
-    expected = np.asarray(sample["logits"], np.float32)
+    precision = str(runtime.describe().get("precision", "fp32"))
+    # The int8 model is its own model: its top-1 is checked against its own logits at export.
+    expected = np.asarray(
+        sample.get("logits_int8", sample["logits"]) if precision == "int8" else sample["logits"], np.float32
+    )
     # In chunks the runtime is built for (a CUDA runtime has graphs only up to --max-batch-size).
     step = max_batch if max_batch > 0 else n
     got = np.concatenate([runtime.infer(images[i : i + step]) for i in range(0, n, step)])
-    precision = str(runtime.describe().get("precision", "fp32"))
     if precision == "fp32":
         diff = float(np.abs(got - expected).max())
         if diff > float(sample["atol"]):
@@ -259,6 +262,11 @@ class InferenceCore(RequestChecks):
         self._load_lock: asyncio.Lock | None = None
         self.last_load_error = ""
         self._set_version_metric(None, m.version)
+        # Fixed for the process (a reload loads with the same settings): which runtime answers.
+        d = first.describe()
+        self.metrics.model_runtime.labels(
+            self.model_name, str(d.get("backend", "")), str(d.get("precision", "")), str(d.get("device", ""))
+        ).set(1)
         # Triton-style statistics, one accumulator per model version that has served.
         self._stats: dict[str, ModelStats] = {}
 

@@ -100,7 +100,11 @@ def model_config(core: ServingCore) -> dict[str, Any]:
             "preserve_ordering": True,
         },
         "version_policy": {"specific": {"versions": [core.model_version]}},
-        "parameters": {"labels": {"string_value": ",".join(core.labels)}},
+        "parameters": {
+            "labels": {"string_value": ",".join(core.labels)},
+            # int8 (model.int8.onnx) or a reduced-precision TorchScript answers as fp32 does not.
+            "precision": {"string_value": str(core.runtime.describe().get("precision", "fp32"))},
+        },
     }
 
 

@@ -131,6 +131,14 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        # What computes the answers (an int8 model answers slightly differently from fp32).
+        self.model_runtime = Gauge(
+            "cifar_serve_model_runtime",
+            "1 for the runtime serving the model: backend, precision (fp32, bf16, fp16, int8) and device",
+            ["model", "backend", "precision", "device"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         # With --workers N, the least of every process's: 1 only when all take calls.
         self.ready = Gauge(
             "cifar_serve_ready",

@@ -25,6 +25,10 @@ __all__ = ["ArtifactError", "Manifest", "ModelRuntime", "load_manifest", "resolv
 logger = logging.getLogger(__name__)
 
 IMAGE_SHAPE = (32, 32, 3)
+# The manifest's entry for the int8 model (cifar-export's model.int8.onnx), and its runtime's
+# name in the runtime table.
+INT8_ARTIFACT = "onnx_int8"
+INT8_RUNTIME = "onnxruntime-int8"
 # Timed runs per runtime and batch bucket at warm-up; the best one counts (the least disturbed
 # by other work on the machine).
 CALIBRATION_RUNS = 5
@@ -127,6 +131,11 @@ class ModelRuntime:
         self.backend = backend
         self.precision = precision
         self.max_batch_size = max_batch_size
+        if precision == "int8":
+            # int8 is ONNX Runtime's CPU kernels on the QDQ model: "auto" means the CPU, and
+            # anything else is refused before a model loads.
+            _check_int8(self.manifest, device, backend)
+            device, backend = "cpu", "onnxruntime"
         self.device = resolve_device(device)
         if backend == "auto":
             # On the CPU, ONNX Runtime wins small batches and frozen TorchScript large ones, with a
@@ -150,7 +159,8 @@ class ModelRuntime:
         if backend not in ("onnxruntime", "torchscript", "auto"):
             raise ArtifactError(f"unknown backend {backend!r}")
         if backend in ("onnxruntime", "auto"):
-            self._init_onnxruntime(self._artifact("onnx"), threads)
+            kind = INT8_ARTIFACT if precision == "int8" else "onnx"
+            self._init_onnxruntime(self._artifact(kind), threads)
         if backend in ("torchscript", "auto"):
             artifact = self._artifact("torchscript")
             self._init_torchscript(artifact)
@@ -159,14 +169,14 @@ class ModelRuntime:
         if self._module is not None:
             self._runners["torchscript"] = self._run_torchscript
         if self._ort is not None:
-            self._runners["onnxruntime"] = self._run_onnxruntime
+            self._runners[INT8_RUNTIME if precision == "int8" else "onnxruntime"] = self._run_onnxruntime
         first = next(iter(self._runners))
         self.buckets = graph_buckets(max_batch_size)
         self.routes: dict[int, str] = dict.fromkeys(self.buckets, first)
         self.timings: dict[int, dict[str, float]] = {}
         self._by_size: list[Callable[[np.ndarray], np.ndarray]] = []
         self._route_sizes()
-        self.sha256 = self._sha["torchscript" if self._module is not None else "onnx"]
+        self.sha256 = self._sha["torchscript" if self._module is not None else next(iter(self._sha))]
         self._slots: queue.Queue[_Slot] = queue.Queue()
         for _ in range(max(1, slots)):
             self._slots.put(_Slot(self.device, max_batch_size))
@@ -227,8 +237,8 @@ class ModelRuntime:
             self._ort = ort.InferenceSession(str(artifact), opts, providers=providers)
         except Exception as exc:
             raise ArtifactError(f"{artifact}: cannot load ONNX model ({exc})") from exc
-        if self.precision != "fp32":
-            raise ArtifactError("--backend onnxruntime serves fp32 only")
+        if self.precision not in ("fp32", "int8"):
+            raise ArtifactError(f"--backend onnxruntime serves fp32 or int8, not {self.precision}")
 
     # ------------------------------------------------------------------ inference
 
@@ -348,6 +358,26 @@ class ModelRuntime:
             "sha256": self.sha256,
             "runtime_table": self.runtime_table(),
         }
+
+
+def _check_int8(manifest: Manifest, device: str, backend: str) -> None:
+    """Refuse what ``--precision int8`` cannot serve, saying what to do instead."""
+    if device != "auto" and torch.device(device).type != "cpu":
+        raise ArtifactError(
+            f"--precision int8 runs on the CPU only (ONNX Runtime's int8 kernels), not --device {device}: "
+            "pass --device cpu (or auto), or serve --precision fp16/bf16/fp32 on the GPU"
+        )
+    if backend == "torchscript":
+        raise ArtifactError(
+            "--precision int8 is served by ONNX Runtime: pass --backend onnxruntime (or auto), "
+            "or --precision fp32 for TorchScript"
+        )
+    if INT8_ARTIFACT not in manifest.artifacts:
+        raise ArtifactError(
+            f"{manifest.path.parent} has no int8 model (its manifest lists no {INT8_ARTIFACT!r}): re-export "
+            f"it with `cifar-export --out {manifest.path.parent}` (without --no-int8), which writes "
+            "model.int8.onnx, or serve --precision fp32"
+        )
 
 
 def graph_buckets(max_batch: int) -> list[int]:

@@ -44,7 +44,9 @@ class Settings:
         choices=("auto", "torchscript", "onnxruntime"),
     )
     precision: str = _opt(
-        "fp32", "fp32; bf16 (CPU with AMX or GPU); fp16 (GPU)", choices=("fp32", "bf16", "fp16")
+        "fp32",
+        "fp32; bf16 (CPU with AMX or GPU); fp16 (GPU); int8 (CPU: model.int8.onnx on ONNX Runtime)",
+        choices=("fp32", "bf16", "fp16", "int8"),
     )
     max_batch_size: int = _opt(64, "most images in one forward pass")
     max_batch_delay_ms: float = _opt(2.0, "longest wait after the oldest queued image before a batch runs")

@@ -15,11 +15,11 @@ pytestmark = pytest.mark.fast
 
 def test_environment_values_are_held_to_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
-        settings_from_args([], environ={"CIFAR_SERVE_PRECISION": "int8"})
+        settings_from_args([], environ={"CIFAR_SERVE_PRECISION": "int4"})
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0, err
-    assert "--precision" in err and "CIFAR_SERVE_PRECISION" in err and "int8" in err and "fp32" in err
+    assert "--precision" in err and "CIFAR_SERVE_PRECISION" in err and "int4" in err and "fp32" in err
 
 
 def test_contradictory_limits_are_refused_naming_both() -> None:
@@ -45,7 +45,7 @@ def test_flags_beat_environment_beat_defaults() -> None:
 
 
 def test_cifar_serve_with_a_bad_environment_exits_at_once_with_one_line() -> None:
-    env = {**os.environ, "CIFAR_SERVE_PRECISION": "int8"}
+    env = {**os.environ, "CIFAR_SERVE_PRECISION": "int4"}
     proc = subprocess.run(
         [sys.executable, "-m", "cifar_serve.server"], env=env, capture_output=True, text=True, timeout=60
     )
