@@ -40,6 +40,7 @@ __all__ = [
     "build_request",
     "chunk_parts",
     "count_images",
+    "decode_file_bytes",
     "load_image_file",
     "to_parts",
 ]
@@ -63,9 +64,16 @@ def load_image_file(path: str | os.PathLike[str], *, max_pixels: int = 16_000_00
     Raises ``OSError`` when the file cannot be read and ``InvalidArgumentError`` when it is
     not a decodable image (the message names the file).
     """
-    data = Path(path).read_bytes()
+    return decode_file_bytes(Path(path).read_bytes(), os.fspath(path), max_pixels=max_pixels)
+
+
+def decode_file_bytes(data: bytes, what: str, *, max_pixels: int = 16_000_000) -> np.ndarray:
+    """Decode one encoded file's bytes into uint8 ``[32,32,3]``, exactly as the server would.
+
+    Raises ``InvalidArgumentError`` naming ``what`` when the bytes are not a decodable image.
+    """
     try:
-        image: np.ndarray = decode_image(data, max_pixels=max_pixels, what=os.fspath(path))
+        image: np.ndarray = decode_image(data, max_pixels=max_pixels, what=what)
     except InvalidInput as exc:
         raise invalid_argument(readable_message(exc.message)) from None
     return image
