@@ -584,7 +584,8 @@ def _classify(
                         )
                     except CifarServeError as exc:
                         bar.close()
-                        _say(f"error: {client.address}: {exc}{again}")
+                        where = "" if client.address in exc.message else f"{client.address}: "
+                        _say(f"error: {where}{exc}{again}")
                         status = EXIT_FAILED
                         break
                     output.write([_row(d.name, r, args.logits) for d, r in zip(good, results, strict=True)])
