@@ -37,6 +37,13 @@ def parity_data_path(value: str) -> str:
     )
 
 
+def _model_version(text: str) -> str:
+    """A positive integer, as Triton numbers a model's versions (its repository's folder names)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return str(int(text))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cifar-export", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -73,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write a Triton model repository here (folders 0755, files 0644; only this model's "
         "folders are replaced)",
     )
+    p.add_argument(
+        "--version",
+        type=_model_version,
+        default="1",
+        help="model version written into manifest.json: give each retrained model the next one, and "
+        "a server reloading it logs 'now serving version N' and answers with it",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     return p
 
@@ -107,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_parity:
             split = load_split(parity_data_path(args.parity_data), "test")
             images = split.images if args.parity_images <= 0 else split.images[: args.parity_images]
-        result = export_model(args.checkpoint, args.out, images, opset=args.opset, force=args.force)
+        result = export_model(
+            args.checkpoint, args.out, images, opset=args.opset, force=args.force, model_version=args.version
+        )
         if args.triton_repo:
             from .triton import write_triton_repo
 

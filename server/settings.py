@@ -128,6 +128,11 @@ class Settings:
         "the window --max-restarts counts restarts in; repeated restarts of one role wait longer each "
         "time, all together less than half of it",
     )
+    pid_file: str = _opt(
+        "",
+        "write the server's process id to this file at start-up (for kill -HUP $(cat FILE) on a host "
+        "with other servers); removed at exit",
+    )
 
     def __post_init__(self) -> None:
         # Validated here, not in the CLI, so settings built from the environment, from flags or
