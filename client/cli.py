@@ -528,6 +528,7 @@ def _classify(
             f"resuming {out_path}: {len(files) - len(todo)} of {len(files)} image(s) done, {len(todo)} to go"
         )
     if not todo:
+        _say(f"{out_path}: every image is there already")
         return EXIT_OK
     again = f"; run it again with --resume to continue {out_path}" if out_path is not None else ""
 
@@ -601,6 +602,8 @@ def _classify(
         output.close()
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if out_path is not None:
+        _say(f"{out_path}: {len(done) + output.rows} row(s), {output.rows} written by this run")
     if status != EXIT_OK:
         return status
     if not output.rows:
