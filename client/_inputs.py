@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from cifar_serve.server.errors import InvalidInput
 from cifar_serve.server.preprocess import IMAGE_BYTES, IMAGE_SHAPE, decode_image, pil_to_array
@@ -75,6 +75,12 @@ def decode_file_bytes(data: bytes, what: str, *, max_pixels: int = 16_000_000) -
     try:
         image: np.ndarray = decode_image(data, max_pixels=max_pixels, what=what)
     except InvalidInput as exc:
+        if isinstance(exc.__cause__, UnidentifiedImageError):
+            # The server's wording tells a caller what to send; here the caller has a file.
+            raise invalid_argument(
+                f"{what}: not an image file ({len(data)} bytes in none of the formats read: PNG, JPEG, "
+                "BMP, GIF, TIFF, WebP)"
+            ) from None
         raise invalid_argument(readable_message(exc.message)) from None
     return image
 

@@ -93,7 +93,8 @@ exit status:
 
 environment:
   CIFAR_SERVE_ADDRESS  default for --server ({DEFAULT_ADDRESS} when unset)
-  CIFAR_SERVE_TOKEN    default for --token (keeps the token out of the process list)
+  CIFAR_SERVE_AUTH_TOKEN  default for --token, the variable cifar-serve reads its --auth-token from
+                       (keeps the token out of the process list; CIFAR_SERVE_TOKEN is read too)
   CIFAR_SERVE_SHARED_MEMORY  default for --shared-memory (auto when unset)
 """
 
@@ -207,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tls.add_argument(
         "--token",
-        default=os.environ.get("CIFAR_SERVE_TOKEN") or None,
-        help="bearer token sent as 'authorization: Bearer TOKEN' (default: $CIFAR_SERVE_TOKEN)",
+        # The server's name for the same secret; the client's old name still works.
+        default=os.environ.get("CIFAR_SERVE_AUTH_TOKEN") or os.environ.get("CIFAR_SERVE_TOKEN") or None,
+        help="bearer token sent as 'authorization: Bearer TOKEN' (default: $CIFAR_SERVE_AUTH_TOKEN)",
     )
     p.add_argument(
         "--no-progress",

@@ -121,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_parity:
             split = load_split(parity_data_path(args.parity_data), "test")
             images = split.images if args.parity_images <= 0 else split.images[: args.parity_images]
+        # The export is silent until its end (a minute on a slow CPU): say what is under way.
+        checks = (
+            f"then a parity check on {len(images)} test images" if images is not None else "no parity check"
+        )
+        logger.info("exporting %s to %s: TorchScript, ONNX, %s", args.checkpoint, args.out, checks)
         result = export_model(
             args.checkpoint, args.out, images, opset=args.opset, force=args.force, model_version=args.version
         )

@@ -380,7 +380,7 @@ def test_undecodable_inputs(client: Client, server: Any, sample_jpegs: Jpegs, tm
     garbage.write_bytes(b"definitely not an image")
     with pytest.raises(InvalidArgumentError) as info:
         client.classify(garbage)
-    assert str(info.value).startswith(f"INVALID_ARGUMENT: {garbage}: not a decodable image (")
+    assert str(info.value).startswith(f"INVALID_ARGUMENT: {garbage}: not an image file (23 bytes in none of")
     assert "BytesIO" not in str(info.value)
     # Arrays that are not uint8 images, and things that are not images at all.
     with pytest.raises(InvalidArgumentError, match="uint8"):
