@@ -357,7 +357,7 @@ ERROR_CASES: list[tuple[str, Mutation, grpc.StatusCode, str]] = [
     ("shape_rank", _shape(3, 32, 96), INVALID, "input 'images': shape [3,32,96]"),
     ("shape_nchw", _shape(3, 3, 32, 32), INVALID, "input 'images': shape [3,3,32,32]"),
     ("shape_empty_batch", _shape(0, 32, 32, 3), INVALID, "input 'images': shape [0,32,32,3]"),
-    ("too_many_images", _shape(100_000, 32, 32, 3), INVALID, "input 'images': 100000 images"),
+    ("too_many_images", _shape(100_000, 32, 32, 3), INVALID, "input 'images' holds 100000 images"),
     ("byte_size", _short_raw, INVALID, "input 'images': raw_input_contents holds 9215 bytes"),
     ("raw_and_typed", _raw_and_typed, INVALID, "input 'images': both raw_input_contents and typed"),
     ("unknown_output", _output("probs"), INVALID, "output 'probs'"),
