@@ -282,17 +282,20 @@ class CifarServer:
             return  # failed or told to stop while warming up
         await self._sync_health()
         d = self.core.runtime.describe()
-        # One "ready" line per server: a worker of --workers N leaves it to the supervisor.
-        logger.log(
-            logging.DEBUG if self._worker else logging.INFO,
+        # Scalars only: the runtime table has its own log line from the runtime.
+        details = ", ".join(f"{k} {v}" for k, v in d.items() if isinstance(v, (str, int, float, bool)))
+        name, version = self.core.model_name, self.core.model_version
+        if self._worker:  # one "ready on" line per server: the supervisor's, once every worker is
+            logger.info("worker serving %s v%s: %s", name, version, details)
+            return
+        logger.info(
             "ready on %s:%d (pid %d): serving %s v%s, %s",
             s.host,
             self.port,
             os.getpid(),
-            self.core.model_name,
-            self.core.model_version,
-            # Scalars only: the runtime table has its own log line from the runtime.
-            ", ".join(f"{k} {v}" for k, v in d.items() if isinstance(v, (str, int, float, bool))),
+            name,
+            version,
+            details,
         )
 
     async def stop(self, grace: float | None = None) -> None:
