@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 $(MODEL_DIR)/manifest.json: $(STAMP) $(CHECKPOINT)
-	$(BIN)/cifar-export --checkpoint $(CHECKPOINT) --out $(MODEL_DIR) --force --quiet
+	$(BIN)/cifar-export --checkpoint $(CHECKPOINT) --out $(MODEL_DIR) --force
 
 artifacts: $(MODEL_DIR)/manifest.json
 

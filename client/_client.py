@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -15,15 +16,16 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cifar_serve.v1 import classifier_pb2 as pb
 from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
 from cifar_serve.v1 import open_inference_pb2_grpc as oip_grpc
 
-from ._errors import CifarServeError, DeadlineExceededError, error_from_rpc
+from ._errors import CifarServeError, DeadlineExceededError, UnavailableError, error_from_rpc
 from ._inputs import DEFAULT_MAX_REQUEST_BYTES, Inputs, Part, build_request, chunk_parts, to_parts
 from ._shm import SharedMemorySession, check_mode, classifications, local_servers, open_session
-from ._targets import Servers, channel_options, resolve_target
+from ._targets import HEALTH_SERVICE, Servers, channel_options, resolve_target
 from ._types import Classification, ModelInfo
 
 __all__ = ["DEFAULT_ADDRESS", "AsyncClient", "Client", "Credential"]
@@ -40,6 +42,30 @@ Credential = str | bytes | os.PathLike[str]
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_WATCH = health_pb2.HealthCheckRequest(service=HEALTH_SERVICE)
+# How the server words a refusal (server/lifecycle.py): anything else on UNAVAILABLE is the transport's.
+_NOT_SERVING_WORDS = ("retry shortly", "unloaded", "server failed", "another replica")
+
+
+def why_not_serving(err: CifarServeError) -> str:
+    """In words, why a call was refused with UNAVAILABLE: warming up, draining, not serving, unreachable."""
+    message = err.message
+    if "warming up" in message:
+        return f"it is warming up ({message})"
+    if "shutting down" in message:
+        return f"it is draining ({message})"
+    if any(word in message for word in _NOT_SERVING_WORDS):
+        return f"it is not serving ({message})"
+    return f"it is unreachable ({message})"
+
+
+def _watch_status(status: int, reason: str) -> str:
+    """The reason once a health Watch has heard a server say ``status`` (not SERVING)."""
+    if reason.startswith("it is unreachable"):
+        return "it is reachable but reports NOT_SERVING (warming up or draining)"
+    return reason
 
 
 def _pixels(chunk: Sequence[Part]) -> np.ndarray | None:
@@ -116,6 +142,13 @@ class _Config:
             opts.append(("grpc.ssl_target_name_override", server_name))
         opts.extend(channel_options(self.target))
         self.options = [*opts, *options]
+        # The probe channel has no client-side health checking, so its calls reach a server that
+        # reports NOT_SERVING: the server says why it refuses, and its health can be watched.
+        self.probe_options = [
+            *(o for o in self.options if o[0] != "grpc.service_config"),
+            ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
 
     def deadline(self, timeout: float | None) -> float | None:
         timeout = self.timeout if timeout is None else timeout
@@ -145,6 +178,19 @@ class _Config:
             delay,
         )
         return delay
+
+    def plainly(self, err: CifarServeError) -> CifarServeError:
+        """``err``, an UNAVAILABLE one reworded to say why, naming the server."""
+        if err.code is not grpc.StatusCode.UNAVAILABLE or err.message.startswith(self.address):
+            return err
+        return UnavailableError(err.code, f"{self.address}: {why_not_serving(err)}")
+
+    def gave_up(self, reason: str, deadline: float, started: float) -> UnavailableError:
+        waited = deadline - started
+        return UnavailableError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"{self.address} did not report SERVING within {waited:.3g}s: {reason}",
+        )
 
     @staticmethod
     def remaining(deadline: float | None, method: str) -> float | None:
@@ -188,6 +234,11 @@ class Client:
     safe because classification is idempotent: it changes nothing on the server, so a request
     that a vanished replica may have computed but never answered can be computed again elsewhere.
     Any other failure is raised at once as a :class:`CifarServeError`.
+
+    With a deadline, a call refused with UNAVAILABLE (the server warming up, draining, or not
+    reachable yet) waits for a server to report SERVING, on the standard health service's Watch
+    stream, then is sent again; at the deadline it raises :class:`UnavailableError` saying why
+    ("did not report SERVING within 60s: it is warming up (…)"), naming the server.
 
     TLS is on when ``tls`` is true or any certificate is given; ``token`` is sent as
     ``authorization: Bearer <token>``. Inputs larger than ``max_images_per_request`` are sent as
@@ -256,6 +307,8 @@ class Client:
         self._shm: SharedMemorySession | None = None
         self._shm_decided = self._shm_servers is None
         self._shm_channels: list[grpc.Channel] = []
+        self._probe_lock = threading.Lock()
+        self._probe_channel: grpc.Channel | None = None
 
     @property
     def address(self) -> str:
@@ -264,10 +317,57 @@ class Client:
     def __repr__(self) -> str:
         return f"Client({self._cfg.address!r})"
 
-    def _open_channel(self, target: str) -> grpc.Channel:
+    def _open_channel(self, target: str, options: Sequence[tuple[str, Any]] | None = None) -> grpc.Channel:
+        options = self._cfg.options if options is None else options
         if self._cfg.credentials is not None:
-            return grpc.secure_channel(target, self._cfg.credentials, options=self._cfg.options)
-        return grpc.insecure_channel(target, options=self._cfg.options)
+            return grpc.secure_channel(target, self._cfg.credentials, options=options)
+        return grpc.insecure_channel(target, options=options)
+
+    def _probe(self) -> grpc.Channel:
+        with self._probe_lock:
+            if self._probe_channel is None:
+                self._probe_channel = self._open_channel(self._cfg.target.target, self._cfg.probe_options)
+            return self._probe_channel
+
+    def _wait_serving(self, method: str, request: Any, deadline: float) -> str:
+        """Block until a server reports SERVING (its health Watch stream, no polling): "" then;
+        at the deadline, why it never did (warming up, draining, unreachable)."""
+        channel = self._probe()
+        reason = "it does not report SERVING"
+        # The request itself, once, over a connection that reaches a NOT_SERVING server: the
+        # server's refusal says why in its own words; no answer at all says it is unreachable.
+        probe = {
+            "Classify": pb_grpc.ClassifierStub(channel).Classify,
+            "GetModelInfo": pb_grpc.ClassifierStub(channel).GetModelInfo,
+        }.get(method)
+        left = deadline - time.monotonic()
+        if probe is not None and left > 0:
+            try:
+                probe(request, timeout=left, metadata=self._cfg.metadata)
+            except grpc.RpcError as exc:
+                err = error_from_rpc(exc)
+                if err.code is grpc.StatusCode.UNAVAILABLE:
+                    reason = why_not_serving(err)
+        logger.info("%s: %s; waiting up to %.3gs for SERVING", self.address, reason, max(left, 0.0))
+        health = health_pb2_grpc.HealthStub(channel)
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                for answer in health.Watch(
+                    _WATCH, timeout=left, wait_for_ready=True, metadata=self._cfg.metadata
+                ):
+                    if answer.status == _SERVING:
+                        return ""
+                    reason = _watch_status(answer.status, reason)
+            except grpc.RpcError as exc:
+                code = error_from_rpc(exc).code
+                if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                    break
+                if code is not grpc.StatusCode.UNAVAILABLE:
+                    return ""  # no health service to watch (UNIMPLEMENTED...): the retries decide
+            # The stream ended (a server ends its watches as it shuts down): watch again; the
+            # next Watch waits for a connection, and this pause keeps a flapping one from spinning.
+            time.sleep(min(max(self._cfg.backoff, 0.05), max(left, 0.0)))
+        return reason
 
     def _shared_memory(self) -> SharedMemorySession | None:
         """The shared memory session, set up on first use; None when requests go through the socket."""
@@ -337,12 +437,30 @@ class Client:
 
     def _call(self, method: str, fn: Callable[..., Resp], request: Any, deadline: float | None) -> Resp:
         attempt = 0
+        started = time.monotonic()
+        waited = False
         while True:
             try:
-                return fn(request, timeout=_Config.remaining(deadline, method), metadata=self._cfg.metadata)
+                # Once a server has reported SERVING, the channel's own health check may lag it by
+                # a moment: wait_for_ready lets the retry wait for that instead of failing again.
+                left = _Config.remaining(deadline, method)
+                return fn(request, timeout=left, metadata=self._cfg.metadata, wait_for_ready=waited or None)
             except grpc.RpcError as exc:
                 err = error_from_rpc(exc)
-            time.sleep(self._cfg.next_attempt(err, attempt, deadline, method))
+            if (
+                err.code is grpc.StatusCode.UNAVAILABLE
+                and deadline is not None
+                and attempt < self._cfg.retries
+            ):
+                reason = self._wait_serving(method, request, deadline)
+                if reason:
+                    raise self._cfg.gave_up(reason, deadline, started) from None
+                waited = True
+            try:
+                delay = self._cfg.next_attempt(err, attempt, deadline, method)
+            except CifarServeError as final:
+                raise self._cfg.plainly(final) from None
+            time.sleep(delay)
             attempt += 1
 
     def classify(
@@ -414,6 +532,8 @@ class Client:
         finally:
             for ch in self._shm_channels:
                 ch.close()
+            if self._probe_channel is not None:
+                self._probe_channel.close()
             self._channel.close()
 
     def __enter__(self) -> Client:
@@ -467,6 +587,7 @@ class AsyncClient:
         )
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.ClassifierStub | None = None
+        self._probe_channel: grpc.aio.Channel | None = None
 
     @property
     def address(self) -> str:
@@ -475,28 +596,82 @@ class AsyncClient:
     def __repr__(self) -> str:
         return f"AsyncClient({self._cfg.address!r})"
 
+    def _open_channel(self, options: Sequence[tuple[str, Any]]) -> grpc.aio.Channel:
+        if self._cfg.credentials is not None:
+            return grpc.aio.secure_channel(self._cfg.target.target, self._cfg.credentials, options=options)
+        return grpc.aio.insecure_channel(self._cfg.target.target, options=options)
+
     def _get_stub(self) -> pb_grpc.ClassifierStub:
         if self._stub is None:
-            if self._cfg.credentials is not None:
-                self._channel = grpc.aio.secure_channel(
-                    self._cfg.target.target, self._cfg.credentials, options=self._cfg.options
-                )
-            else:
-                self._channel = grpc.aio.insecure_channel(self._cfg.target.target, options=self._cfg.options)
+            self._channel = self._open_channel(self._cfg.options)
             self._stub = pb_grpc.ClassifierStub(self._channel)
         return self._stub
+
+    async def _wait_serving(self, method: str, request: Any, deadline: float) -> str:
+        """See :meth:`Client._wait_serving`."""
+        if self._probe_channel is None:
+            self._probe_channel = self._open_channel(self._cfg.probe_options)
+        channel = self._probe_channel
+        reason = "it does not report SERVING"
+        probe = {
+            "Classify": pb_grpc.ClassifierStub(channel).Classify,
+            "GetModelInfo": pb_grpc.ClassifierStub(channel).GetModelInfo,
+        }.get(method)
+        left = deadline - time.monotonic()
+        if probe is not None and left > 0:
+            try:
+                await probe(request, timeout=left, metadata=self._cfg.metadata)
+            except grpc.RpcError as exc:
+                err = error_from_rpc(exc)
+                if err.code is grpc.StatusCode.UNAVAILABLE:
+                    reason = why_not_serving(err)
+        logger.info("%s: %s; waiting up to %.3gs for SERVING", self.address, reason, max(left, 0.0))
+        health = health_pb2_grpc.HealthStub(channel)
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                watch = health.Watch(_WATCH, timeout=left, wait_for_ready=True, metadata=self._cfg.metadata)
+                async for answer in watch:
+                    if answer.status == _SERVING:
+                        watch.cancel()
+                        return ""
+                    reason = _watch_status(answer.status, reason)
+            except grpc.RpcError as exc:
+                code = error_from_rpc(exc).code
+                if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                    break
+                if code is not grpc.StatusCode.UNAVAILABLE:
+                    return ""
+            await asyncio.sleep(min(max(self._cfg.backoff, 0.05), max(left, 0.0)))
+        return reason
 
     async def _call(
         self, method: str, fn: Callable[..., Awaitable[Resp]], request: Any, deadline: float | None
     ) -> Resp:
         attempt = 0
+        started = time.monotonic()
+        waited = False
         while True:
             try:
                 left = _Config.remaining(deadline, method)
-                return await fn(request, timeout=left, metadata=self._cfg.metadata)
+                return await fn(
+                    request, timeout=left, metadata=self._cfg.metadata, wait_for_ready=waited or None
+                )
             except grpc.RpcError as exc:  # grpc.aio.AioRpcError is one
                 err = error_from_rpc(exc)
-            await asyncio.sleep(self._cfg.next_attempt(err, attempt, deadline, method))
+            if (
+                err.code is grpc.StatusCode.UNAVAILABLE
+                and deadline is not None
+                and attempt < self._cfg.retries
+            ):
+                reason = await self._wait_serving(method, request, deadline)
+                if reason:
+                    raise self._cfg.gave_up(reason, deadline, started) from None
+                waited = True
+            try:
+                delay = self._cfg.next_attempt(err, attempt, deadline, method)
+            except CifarServeError as final:
+                raise self._cfg.plainly(final) from None
+            await asyncio.sleep(delay)
             attempt += 1
 
     async def classify(
@@ -540,9 +715,12 @@ class AsyncClient:
         return ModelInfo.from_proto(msg)
 
     async def close(self) -> None:
+        if self._probe_channel is not None:
+            await self._probe_channel.close()
         if self._channel is not None:
             await self._channel.close()
         self._channel = None
+        self._probe_channel = None
         self._stub = None
 
     async def __aenter__(self) -> AsyncClient:

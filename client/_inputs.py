@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from cifar_serve.server.errors import InvalidInput
 from cifar_serve.server.preprocess import IMAGE_BYTES, IMAGE_SHAPE, decode_image, pil_to_array
@@ -40,6 +40,7 @@ __all__ = [
     "build_request",
     "chunk_parts",
     "count_images",
+    "decode_file_bytes",
     "load_image_file",
     "to_parts",
 ]
@@ -63,10 +64,23 @@ def load_image_file(path: str | os.PathLike[str], *, max_pixels: int = 16_000_00
     Raises ``OSError`` when the file cannot be read and ``InvalidArgumentError`` when it is
     not a decodable image (the message names the file).
     """
-    data = Path(path).read_bytes()
+    return decode_file_bytes(Path(path).read_bytes(), os.fspath(path), max_pixels=max_pixels)
+
+
+def decode_file_bytes(data: bytes, what: str, *, max_pixels: int = 16_000_000) -> np.ndarray:
+    """Decode one encoded file's bytes into uint8 ``[32,32,3]``, exactly as the server would.
+
+    Raises ``InvalidArgumentError`` naming ``what`` when the bytes are not a decodable image.
+    """
     try:
-        image: np.ndarray = decode_image(data, max_pixels=max_pixels, what=os.fspath(path))
+        image: np.ndarray = decode_image(data, max_pixels=max_pixels, what=what)
     except InvalidInput as exc:
+        if isinstance(exc.__cause__, UnidentifiedImageError):
+            # The server's wording tells a caller what to send; here the caller has a file.
+            raise invalid_argument(
+                f"{what}: not an image file ({len(data)} bytes in none of the formats read: PNG, JPEG, "
+                "BMP, GIF, TIFF, WebP)"
+            ) from None
         raise invalid_argument(readable_message(exc.message)) from None
     return image
 

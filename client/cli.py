@@ -1,9 +1,13 @@
 """``cifar-classify``: classify image files and folders with a cifar-serve server.
 
-Files are read and decoded here, with the server's own decoding (``decode_image``), and sent as
-packed batches: a file that cannot be read or decoded is reported on stderr and skipped, without
-failing the batch it would have been part of; the next batch is decoded while the server works
-on the current one.
+Files (and ``.tar``/``.zip`` members) are read and decoded here, with the server's own decoding
+(``decode_image``), and sent as packed batches: a file that cannot be read or decoded is reported
+on stderr and skipped, without failing the batch it would have been part of; the next batch is
+decoded while the server works on the current one.
+
+``--output FILE`` appends rows to FILE a batch at a time, flushed before the next request, so a
+run killed at any point leaves every row it received; ``--resume`` reads FILE back and skips the
+images it names, so the finished FILE holds every image exactly once.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -29,7 +34,8 @@ from tqdm import tqdm
 
 from ._client import DEFAULT_ADDRESS, Client
 from ._errors import CifarServeError
-from ._inputs import load_image_file
+from ._inputs import decode_file_bytes
+from ._sources import ARCHIVE_SUFFIXES, IMAGE_SUFFIXES, ImageSource, find_images
 from ._types import Classification
 
 __all__ = [
@@ -39,13 +45,14 @@ __all__ = [
     "EXIT_SKIPPED",
     "EXIT_USAGE",
     "IMAGE_SUFFIXES",
+    "OUTPUT_FORMATS",
     "find_images",
     "main",
 ]
 
 logger = logging.getLogger("cifar_serve.client.cli")
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"})
+OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl"}  # --output FILE's format, by its suffix
 EXIT_OK = 0
 EXIT_SKIPPED = 1
 EXIT_USAGE = 2
@@ -56,10 +63,18 @@ EXIT_INTERRUPTED = 130  # the shell's status for a process ended by Ctrl-C (128 
 
 _EPILOG = f"""\
 Folders are searched for files ending in {", ".join(sorted(IMAGE_SUFFIXES))} (any case); files named
-explicitly are tried whatever their suffix. Files are decoded here, exactly as the server decodes
-them, and sent in packed batches; a file that cannot be read or decoded is reported on stderr and
-skipped. Results go to stdout as they arrive, one per file, in the order found (folders sorted
-by path); an interrupted run keeps the rows it has written.
+explicitly are tried whatever their suffix. Archives ({", ".join(ARCHIVE_SUFFIXES)}) named
+explicitly give every member named like an image, at any depth, sorted by name; their rows name
+them ARCHIVE/MEMBER. Files are decoded here, exactly as the server decodes them, and sent in
+packed batches; a file that cannot be read or decoded is reported on stderr and skipped. Results
+go to stdout as they arrive, one per file, in the order found (folders sorted by path); an
+interrupted run keeps the rows it has written.
+
+Long runs: --output FILE (.csv or .jsonl) appends the rows to FILE a batch at a time, each batch
+flushed before the next is sent, so a run that is killed keeps every row it received. Run the
+same command with --resume to continue it: the images FILE already names are skipped (a half-
+written last row is dropped and redone), so the finished FILE has every image exactly once.
+Without --resume, an existing FILE that holds rows is left alone and the run refused.
 
 --server takes one server, several (comma-separated, used round-robin while they report SERVING;
 a request a server never answered is retried on another), or dns:///NAME:PORT resolving to
@@ -78,7 +93,8 @@ exit status:
 
 environment:
   CIFAR_SERVE_ADDRESS  default for --server ({DEFAULT_ADDRESS} when unset)
-  CIFAR_SERVE_TOKEN    default for --token (keeps the token out of the process list)
+  CIFAR_SERVE_AUTH_TOKEN  default for --token, the variable cifar-serve reads its --auth-token from
+                       (keeps the token out of the process list; CIFAR_SERVE_TOKEN is read too)
   CIFAR_SERVE_SHARED_MEMORY  default for --shared-memory (auto when unset)
 """
 
@@ -124,9 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-f",
         "--format",
-        choices=("table", "json", "csv"),
-        default="table",
-        help="output format on stdout (default: table)",
+        choices=("table", "json", "jsonl", "csv"),
+        default=None,
+        help="output format on stdout (default: table); with --output, FILE's suffix decides",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="append the rows to FILE (.csv or .jsonl) instead of stdout, flushed per batch",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue --output FILE: skip the images it already names (a new FILE is started)",
     )
     p.add_argument("--logits", action="store_true", help="also output the 10 raw logits (json and csv)")
     p.add_argument(
@@ -181,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tls.add_argument(
         "--token",
-        default=os.environ.get("CIFAR_SERVE_TOKEN") or None,
-        help="bearer token sent as 'authorization: Bearer TOKEN' (default: $CIFAR_SERVE_TOKEN)",
+        # The server's name for the same secret; the client's old name still works.
+        default=os.environ.get("CIFAR_SERVE_AUTH_TOKEN") or os.environ.get("CIFAR_SERVE_TOKEN") or None,
+        help="bearer token sent as 'authorization: Bearer TOKEN' (default: $CIFAR_SERVE_AUTH_TOKEN)",
     )
     p.add_argument(
         "--no-progress",
@@ -193,45 +221,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def find_images(paths: Sequence[str], recursive: bool) -> tuple[list[Path], list[tuple[str, str]]]:
-    """The files to classify, in order, and the (path, reason) of each argument that is not usable."""
-    files: list[Path] = []
-    missing: list[tuple[str, str]] = []
-    for arg in paths:
-        path = Path(arg)
-        if path.is_dir():
-            found = path.rglob("*") if recursive else path.iterdir()
-            files.extend(sorted(f for f in found if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()))
-        elif path.is_file():
-            files.append(path)
-        elif path.exists():
-            missing.append((arg, "not a regular file or folder"))
-        else:
-            missing.append((arg, "no such file or folder"))
-    return files, missing
-
-
 def _has_subfolders(path: Path) -> bool:
     return path.is_dir() and any(p.is_dir() for p in path.iterdir())
 
 
 @dataclass
 class _Decoded:
-    path: Path
+    name: str
     image: np.ndarray | None
     error: str = ""
 
 
-def _decode(path: Path) -> _Decoded:
+def _decode(source: ImageSource) -> _Decoded:
     try:
-        return _Decoded(path, load_image_file(path))
-    except CifarServeError as exc:  # not decodable; the message names the file
-        return _Decoded(path, None, exc.message.removeprefix(f"{path}: "))
+        data = source.read()
     except OSError as exc:
-        return _Decoded(path, None, exc.strerror or str(exc))
+        return _Decoded(source.name, None, exc.strerror or str(exc))
+    except Exception as exc:  # a damaged archive member (tarfile, zipfile, zlib each raise their own)
+        return _Decoded(source.name, None, f"cannot read it from the archive ({exc})")
+    try:
+        return _Decoded(source.name, decode_file_bytes(data, source.name))
+    except CifarServeError as exc:  # not decodable; the message names the file
+        return _Decoded(source.name, None, exc.message.removeprefix(f"{source.name}: "))
 
 
-def _batches(files: list[Path], size: int, pool: ThreadPoolExecutor) -> Iterator[list[_Decoded]]:
+def _batches(files: list[ImageSource], size: int, pool: ThreadPoolExecutor) -> Iterator[list[_Decoded]]:
     """Decoded batches in order; batch n+1 is being decoded while the caller works on batch n."""
     chunks = [files[i : i + size] for i in range(0, len(files), size)]
     pending: list[Future[_Decoded]] = [pool.submit(_decode, f) for f in chunks[0]] if chunks else []
@@ -241,9 +255,9 @@ def _batches(files: list[Path], size: int, pool: ThreadPoolExecutor) -> Iterator
         yield done
 
 
-def _row(path: Path, result: Classification, logits: bool) -> dict[str, Any]:
+def _row(name: str, result: Classification, logits: bool) -> dict[str, Any]:
     row: dict[str, Any] = {
-        "path": str(path),
+        "path": name,
         "label": result.label,
         "class_index": result.class_index,
         "probability": result.probability,
@@ -297,30 +311,45 @@ class _CtrlC:
             signal.signal(signal.SIGINT, previous)
 
 
+def _csv_header(top_k: int, n_logits: int) -> list[str]:
+    header = ["path", "label", "class_index", "probability"]
+    for r in range(2, top_k + 1):
+        header += [f"label_{r}", f"class_index_{r}", f"probability_{r}"]
+    return header + [f"logit_{i}" for i in range(n_logits)]
+
+
 class _Output:
     """Rows written as they arrive, a batch at a time, so an interrupted run keeps what it got.
 
     JSON is one array, opened at the first row and closed by :meth:`close` (also after Ctrl-C);
-    CSV's header and the table's header come with the first batch; the table's path column is
-    as wide as the longest path found, so its rows line up without waiting for the others.
+    JSON Lines is one object a line; CSV's header and the table's header come with the first
+    batch (unless ``has_header``: a resumed file has one); the table's path column is as wide as
+    the longest path found, so its rows line up without waiting for the others.
     """
 
     def __init__(
-        self, out: TextIO, fmt: str, top_k: int, logits: bool, path_width: int, ctrl_c: _CtrlC
+        self,
+        out: TextIO,
+        fmt: str,
+        top_k: int,
+        logits: bool,
+        path_width: int,
+        ctrl_c: _CtrlC,
+        has_header: bool = False,
     ) -> None:
         self.out, self.fmt, self.top_k, self.logits, self.ctrl_c = out, fmt, top_k, logits, ctrl_c
         self.path_width = max(path_width, len("PATH"))
+        self.has_header = has_header
         self.rows = 0
 
     def _header(self, first: dict[str, Any], buf: io.StringIO) -> None:
         if self.fmt == "json":
             buf.write("[\n")
         elif self.fmt == "csv":
-            header = ["path", "label", "class_index", "probability"]
-            for r in range(2, self.top_k + 1):
-                header += [f"label_{r}", f"class_index_{r}", f"probability_{r}"]
-            header += [f"logit_{i}" for i in range(len(first.get("logits", ())))]
+            header = _csv_header(self.top_k, len(first.get("logits", ())))
             csv.writer(buf, lineterminator="\n").writerow(header)
+        elif self.fmt == "jsonl":
+            pass
         else:
             self._table_line(["PATH", "LABEL", "PROBABILITY"] + (["TOP-K"] if self.top_k > 1 else []), buf)
 
@@ -336,9 +365,11 @@ class _Output:
         writer = csv.writer(buf, lineterminator="\n")
         n = self.rows
         for row in rows:
-            if n == 0:
+            if n == 0 and not self.has_header:
                 self._header(row, buf)
-            if self.fmt == "json":
+            if self.fmt == "jsonl":
+                buf.write(json.dumps(row) + "\n")
+            elif self.fmt == "json":
                 text = json.dumps(row, indent=2)
                 buf.write(("" if n == 0 else ",\n") + "  " + text.replace("\n", "\n  "))
             elif self.fmt == "csv":
@@ -366,6 +397,67 @@ class _Output:
             self.out.flush()
 
 
+class _UsageError(Exception):
+    """Bad usage found after parsing (about --output FILE); the message says what to do."""
+
+
+def _output_format(args: argparse.Namespace) -> str:
+    if args.output is None:
+        if args.resume:
+            raise _UsageError("--resume continues an --output FILE: give one")
+        return str(args.format or "table")
+    suffix = Path(args.output).suffix.lower()
+    fmt = OUTPUT_FORMATS.get(suffix)
+    if fmt is None:
+        raise _UsageError(f"--output {args.output}: name it .csv or .jsonl (its suffix sets the format)")
+    if args.format is not None and args.format != fmt:
+        raise _UsageError(f"--output {args.output} is written as {fmt}, not --format {args.format}")
+    return fmt
+
+
+def _drop_partial_row(path: Path) -> bytes:
+    """FILE's complete lines; a last line without its newline (a run killed mid-write) is cut off."""
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        logger.info(
+            "%s: dropping a half-written last row (%d bytes); it is done again", path, len(data) - end
+        )
+        with path.open("r+b") as f:
+            f.truncate(end)
+        data = data[:end]
+    return data
+
+
+def _rows_done(path: Path, fmt: str, top_k: int, logits: bool) -> tuple[set[str], bool]:
+    """The names FILE already has rows for, and whether it has a CSV header; refuses a FILE
+    written with other columns, which a resumed run would otherwise extend with mismatched rows."""
+    text = _drop_partial_row(path).decode("utf-8")
+    if not text:
+        return set(), False
+    other = f"{path} was written with other columns; resume with the --top-k and --logits it was started with"
+    if fmt == "csv":
+        table = list(csv.reader(io.StringIO(text)))
+        header = table[0]
+        n_logits = sum(1 for h in header if h.startswith("logit_"))
+        if header != _csv_header(top_k, n_logits) or (n_logits > 0) != logits:
+            raise _UsageError(other)
+        return {row[0] for row in table[1:] if row}, True
+    names: set[str] = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name = row["path"]
+        except (ValueError, KeyError, TypeError):
+            raise _UsageError(f"{path}:{number}: not a row cifar-classify wrote") from None
+        if len(row.get("predictions", ())) != top_k or ("logits" in row) != logits:
+            raise _UsageError(other)
+        names.add(name)
+    return names, False
+
+
 def _bar_size() -> dict[str, int]:
     """Nothing (tqdm follows the terminal) unless the terminal reports a zero size, which hides the bar."""
     try:
@@ -385,23 +477,64 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        stream=sys.stderr,
-        format="cifar-classify: %(message)s",
-    )
+    try:
+        fmt = _output_format(args)
+    except _UsageError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="cifar-classify: %(message)s")
+    # -v is about our requests and retries; Pillow's decoder chatter (STREAM b'IHDR') is not.
+    logging.getLogger("cifar_serve").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
 
-    files, missing = find_images(args.paths, args.recursive)
-    for arg, reason in missing:
-        _say(f"skipped {arg}: {reason}")
-    if not files:
-        nested = [] if args.recursive else [a for a in args.paths if _has_subfolders(Path(a))]
-        hint = f"; {', '.join(nested)} has subfolders: add --recursive to search them" if nested else ""
-        _say(f"no image files to classify{hint}")
-        return EXIT_USAGE
+    with ExitStack() as stack:
+        files, missing, archives = find_images(args.paths, args.recursive)
+        for archive in archives:
+            stack.callback(archive.close)
+        for arg, reason in missing:
+            _say(f"skipped {arg}: {reason}")
+        if not files:
+            nested = [] if args.recursive else [a for a in args.paths if _has_subfolders(Path(a))]
+            hint = f"; {', '.join(nested)} has subfolders: add --recursive to search them" if nested else ""
+            _say(f"no image files to classify{hint}")
+            return EXIT_USAGE
+        return _classify(args, fmt, files, len(missing), stack)
 
-    skipped = len(missing)
-    show_bar = not args.no_progress and sys.stderr.isatty() and len(files) >= _PROGRESS_MIN_FILES
+
+def _classify(
+    args: argparse.Namespace, fmt: str, files: list[ImageSource], skipped: int, stack: ExitStack
+) -> int:
+    out: TextIO = sys.stdout
+    out_path = Path(args.output) if args.output else None
+    done: set[str] = set()
+    has_header = False
+    if out_path is not None:
+        if out_path.is_file() and out_path.stat().st_size:
+            if not args.resume:
+                _say(f"error: {out_path} already holds rows: add --resume to continue it, or remove it")
+                return EXIT_USAGE
+            try:
+                done, has_header = _rows_done(out_path, fmt, args.top_k, args.logits)
+            except _UsageError as exc:
+                _say(f"error: {exc}")
+                return EXIT_USAGE
+            except (OSError, UnicodeDecodeError) as exc:
+                _say(f"error: cannot resume {out_path}: {exc}")
+                return EXIT_USAGE
+        try:
+            out = stack.enter_context(out_path.open("a", encoding="utf-8", newline=""))
+        except OSError as exc:
+            _say(f"error: cannot write {out_path}: {exc.strerror or exc}")
+            return EXIT_USAGE
+    todo = [f for f in files if f.name not in done] if done else files
+    if done:
+        _say(
+            f"resuming {out_path}: {len(files) - len(todo)} of {len(files)} image(s) done, {len(todo)} to go"
+        )
+    if not todo:
+        _say(f"{out_path}: every image is there already")
+        return EXIT_OK
+    again = f"; run it again with --resume to continue {out_path}" if out_path is not None else ""
+
+    show_bar = not args.no_progress and sys.stderr.isatty() and len(todo) >= _PROGRESS_MIN_FILES
     try:
         client = Client(
             args.server,
@@ -420,10 +553,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(f"error: {exc}")
         return EXIT_USAGE
     ctrl_c = _CtrlC()
-    width = max(len(str(f)) for f in files)
-    output = _Output(sys.stdout, args.format, args.top_k, args.logits, width, ctrl_c)
+    width = max(len(f.name) for f in todo)
+    output = _Output(out, fmt, args.top_k, args.logits, width, ctrl_c, has_header=has_header)
     size: dict[str, Any] = _bar_size() if show_bar else {}
-    bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=not show_bar, **size)
+    bar = tqdm(
+        total=len(files),
+        initial=len(files) - len(todo),
+        unit="img",
+        file=sys.stderr,
+        disable=not show_bar,
+        **size,
+    )
     status = EXIT_OK
     try:
         with (
@@ -432,12 +572,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool,
             bar,
         ):
-            for batch in _batches(files, args.batch_size, pool):
+            for batch in _batches(todo, args.batch_size, pool):
                 good = [d for d in batch if d.image is not None]
                 for d in batch:
                     if d.image is None:
                         skipped += 1
-                        _say(f"skipped {d.path}: {d.error}")
+                        _say(f"skipped {d.name}: {d.error}")
                 if good:
                     try:
                         results = client.classify(
@@ -447,14 +587,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         )
                     except CifarServeError as exc:
                         bar.close()
-                        _say(f"error: {client.address}: {exc}")
+                        where = "" if client.address in exc.message else f"{client.address}: "
+                        _say(f"error: {where}{exc}{again}")
                         status = EXIT_FAILED
                         break
-                    output.write([_row(d.path, r, args.logits) for d, r in zip(good, results, strict=True)])
+                    output.write([_row(d.name, r, args.logits) for d, r in zip(good, results, strict=True)])
                 bar.update(len(batch))
     except KeyboardInterrupt:
         bar.close()
-        _say(f"interrupted: {output.rows} of {len(files)} image(s) classified and written")
+        _say(f"interrupted: {output.rows} of {len(todo)} image(s) classified and written{again}")
         status = EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. piped into `head`: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -463,6 +604,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         output.close()
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if out_path is not None:
+        _say(f"{out_path}: {len(done) + output.rows} row(s), {output.rows} written by this run")
     if status != EXIT_OK:
         return status
     if not output.rows:

@@ -38,6 +38,13 @@ def parity_data_path(value: str) -> str:
     )
 
 
+def _model_version(text: str) -> str:
+    """A positive integer, as Triton numbers a model's versions (its repository's folder names)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return str(int(text))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cifar-export", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -75,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
         "folders are replaced)",
     )
     add_int8_arguments(p)
+    p.add_argument(
+        "--version",
+        type=_model_version,
+        default="1",
+        help="model version written into manifest.json: give each retrained model the next one, and "
+        "a server reloading it logs 'now serving version N' and answers with it",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     return p
 
@@ -110,8 +124,25 @@ def main(argv: list[str] | None = None) -> int:
             split = load_split(parity_data_path(args.parity_data), "test")
             images = split.images if args.parity_images <= 0 else split.images[: args.parity_images]
         int8 = int8_request(args, parity_data_path)
+        # The export is silent until its end (a minute on a slow CPU): say what is under way.
+        checks = (
+            f"then a parity check on {len(images)} test images" if images is not None else "no parity check"
+        )
+        logger.info(
+            "exporting %s to %s: TorchScript, ONNX%s, %s",
+            args.checkpoint,
+            args.out,
+            ", int8 ONNX" if int8 is not None else "",
+            checks,
+        )
         result = export_model(
-            args.checkpoint, args.out, images, opset=args.opset, force=args.force, int8=int8
+            args.checkpoint,
+            args.out,
+            images,
+            opset=args.opset,
+            force=args.force,
+            int8=int8,
+            model_version=args.version,
         )
         if args.triton_repo:
             from .triton import write_triton_repo

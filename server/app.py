@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
 import time
 from pathlib import Path
@@ -121,6 +122,7 @@ class CifarServer:
         self.settings = settings
         # A worker process of --workers N passes the model process's core (server/remote.py).
         self.core: ServingCore = core if core is not None else InferenceCore(settings, Metrics(), runtime)
+        self._worker = core is not None
         self.metrics = self.core.metrics
         self.lifecycle: Lifecycle = self.core.lifecycle
         self.admission = Admission(settings, self.lifecycle, self.metrics)
@@ -251,7 +253,9 @@ class CifarServer:
         await server.start()
         self._server = server
         warn_exposure(s)
-        logger.info("listening on %s:%d (metrics on %d); warming up", s.host, self.port, self.metrics_port)
+        # A worker of --workers N has no metrics port of its own (the supervisor serves them all).
+        metrics = f" (metrics on {self.metrics_port})" if self.metrics_port >= 0 else ""
+        logger.info("listening on %s:%d%s; warming up", s.host, self.port, metrics)
 
     async def _start_rest(self) -> None:
         from .rest import RestServer  # Starlette and uvicorn load only when REST is on
@@ -278,14 +282,20 @@ class CifarServer:
             return  # failed or told to stop while warming up
         await self._sync_health()
         d = self.core.runtime.describe()
+        # Scalars only: the runtime table has its own log line from the runtime.
+        details = ", ".join(f"{k} {v}" for k, v in d.items() if isinstance(v, (str, int, float, bool)))
+        name, version = self.core.model_name, self.core.model_version
+        if self._worker:  # one "ready on" line per server: the supervisor's, once every worker is
+            logger.info("worker serving %s v%s: %s", name, version, details)
+            return
         logger.info(
-            "serving %s v%s on %s:%d: %s",
-            self.core.model_name,
-            self.core.model_version,
+            "ready on %s:%d (pid %d): serving %s v%s, %s",
             s.host,
             self.port,
-            # Scalars only: the runtime table has its own log line from the runtime.
-            ", ".join(f"{k} {v}" for k, v in d.items() if isinstance(v, (str, int, float, bool))),
+            os.getpid(),
+            name,
+            version,
+            details,
         )
 
     async def stop(self, grace: float | None = None) -> None:

@@ -10,6 +10,7 @@ No grpc or protobuf import here.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ __all__ = [
     "repository_index",
     "repository_state",
     "server_metadata",
+    "serving_platform",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,11 +53,26 @@ def server_metadata(version: str) -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": version, "extensions": list(EXTENSIONS)}
 
 
+def serving_platform(core: ServingCore) -> str:
+    """Triton's platform name for the runtime that serves most batch sizes.
+
+    With ``--backend auto`` the warm-up times both runtimes and each batch size goes to the
+    faster (the runtime table), so the name follows the table rather than naming a fixed one.
+    """
+    backend = core.runtime.backend
+    if backend == "auto":
+        table = core.runtime.describe().get("runtime_table") or ()
+        counts = Counter(str(row.get("runtime")) for row in table)
+        if counts:  # a tie goes to TorchScript, the primary artifact
+            backend = max(counts, key=lambda name: (counts[name], name == "torchscript"))
+    return platform_name(backend)
+
+
 def model_metadata(core: ServingCore) -> dict[str, Any]:
     return {
         "name": core.model_name,
         "versions": [core.model_version],
-        "platform": platform_name(core.runtime.backend),
+        "platform": serving_platform(core),
         "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, *IMAGE_SHAPE]}],
         "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, core.num_classes]}],
     }
@@ -64,7 +81,7 @@ def model_metadata(core: ServingCore) -> dict[str, Any]:
 def model_config(core: ServingCore) -> dict[str, Any]:
     """The model's configuration in the shape of Triton's ``model_config`` JSON (the fields that apply)."""
     s = core.settings
-    platform = platform_name(core.runtime.backend)
+    platform = serving_platform(core)
     device = core.runtime.device
     gpu = device.type == "cuda"
     return {

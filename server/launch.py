@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 
-from .app import CifarServer
+from .app import CifarServer, StartupError
 from .core import Runtime
 from .settings import Settings
 from .workers import Supervisor, serve_workers
@@ -24,12 +27,41 @@ __all__ = ["ServerThread", "serve"]
 logger = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def _pid_file(path: str) -> Iterator[None]:
+    """``path`` holds this process's id while it runs (``--pid-file``), removed at exit if still ours."""
+    if not path:
+        yield
+        return
+    pid_file, pid = Path(path), str(os.getpid())
+    try:
+        pid_file.write_text(pid + "\n")
+    except OSError as exc:
+        raise StartupError(f"cannot write --pid-file {path}: {exc.strerror or exc}") from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if pid_file.read_text().strip() == pid:  # not a later server's file
+                pid_file.unlink()
+
+
 async def serve(settings: Settings, server: CifarServer | None = None) -> int:
     """Run until SIGTERM or SIGINT (exit status 0) or a fatal failure (1), shutting down gracefully.
 
     A signal during warm-up stops the server at once: the warm-up is abandoned, not awaited.
     ``server``: one built already (tests pass one over a fake model).
     """
+    # Once the pid file names this process, a SIGHUP must not end it (the default action)
+    # before the reload handler is in place; both runners replace this one as they start.
+    asyncio.get_running_loop().add_signal_handler(
+        signal.SIGHUP, lambda: logger.warning("SIGHUP ignored: the server is starting")
+    )
+    with _pid_file(settings.pid_file):
+        return await _serve(settings, server)
+
+
+async def _serve(settings: Settings, server: CifarServer | None) -> int:
     if settings.workers > 1 and server is None:
         return await serve_workers(settings)
     server = server if server is not None else CifarServer(settings)

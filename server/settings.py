@@ -11,7 +11,7 @@ import functools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["ENV_PREFIX", "Settings", "SettingsError", "build_parser", "settings_from_args"]
 
@@ -39,8 +39,8 @@ class Settings:
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N (auto: the GPU when there is one)")
     backend: str = _opt(
         "auto",
-        "runtime: torchscript, onnxruntime, or auto (CPU fp32: ONNX Runtime for batches of up to 4 "
-        "images, frozen TorchScript above; otherwise TorchScript)",
+        "runtime: torchscript, onnxruntime, or auto (CPU fp32: both load, warm-up times each at every "
+        "batch size and the faster serves it, as the start-up runtime table shows; otherwise TorchScript)",
         choices=("auto", "torchscript", "onnxruntime"),
     )
     precision: str = _opt(
@@ -65,7 +65,9 @@ class Settings:
     max_images_per_request: int = _opt(1024, "most images in one request (larger: INVALID_ARGUMENT)")
     max_image_pixels: int = _opt(16_000_000, "most pixels an encoded image may declare (decompression bombs)")
     max_receive_message_bytes: int = _opt(16 * 1024 * 1024, "largest request message accepted")
-    max_stream_requests: int = _opt(100_000, "most requests on one ClassifyStream call")
+    max_stream_requests: int = _opt(
+        100_000, "most requests on one streaming call (ClassifyStream, ModelStreamInfer)"
+    )
     grace_period_s: float = _opt(10.0, "on SIGTERM/SIGINT, how long in-flight work may take to finish")
     model_name: str = _opt("", "name to serve the model under (default: the manifest's)")
     verify_sha256: bool = _opt(True, "check the artifact's sha256 against the manifest at start-up")
@@ -130,6 +132,11 @@ class Settings:
         "the window --max-restarts counts restarts in; repeated restarts of one role wait longer each "
         "time, all together less than half of it",
     )
+    pid_file: str = _opt(
+        "",
+        "write the server's process id to this file at start-up (for kill -HUP $(cat FILE) on a host "
+        "with other servers); removed at exit",
+    )
 
     def __post_init__(self) -> None:
         # Validated here, not in the CLI, so settings built from the environment, from flags or
@@ -145,7 +152,9 @@ def _parse_bool(text: str) -> bool:
         return True
     if value in ("0", "false", "no", "off", ""):
         return False
-    raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
+    raise argparse.ArgumentTypeError(
+        f"not a boolean: {text!r} (use true or false; yes/no, on/off, 1/0 work too)"
+    )
 
 
 def _convert(kind: Any, text: str) -> Any:
@@ -158,14 +167,70 @@ def _convert(kind: Any, text: str) -> Any:
     return text
 
 
+# --help lists the options in these groups, in this order; a field named in none of them is
+# listed under "other" (so a new option shows up even before it is placed here).
+_GROUPS: dict[str, tuple[str, ...]] = {
+    "network": ("host", "port", "http_port", "metrics_port", "http_read_timeout_s"),
+    "model": (
+        "model_dir",
+        "model_name",
+        "device",
+        "backend",
+        "precision",
+        "torch_threads",
+        "spin_wait",
+        "cuda_graphs",
+        "verify_sha256",
+        "model_control_mode",
+        "model_repository",
+    ),
+    "batching": (
+        "max_batch_size",
+        "max_batch_delay_ms",
+        "idle_dispatch",
+        "max_queue_images",
+        "max_inflight_batches",
+    ),
+    "limits": (
+        "max_images_per_request",
+        "max_image_pixels",
+        "max_receive_message_bytes",
+        "max_stream_requests",
+        "max_inflight_request_bytes",
+        "grace_period_s",
+    ),
+    "security": ("tls_cert", "tls_key", "tls_client_ca", "auth_token", "admin_token"),
+    "workers": ("workers", "max_restarts", "restart_window_s"),
+    "logging and process": ("log_level", "pid_file"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every usage error in one line, as the settings' own checks report theirs: the full usage
+    (40 options) would bury the one word that was wrong."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     env = os.environ if environ is None else environ
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="cifar-serve",
+        usage="%(prog)s [OPTIONS]  (every option also reads CIFAR_SERVE_<NAME>)",
         description="Serve the CIFAR-10 ResNet18 over gRPC (own API and Open Inference Protocol) "
         "with dynamic batching, health checking, reflection and Prometheus metrics.",
     )
-    for f in fields(Settings):
+    groups = {title: p.add_argument_group(title) for title in _GROUPS}
+    group_of = {name: groups[title] for title, names in _GROUPS.items() for name in names}
+    order = [name for names in _GROUPS.values() for name in names]
+    by_name = {f.name: f for f in fields(Settings)}
+    other = [f for f in fields(Settings) if f.name not in group_of]
+    if other:
+        groups["other"] = p.add_argument_group("other")
+    for f in [by_name[n] for n in order if n in by_name] + other:
+        g = group_of.get(f.name, groups.get("other"))
+        assert g is not None
         flag = "--" + f.name.replace("_", "-")
         env_name = ENV_PREFIX + f.name.upper()
         default = f.default
@@ -176,9 +241,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                 p.error(f"{env_name}: {exc}")
         help_text = f"{f.metadata['help']} [env {env_name}; default: {f.default!r}]"
         if f.type in (bool, "bool"):
-            p.add_argument(flag, type=_parse_bool, default=default, metavar="BOOL", help=help_text)
+            g.add_argument(flag, type=_parse_bool, default=default, metavar="BOOL", help=help_text)
         else:
-            p.add_argument(
+            g.add_argument(
                 flag,
                 type=functools.partial(_convert, f.type),
                 default=default,

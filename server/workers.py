@@ -473,7 +473,13 @@ class Supervisor:
         for w in list(self._workers):
             await self._expect(w, "serving")
         self._ready.set()
-        logger.info("serving on %s:%d with %d workers", self.settings.host, self.port, len(self._workers))
+        logger.info(
+            "ready on %s:%d (pid %d): serving with %d workers",
+            self.settings.host,
+            self.port,
+            os.getpid(),
+            len(self._workers),
+        )
 
     def reload(self) -> None:
         """SIGHUP: the model process loads ``--model-dir`` again as a new version."""

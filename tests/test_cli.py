@@ -338,3 +338,28 @@ def test_rows_are_written_as_they_arrive_and_kept_on_interrupt(
     assert "leaked" not in err  # the resource tracker found nothing to clean up either
     for row in rows:
         assert row["class_index"] == int(offline_logits[int(Path(row["path"]).stem)].argmax())
+
+
+def test_token_from_the_servers_variable_or_the_old_one(
+    fake_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    srv = fake_server(auth_token="s3cret")
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    args = [str(tmp_path), "--server", srv.address, "--shared-memory", "off"]
+    for name in ("CIFAR_SERVE_AUTH_TOKEN", "CIFAR_SERVE_TOKEN"):  # the server's name, the old alias
+        with monkeypatch.context() as env:
+            env.setenv(name, "s3cret")
+            assert main(args) == EXIT_OK, capsys.readouterr().err
+    assert main(args) == EXIT_FAILED
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+def test_a_file_that_is_no_image_is_said_so_in_the_clients_words(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    assert main([str(notes), "--server", "127.0.0.1:1"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"skipped {notes}: not an image file (12 bytes in none of the formats read: PNG, JPEG" in err
+    assert "send" not in err and "raw 32x32" not in err

@@ -326,3 +326,25 @@ def test_perf_analyzer_csv_and_goals(tmp_path: Path) -> None:
         "throughput non-decreasing c=1 -> 8 -> 32 -> 128": False,
         "64-image requests / raw model at batch 64": True,
     }
+
+
+@pytest.mark.in_process
+def test_platform_names_the_runtime_that_serves_most_batch_sizes(server: Any) -> None:
+    """--backend auto: the warm-up's runtime table routes each batch size; metadata follows it."""
+    from collections import Counter
+
+    import grpc
+
+    from cifar_serve.v1 import open_inference_pb2 as oip_pb
+    from cifar_serve.v1 import open_inference_pb2_grpc as oip_grpc
+
+    assert server.settings.backend == "auto"
+    table = server.server.core.runtime.describe()["runtime_table"]
+    counts = Counter(row["runtime"] for row in table)
+    most = max(counts, key=lambda name: (counts[name], name == "torchscript"))
+    expected = {"torchscript": "pytorch_libtorch", "onnxruntime": "onnxruntime_onnx"}[most]
+    with grpc.insecure_channel(server.address) as ch:
+        stub = oip_grpc.GRPCInferenceServiceStub(ch)
+        meta = stub.ModelMetadata(oip_pb.ModelMetadataRequest(name=server.server.core.model_name), timeout=30)
+        config = stub.ModelConfig(oip_pb.ModelConfigRequest(name=server.server.core.model_name), timeout=30)
+    assert meta.platform == expected == config.config.platform

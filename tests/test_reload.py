@@ -6,6 +6,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -193,3 +194,48 @@ def test_sighup_reloads_the_model_dir(
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_readme_sighup_story(tmp_path: Path, free_port: Any) -> None:
+    """README's SIGHUP block, copy-paste, on a free port beside this session's other servers:
+    export v1, serve it with a pid file, export v2 over it, kill -HUP "$(cat FILE)", see v2."""
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    found = re.search(
+        r"readme-test: skip \(starts a server of its own;[^)]*\) -->\n```sh\n(.*?)```", readme, re.S
+    )
+    assert found, "README's SIGHUP block is gone"
+    port = free_port()
+    body = found[1].replace("50052", str(port))
+    # The parity check is tests/test_export.py's business; here it would only add minutes.
+    body = re.sub(r"^(cifar-export .*)$", r"\1 --no-parity", body, flags=re.M)
+    for name in ("examples", "models"):
+        (tmp_path / name).symlink_to(repo / name)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", body],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log
+    # One ready line (with CIFAR_SERVE_WORKERS=2, the supervisor's), naming the pid file's process.
+    ready = re.findall(rf"ready on 127\.0\.0\.1:{port} \(pid (\d+)\): serving", log)
+    assert len(ready) == 1, log
+    assert "SIGHUP: loading" in log and "now serving version 2" in log and "(was version 1" in log, log
+    assert '"version": "2"' in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["examples", "models"]  # nothing left here
+
+
+def test_export_version_is_a_positive_integer(capsys: pytest.CaptureFixture[str]) -> None:
+    from cifar_serve.export.cli import build_parser
+
+    assert build_parser().parse_args(["--version", "02"]).version == "2"
+    assert build_parser().parse_args([]).version == "1"
+    for bad in ("0", "v2", "-1", "1.5"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--version", bad])
+    assert "must be a positive integer" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -67,3 +68,31 @@ def test_restart_limits_come_from_flags_and_environment_and_are_checked() -> Non
         Settings(max_restarts=-1)
     with pytest.raises(SettingsError, match="--restart-window-s must be positive, got 0"):
         Settings(restart_window_s=0)
+
+
+def test_a_bad_boolean_is_one_line_saying_what_works(capsys: pytest.CaptureFixture[str]) -> None:
+    from cifar_serve.server.settings import settings_from_args
+
+    for argv, env in ((["--idle-dispatch", "maybe"], {}), ([], {"CIFAR_SERVE_SPIN_WAIT": "perhaps"})):
+        with pytest.raises(SystemExit) as info:
+            settings_from_args(argv, env)
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        assert "not a boolean" in err and "use true or false" in err and "usage:" not in err
+
+
+def test_help_groups_every_option_once() -> None:
+    from dataclasses import fields
+
+    from cifar_serve.server.settings import Settings, build_parser
+
+    text = build_parser({}).format_help()
+    titles = ["network:", "model:", "batching:", "limits:", "security:", "workers:", "logging and process:"]
+    positions = [text.index(f"\n{t}\n") for t in titles]
+    assert positions == sorted(positions), text
+    assert "\nother:\n" not in text  # every option has its group
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        assert len(re.findall(rf"^  {re.escape(flag)} ", text, re.M)) == 1, flag
+    assert text.index("--port ") < text.index("\nmodel:\n") < text.index("--model-dir ")
