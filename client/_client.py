@@ -49,6 +49,12 @@ _WATCH = health_pb2.HealthCheckRequest(service=HEALTH_SERVICE)
 _NOT_SERVING_WORDS = ("retry shortly", "unloaded", "server failed", "another replica")
 
 
+# UNAVAILABLE: the request was not run. CANCELLED: a server shutting down cancels the calls it had
+# received but not started (grpc "zombifies" them); a blocking call of this client is never
+# cancelled by the client itself, and a classification is safe to run again.
+_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+
+
 def why_not_serving(err: CifarServeError) -> str:
     """In words, why a call was refused with UNAVAILABLE: warming up, draining, not serving, unreachable."""
     message = err.message
@@ -163,7 +169,7 @@ class _Config:
 
     def next_attempt(self, err: CifarServeError, attempt: int, deadline: float | None, method: str) -> float:
         """Seconds to wait before retrying ``err``; raises ``err`` when it is not to be retried."""
-        if err.code is not grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
+        if err.code not in _RETRYABLE or attempt >= self.retries:
             raise err
         delay = min(self.backoff * 2.0**attempt, _MAX_BACKOFF_S)
         if deadline is not None and time.monotonic() + delay >= deadline:
@@ -227,7 +233,8 @@ class Client:
     reachable, gets no new requests until it is back); see :mod:`cifar_serve.client._targets`.
 
     ``timeout`` is the default deadline, in seconds, of each method call (every request and retry
-    it makes); ``retries`` is how many times a request that failed with UNAVAILABLE is tried again,
+    it makes); ``retries`` is how many times a request that failed with UNAVAILABLE (or was
+    cancelled by a server shutting down) is tried again,
     waiting ``backoff * 2**n`` seconds before retry ``n``. UNAVAILABLE means the request was not
     answered: the server was unreachable, went away mid-call (killed, connection reset) or was
     refusing work (warming up, draining); the retry goes to the next healthy replica. Retrying is
