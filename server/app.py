@@ -19,8 +19,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cifar_serve.v1 import classifier_pb2, classifier_pb2_grpc
+from cifar_serve.v1 import classifier_pb2_grpc
 
+from . import oip
 from .admission import Admission
 from .control import ModelControl
 from .core import InferenceCore, Runtime, ServingCore
@@ -28,7 +29,6 @@ from .edge import Edge
 from .errors import InferenceError
 from .lifecycle import Lifecycle, State
 from .metrics import Metrics
-from .oip import add_oip_to_server
 from .servicer import ClassifierServicer
 from .settings import Settings
 from .shm import SharedMemoryRegistry
@@ -142,9 +142,13 @@ class CifarServer:
         self._rest: Any = None
 
     def _add_services(self, server: grpc.aio.Server) -> None:
-        classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.core), server)
-        names = [classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name]
-        names.append(add_oip_to_server(server, self.core, self.shm, self.control))
+        edge = Edge(self.admission)
+        names = [
+            edge.add(
+                server, classifier_pb2_grpc.add_ClassifierServicer_to_server, ClassifierServicer(self.core)
+            ),
+            edge.add(server, oip.add_servicer, oip.OipServicer(self.core, self.shm, self.control)),
+        ]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
@@ -209,7 +213,6 @@ class CifarServer:
         s = self.settings
         self.core.start(on_failure=self._on_batcher_failure)
         server = grpc.aio.server(
-            interceptors=[Edge(self.admission)],
             options=[
                 ("grpc.max_receive_message_length", s.max_receive_message_bytes),
                 ("grpc.max_send_message_length", s.max_receive_message_bytes),

@@ -56,7 +56,7 @@ from .shm import SharedMemoryRegistry
 
 __all__ = [
     "OipServicer",
-    "add_oip_to_server",
+    "add_servicer",
     "decode_request",
     "encode_response",
 ]
@@ -326,17 +326,5 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.SystemSharedMemoryUnregisterResponse()
 
 
-def add_oip_to_server(
-    server: grpc.aio.Server,
-    core: ServingCore,
-    shm: SharedMemoryRegistry | None = None,
-    control: ModelControl | None = None,
-) -> str:
-    """Serve the Open Inference Protocol on ``server``; returns its full service name (for reflection).
-
-    ``shm``: the shared memory registry, when another API (REST) shares it; ``control``: the
-    model control both APIs share.
-    """
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(OipServicer(core, shm, control), server)
-    name: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-    return name
+# The generated registration function, for :meth:`.edge.Edge.add`.
+add_servicer = pb_grpc.add_GRPCInferenceServiceServicer_to_server
