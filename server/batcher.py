@@ -4,8 +4,10 @@ A batch runs at once when the model is idle (waiting would only add latency: not
 using it); while a batch computes, the next one gathers until it holds ``max_batch_size``
 images or ``max_delay`` has passed since its oldest image arrived, whichever is first. A
 request larger than a batch is split across batches, and each caller gets its own rows back
-in order. Forward passes run in worker threads, never on the event loop, and while one
-computes the next one fills. Times are ``time.monotonic()``.
+in order. Forward passes run in the batcher's own compute threads, never on the event loop, and
+while one computes the next one fills; a thread hands its batch back with one callback on the
+loop (cheaper than an executor's future chain: this is the per-batch cost a fast model, or a
+GPU, pays on every few requests). Times are ``time.monotonic()``.
 
 The collector task is supervised: if it ever dies, every waiting caller gets ``UNAVAILABLE``
 at once, new work is refused, and ``on_failure`` tells the server (which turns NOT_SERVING and
@@ -16,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,6 +69,19 @@ class _Work:
 _Slice = tuple[_Work, int, int]
 
 
+@dataclass(eq=False)
+class _Job:
+    """One batch on its way through a compute thread, with its phase instants (perf_counter_ns)."""
+
+    batch: list[_Slice]
+    x: np.ndarray
+    t0: int  # taken from the queue
+    t1: int  # assembled: the forward pass starts
+    t2: int = 0  # the forward pass ended
+    logits: np.ndarray | None = None
+    error: BaseException | None = None
+
+
 class DynamicBatcher:
     def __init__(
         self,
@@ -95,10 +111,13 @@ class DynamicBatcher:
         self._queued = 0
         self._arrived = asyncio.Event()
         self._inflight = asyncio.Semaphore(max_inflight)
-        self._running: set[asyncio.Task[None]] = set()
         self._computing = 0
+        self._none_computing = asyncio.Event()
+        self._none_computing.set()
         self.idle_dispatch = idle_dispatch
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_inflight, thread_name_prefix="infer")
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._collector: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -109,7 +128,12 @@ class DynamicBatcher:
         return self._queued
 
     def start(self) -> None:
-        self._collector = asyncio.get_running_loop().create_task(self._collect(), name="batcher")
+        self._loop = loop = asyncio.get_running_loop()
+        for i in range(self.max_inflight):
+            thread = threading.Thread(target=self._compute, name=f"infer_{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._collector = loop.create_task(self._collect(), name="batcher")
         self._collector.add_done_callback(self._collector_done)
 
     async def submit(
@@ -158,9 +182,10 @@ class DynamicBatcher:
         self._arrived.set()
         if self._collector is not None and self.failure is None:
             await asyncio.gather(self._collector, return_exceptions=True)
-        if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+        await self._none_computing.wait()
+        for _ in self._threads:
+            self._jobs.put(None)
+        self._threads.clear()
 
     # ------------------------------------------------------------------ internals
 
@@ -258,10 +283,7 @@ class DynamicBatcher:
             if not batch:
                 self._inflight.release()
                 continue
-            self._computing += 1
-            task = asyncio.get_running_loop().create_task(self._run(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._dispatch(batch)
 
     def _take(self) -> list[_Slice]:
         space = self.max_batch_size
@@ -285,24 +307,49 @@ class DynamicBatcher:
         self._gauge()
         return batch
 
-    async def _run(self, batch: list[_Slice]) -> None:
-        try:
-            t0 = time.perf_counter_ns()
-            if len(batch) == 1 and batch[0][1] == 0 and batch[0][2] == batch[0][0].size:
-                x = batch[0][0].images  # one whole request: no copy
-            else:
-                x = np.concatenate([w.images[s : s + c] for w, s, c in batch])
-            t1 = time.perf_counter_ns()
-            try:
-                logits = await asyncio.get_running_loop().run_in_executor(self._executor, self._forward, x)
-            except Exception as exc:
-                self._fail(batch, exc)
+    def _dispatch(self, batch: list[_Slice]) -> None:
+        """Hand ``batch`` to a compute thread (a slot is held: one is free)."""
+        t0 = time.perf_counter_ns()
+        if len(batch) == 1 and batch[0][1] == 0 and batch[0][2] == batch[0][0].size:
+            x = batch[0][0].images  # one whole request: no copy
+        else:
+            x = np.concatenate([w.images[s : s + c] for w, s, c in batch])
+        self._computing += 1
+        self._none_computing.clear()
+        self._jobs.put(_Job(batch, x, t0, time.perf_counter_ns()))
+
+    def _compute(self) -> None:
+        """A compute thread: run each job's forward pass, hand the result to the event loop."""
+        loop = self._loop
+        assert loop is not None
+        while True:
+            job = self._jobs.get()
+            if job is None:
                 return
-            t2 = time.perf_counter_ns()
+            try:
+                job.logits = self._forward(job.x)
+            except BaseException as exc:  # a thread that died would leave its callers waiting forever
+                job.error = exc
+            job.t2 = time.perf_counter_ns()
+            try:
+                loop.call_soon_threadsafe(self._finish, job)
+            except RuntimeError:  # the loop closed under a batch nobody waits for any more
+                return
+
+    def _finish(self, job: _Job) -> None:
+        """On the event loop: give each caller its rows, account the batch, free its slot."""
+        batch = job.batch
+        try:
+            if job.error is not None:
+                self._fail(batch, job.error)
+                return
+            logits = job.logits
+            assert logits is not None
+            n = len(job.x)
             if self._metrics is not None:
-                self._metrics.inference_time.observe((t2 - t1) / 1e9)
-                self._metrics.batch_size.observe(len(x))
-                self._metrics.images.inc(len(x))
+                self._metrics.inference_time.observe((job.t2 - job.t1) / 1e9)
+                self._metrics.batch_size.observe(n)
+                self._metrics.images.inc(n)
             offset = 0
             for work, start, count in batch:
                 work.running -= 1
@@ -313,13 +360,15 @@ class DynamicBatcher:
                 offset += count
             if self._stats is not None:
                 # The callers resume on a later loop iteration, so they read complete times.
-                phases = BatchTimes(t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
-                self._stats.batch_ran(len(x), phases)
+                phases = BatchTimes(job.t1 - job.t0, job.t2 - job.t1, time.perf_counter_ns() - job.t2)
+                self._stats.batch_ran(n, phases)
                 for work, _start, _count in batch:
                     if work.times is not None:
                         work.times.charge(phases)
         finally:
             self._computing -= 1
+            if self._computing == 0:
+                self._none_computing.set()
             self._inflight.release()
             self._arrived.set()
 
@@ -338,7 +387,7 @@ class DynamicBatcher:
             half = len(x) // 2
             return np.concatenate([self._forward(x[:half]), self._forward(x[half:])])
 
-    def _fail(self, batch: list[_Slice], exc: Exception) -> None:
+    def _fail(self, batch: list[_Slice], exc: BaseException) -> None:
         if isinstance(exc, InferenceError):
             err: InferenceError = exc
         else:
