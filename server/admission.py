@@ -172,7 +172,7 @@ class ByteBudget:
 
     def _gauge(self) -> None:
         if self._metrics is not None:
-            self._metrics.inflight_bytes.set(self.held)
+            self._metrics.held_bytes.set(self.held)
 
 
 class _Series:

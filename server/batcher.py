@@ -217,7 +217,7 @@ class DynamicBatcher:
 
     def _gauge(self) -> None:
         if self._metrics is not None:
-            self._metrics.queued_images.set(self._queued)
+            self._metrics.queued.set(self._queued)
 
     def _count_drop(self, reason: str, n: int) -> None:
         if self._metrics is not None and n > 0:

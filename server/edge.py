@@ -320,7 +320,7 @@ async def ordered_stream(
                         f"stream exceeded {limit} requests (--max-stream-requests); open a new stream"
                     )
                 outstanding += 1
-                metrics.stream_items.inc()
+                metrics.streamed.add(1)
                 task = asyncio.ensure_future(one(item))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -343,10 +343,10 @@ async def ordered_stream(
             answer = await got
             yield answer
             outstanding -= 1
-            metrics.stream_items.dec()
+            metrics.streamed.add(-1)
             slots.release()
     finally:
         reader.cancel()
         for task in list(tasks):
             task.cancel()
-        metrics.stream_items.dec(outstanding)
+        metrics.streamed.add(-outstanding)
