@@ -67,6 +67,34 @@ def _frame(message: object) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
+class _Outbox:
+    """One link's outgoing frames, written together once per event-loop iteration.
+
+    Under load a link carries a message per request each way, and asyncio writes each at once:
+    a system call per message. Joined, all the messages of an iteration go in one write.
+    """
+
+    __slots__ = ("_frames", "_writer")
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._frames: list[bytes] = []
+
+    def put(self, message: object) -> None:
+        if not self._frames:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._frames.append(_frame(message))
+
+    def _flush(self) -> None:
+        frames, self._frames = self._frames, []
+        if frames and not self._writer.is_closing():
+            self._writer.write(b"".join(frames))
+
+    def flush(self) -> None:
+        """Write what is waiting now (before the writer closes)."""
+        self._flush()
+
+
 async def _read(reader: asyncio.StreamReader) -> Any:
     """The next message, or None at end of stream."""
     try:
@@ -136,6 +164,7 @@ class RemoteCore(RequestChecks):
         self._arena_path = self._dir / f"worker-{index}.arena"
         self._arena: mmap.mmap | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._outbox: _Outbox | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._on_failure: Callable[[BaseException], None] | None = None
         self._closing = False
@@ -172,6 +201,7 @@ class RemoteCore(RequestChecks):
         self._generation += 1
         self._link_up = True
         self._writer.write(_frame(("hello", self._index, str(self._arena_path))))
+        self._outbox = _Outbox(self._writer)
         return reader
 
     def _read_from(self, reader: asyncio.StreamReader) -> None:
@@ -218,6 +248,8 @@ class RemoteCore(RequestChecks):
         self._closing = True
         for task in list(self._relinks):
             task.cancel()
+        if self._outbox is not None:
+            self._outbox.flush()
         if self._writer is not None:
             self._writer.close()
             with contextlib.suppress(ConnectionError):
@@ -402,9 +434,9 @@ class RemoteCore(RequestChecks):
     def _send(self, message: object) -> None:
         if self.lost is not None:
             raise Unavailable("the model process is gone; this server is exiting")
-        if not self._link_up or self._writer is None or self._writer.is_closing():
+        if not self._link_up or self._outbox is None or self._writer is None or self._writer.is_closing():
             raise Unavailable(f"{_RESTARTING}; retry shortly")
-        self._writer.write(_frame(message))
+        self._outbox.put(message)
 
     async def infer(self, images: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, str]:
         """Logits for uint8 ``[n,32,32,3]`` images from the model process, and their version."""
@@ -450,8 +482,8 @@ class RemoteCore(RequestChecks):
             return await future
         except asyncio.CancelledError:
             # The model process may be computing it: its space is given back when it answers.
-            if rid in self._pending and self.lost is None and self._link_up and self._writer is not None:
-                self._writer.write(_frame(("cancel", rid)))
+            if rid in self._pending and self.lost is None and self._link_up and self._outbox is not None:
+                self._outbox.put(("cancel", rid))
             raise
 
     async def _call(self, name: str, *args: Any) -> Any:
@@ -480,6 +512,7 @@ class _Link:
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
+        self._outbox = _Outbox(writer)
         self.arena_fd = -1
         self.tasks: dict[int, asyncio.Task[None]] = {}
 
@@ -501,7 +534,7 @@ class _Link:
 
     def send(self, message: object) -> None:
         if not self.writer.is_closing():
-            self.writer.write(_frame(message))
+            self._outbox.put(message)
 
     def close(self) -> None:
         for task in self.tasks.values():
@@ -509,6 +542,7 @@ class _Link:
         if self.arena_fd >= 0:
             os.close(self.arena_fd)
             self.arena_fd = -1
+        self._outbox.flush()
         self.writer.close()
 
 
