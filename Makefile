@@ -4,12 +4,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 MODEL_DIR ?= artifacts
+NULL_MODEL_DIR ?= artifacts-null
 CHECKPOINT ?= models/resnet18_cifar10.pt
 STAMP := $(VENV)/.installed
 
 PYTHON_VERSIONS ?= 3.10 3.13
 
-.PHONY: help install artifacts serve test test-fast test-versions test-container lint typecheck gen check-gen bench clean
+.PHONY: help install artifacts artifacts-null serve test test-fast test-versions test-container lint typecheck gen check-gen bench clean
 
 help:
 	@echo "make serve   - install into $(VENV), export the shipped model into $(MODEL_DIR)/, start the server on :50051"
@@ -34,13 +35,20 @@ $(MODEL_DIR)/manifest.json: $(STAMP) $(CHECKPOINT)
 
 artifacts: $(MODEL_DIR)/manifest.json
 
+# The null model: the served contract at microseconds per batch (benchmarks of the request path).
+$(NULL_MODEL_DIR)/manifest.json: $(STAMP) export/exporter.py export/model.py
+	$(BIN)/cifar-export --null-model --out $(NULL_MODEL_DIR) --force
+
+artifacts-null: $(NULL_MODEL_DIR)/manifest.json
+
 serve: artifacts
 	$(BIN)/cifar-serve --model-dir $(MODEL_DIR)
 
 # The API, reliability and shutdown tests run twice: one process, then --workers 2.
 WORKER_TESTS ?= tests/test_server.py tests/test_oip.py tests/test_client.py tests/test_rest.py \
 	tests/test_shm.py tests/test_reliability.py tests/test_operations.py tests/test_cli.py \
-	tests/test_model_config.py tests/test_reload.py tests/test_balancing.py tests/test_int8.py
+	tests/test_model_config.py tests/test_reload.py tests/test_balancing.py tests/test_int8.py \
+	tests/test_null_model.py
 
 test: artifacts
 	$(BIN)/pytest
