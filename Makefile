@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 PYTHON_VERSIONS ?= 3.10 3.13
 
-.PHONY: help install artifacts artifacts-null serve test test-fast test-versions test-container lint typecheck gen check-gen bench clean
+.PHONY: help install artifacts artifacts-null serve test test-fast test-versions test-container lint typecheck gen check-gen bench bench-null bench-null-quick clean
 
 help:
 	@echo "make serve   - install into $(VENV), export the shipped model into $(MODEL_DIR)/, start the server on :50051"
@@ -21,6 +21,7 @@ help:
 	@echo "make gen     - regenerate the gRPC stubs from proto/"
 	@echo "make lint    - ruff and mypy"
 	@echo "make bench   - run the benchmark and update BENCHMARKS.md"
+	@echo "make bench-null - the null-model benchmark alone (bench-null-quick: its plumbing, in seconds)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -79,7 +80,9 @@ gen: $(STAMP)
 check-gen: $(STAMP)
 	$(PY) tools/gen_protos.py --check
 
-bench: artifacts
+# The null model first: the request path alone (issue 20), in ~4 minutes, before the long runs.
+bench: artifacts artifacts-null
+	$(PY) benchmarks/null_model.py --model-dir $(NULL_MODEL_DIR)
 	$(PY) benchmarks/run_benchmark.py
 	$(PY) benchmarks/perf_analyzer.py --profile
 	$(PY) benchmarks/int8_rates.py --json benchmarks/int8-rates.json
@@ -89,5 +92,12 @@ bench: artifacts
 	$(PY) benchmarks/perf_analyzer.py --label workers2-nospin --server-arg=--workers=2 --server-arg=--spin-wait=false
 	$(PY) benchmarks/shm_bench.py --json benchmarks/results-shm.json
 
+bench-null: artifacts-null
+	$(PY) benchmarks/null_model.py --model-dir $(NULL_MODEL_DIR)
+
+# Seconds-scale, numbers meaningless: checks the null-model benchmark's plumbing (prints its section).
+bench-null-quick: artifacts-null
+	$(PY) benchmarks/null_model.py --quick --model-dir $(NULL_MODEL_DIR)
+
 clean:
-	rm -rf $(MODEL_DIR) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .venv-*
+	rm -rf $(MODEL_DIR) $(NULL_MODEL_DIR) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .venv-*

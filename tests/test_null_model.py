@@ -1,9 +1,9 @@
 """The null model (issue 20): made by cifar-export, served unchanged by the real server.
 
-One export through the CLI into a temporary folder, one real server over it (``--workers 2``
-under CIFAR_SERVE_WORKERS=2, as `make test` runs the API tests a second time), real sample
-images over gRPC (the client library) and REST; every answer is checked against what ONNX
-Runtime computes offline from the exported ``model.onnx``.
+One export through the CLI into a temporary folder (conftest's ``null_model_dir``), one real
+server over it (``--workers 2`` under CIFAR_SERVE_WORKERS=2, as `make test` runs the API tests a
+second time), real sample images over gRPC (the client library) and REST; every answer is checked
+against what ONNX Runtime computes offline from the exported ``model.onnx``.
 """
 
 from __future__ import annotations
@@ -22,18 +22,8 @@ TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module")
-def null_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cifar_serve.export import cli
-
-    out = tmp_path_factory.mktemp("null") / "artifacts-null"
-    # The CLI's default parity data is the committed sample, as `make artifacts-null` runs it.
-    assert cli.main(["--null-model", "--out", str(out), "--parity-images", "64", "-q"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def manifest(null_dir: Path) -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads((null_dir / "manifest.json").read_text())
+def manifest(null_model_dir: Path) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((null_model_dir / "manifest.json").read_text())
     return loaded
 
 
@@ -45,28 +35,28 @@ def images(sample: Any) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def offline(null_dir: Path, images: np.ndarray) -> np.ndarray:
+def offline(null_model_dir: Path, images: np.ndarray) -> np.ndarray:
     """The exported ONNX model's logits, by ONNX Runtime directly (no project code)."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(null_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(null_model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     return np.asarray(sess.run(["logits"], {"images": images})[0])
 
 
 @pytest.fixture(scope="module")
-def null_server(null_dir: Path, make_settings: Any) -> Iterator[Any]:
+def null_server(null_model_dir: Path, make_settings: Any) -> Iterator[Any]:
     from cifar_serve.server.launch import ServerThread
 
     # Default runtime settings (--backend auto: both runtimes load and warm-up picks per bucket);
     # the worker count comes from CIFAR_SERVE_WORKERS.
-    srv = ServerThread(make_settings(null_dir)).start()
+    srv = ServerThread(make_settings(null_model_dir)).start()
     try:
         yield srv
     finally:
         srv.stop()
 
 
-def test_the_manifest_says_it_is_the_null_model(null_dir: Path, manifest: dict[str, Any]) -> None:
+def test_the_manifest_says_it_is_the_null_model(null_model_dir: Path, manifest: dict[str, Any]) -> None:
     from cifar_serve.export.data import CIFAR10_CLASSES
     from cifar_serve.export.exporter import NULL_MODEL_NAME, sha256_file
 
@@ -80,23 +70,23 @@ def test_the_manifest_says_it_is_the_null_model(null_dir: Path, manifest: dict[s
     # fp32 only, every file as the manifest hashes it, parity checked like any export.
     assert set(manifest["artifacts"]) == {"torchscript", "onnx"}
     for entry in manifest["artifacts"].values():
-        assert sha256_file(null_dir / entry["path"]) == entry["sha256"]
+        assert sha256_file(null_model_dir / entry["path"]) == entry["sha256"]
     assert manifest["parity"]["images"] == 64 and set(manifest["parity"]["top1_agreement"].values()) == {1.0}
     assert manifest["check_sample"]["count"] == len(manifest["check_sample"]["logits"]) > 0
 
 
 def test_the_same_null_export_again_is_left_alone_and_a_real_one_is_not_overwritten(
-    null_dir: Path, manifest: dict[str, Any]
+    null_model_dir: Path, manifest: dict[str, Any]
 ) -> None:
     from cifar_serve.export import cli
     from cifar_serve.export.exporter import ExportError, export_model
 
-    before = {p.name: p.read_bytes() for p in null_dir.iterdir()}
-    assert cli.main(["--null-model", "--out", str(null_dir), "--no-parity", "-q"]) == 0
-    assert {p.name: p.read_bytes() for p in null_dir.iterdir()} == before
+    before = {p.name: p.read_bytes() for p in null_model_dir.iterdir()}
+    assert cli.main(["--null-model", "--out", str(null_model_dir), "--no-parity", "-q"]) == 0
+    assert {p.name: p.read_bytes() for p in null_model_dir.iterdir()} == before
     with pytest.raises(ExportError, match=r"already holds a different export \(the null model\)"):
-        export_model(Path(__file__).resolve().parents[1] / "models" / "resnet18_cifar10.pt", null_dir)
-    assert {p.name: p.read_bytes() for p in null_dir.iterdir()} == before
+        export_model(Path(__file__).resolve().parents[1] / "models" / "resnet18_cifar10.pt", null_model_dir)
+    assert {p.name: p.read_bytes() for p in null_model_dir.iterdir()} == before
 
 
 def test_the_offline_logits_are_those_of_a_pixel_mean(offline: np.ndarray) -> None:
