@@ -30,6 +30,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--concurrency", type=rb._ints, default=None, help="1-image points (default 32,128,512; --quick 32)"
+    )
+    p.add_argument(
+        "--batch-sizes",
+        type=rb._ints,
+        default=[1],
+        help="images per request (default 1); sizes above 1 run at --batch-concurrency",
+    )
+    p.add_argument(
+        "--batch-concurrency", type=rb._ints, default=[8], help="concurrency of multi-image requests"
     )
     p.add_argument(
         "--stream-concurrency",
@@ -106,7 +116,7 @@ def _generator(args: argparse.Namespace) -> tuple[str, Path | None, Path | None]
         try:
             exe = pa.find_perf_analyzer(args.perf_analyzer)
             return "perf_analyzer", exe, pa.prepare(exe)
-        except (RuntimeError, OSError) as exc:
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             if args.load_generator == "perf_analyzer":
                 raise
             logger.warning("perf_analyzer unusable (%s): cifar-bench drives the points instead", exc)
@@ -186,13 +196,10 @@ def bench_point(
 
 
 def _point(rows: list[dict[str, Any]], workers: int, concurrency: int, streaming: bool = False) -> Any:
+    """The single-image row of ``workers`` at ``concurrency`` (None when not measured)."""
+    key = (workers, concurrency, 1, streaming)
     return next(
-        (
-            r
-            for r in rows
-            if (r["workers"], r["concurrency"], r["streaming"]) == (workers, concurrency, streaming)
-        ),
-        None,
+        (r for r in rows if (r["workers"], r["concurrency"], r["batch"], r["streaming"]) == key), None
     )
 
 
@@ -227,25 +234,35 @@ def _batches(batches: dict[int, int], top: int = 3) -> str:
     """The batch sizes that ran most often, as ``size x count``."""
     common = sorted(batches.items(), key=lambda kv: -kv[1])[:top]
     shown = ", ".join(f"{size}x{count}" for size, count in common)
-    return shown + (f" (+{len(batches) - top} sizes)" if len(batches) > top else "")
+    return shown + (f" (+{len(batches) - top} more)" if len(batches) > top else "")
 
 
 def markdown(results: dict[str, Any]) -> str:
     m = results["model"]
     lines = [
-        "### Null model: the request path alone"
+        (
+            "### Null model: the request path alone"
+            if results["null"]
+            else f"### {results['model_name']} by worker count (the model's own cost included)"
+        )
         + (f" ({results['label']})" if results["label"] else "")
-        + (" (--quick smoke run: numbers meaningless)" if results["quick"] else ""),
+        + (" (--quick smoke run: numbers meaningless)" if results["quick"] else "")
+        + ("" if results["complete"] else " (incomplete: the run stopped before its last worker count)"),
         "",
         f"Command: `{results['command']}` — started {results['started']}, took {results['wall_s']:.0f} s, "
         f"{results['machine']['cpus']} CPUs, load average at start {results['loadavg_start']}, at end "
         f"{results['loadavg_end']} (anything well above 0 at the start is other work sharing the cores; the "
         "load generator runs on the same cores as the server). "
-        f"Model `{results['model_dir']}` (`cifar-export --null-model`: pixel mean, fixed Linear(3, 10)), "
-        f"runtime {m['describe']['backend']} on {m['describe']['device']}; server "
+        f"Model `{results['model_dir']}` "
+        + (
+            "(`cifar-export --null-model`: pixel mean, fixed Linear(3, 10)), "
+            if results["null"]
+            else f"({results['model_name']}, not the null model), "
+        )
+        + f"runtime {m['describe']['backend']} on {m['describe']['device']}; server "
         f"`{results['server_command']}` plus `--workers N` for N > 1. Load generator: "
         + (
-            f"perf_analyzer (tritonclient {results['tritonclient']}) `-i grpc -b 1 --measurement-mode "
+            f"perf_analyzer (tritonclient {results['tritonclient']}) `-i grpc --measurement-mode "
             f"count_windows`, {results['max_trials']} windows averaged, sync (one thread per "
             "concurrent request); *stream* = `--streaming` (ModelStreamInfer)."
             if results["load_generator"] == "perf_analyzer"
@@ -255,21 +272,29 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "Server CPU = user+system time of the server's whole process tree (supervisor, workers, model "
         "process) over the point, divided by the requests its own statistics counted; *model* = what the "
-        "null model alone needs for the batches that ran (in-process, interpolated), so *path* is nearly "
-        "all of it. Goal (issue 20): **<= 0.30 ms per single-image request at c=128 with 1 process**, and "
-        "2 workers within 10% of 1 (the floor, a bare grpc.aio server answering a pre-serialized reply, "
-        "is ~0.20 ms on this machine). Server CPU ms/request times the host's cores is the single-image "
-        "ceiling a GPU host can be fed at. *failed* = the requests the server counted as failed (with "
-        "cifar-bench, the calls it cancels when its window ends).",
+        "model alone needs for the batches that ran (in-process, interpolated); *path* = the rest. "
+        "*failed* = the requests the server counted as failed (with cifar-bench, the calls it cancels when "
+        "its window ends)."
+        + (
+            " With the null model *path* is nearly all of it: server CPU ms/request times a host's cores is "
+            "the ceiling of single-image requests/s that host can feed a GPU. Goal (issue 20): **<= 0.30 ms "
+            "per single-image request at c=128 with 1 process**, and 2 workers within 10% of 1 (the floor, "
+            "a bare grpc.aio server answering a pre-serialized reply, is ~0.20 ms on this machine)."
+            if results["null"]
+            else ""
+        ),
         "",
-        "| workers | API | concurrency | req/s | p50 ms | p99 ms | server CPU ms/request | model ms "
-        "| path ms | mean batch | batch sizes that ran (size x count) | failed |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        "| workers | API | images/request | concurrency | req/s | img/s | p50 ms | p99 ms "
+        "| server CPU ms/request | model ms | path ms | mean batch | batch sizes that ran (size x count) "
+        "| failed |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for r in results["points"]:
         lines.append(
-            f"| {r['workers']} | {'stream' if r['streaming'] else 'unary'} | {r['concurrency']} "
-            f"| {r['images_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
+            f"| {r['workers']} | {'stream' if r['streaming'] else 'unary'} | {r['batch']} "
+            f"| {r['concurrency']} "
+            f"| {r['images_per_s'] / r['batch']:.0f} | {r['images_per_s']:.0f} | {r['p50_ms']:.2f} "
+            f"| {r['p99_ms']:.2f} "
             f"| **{r['server_cpu_ms_per_request']:.3f}** | {r['model_cpu_ms_per_request']:.3f} "
             f"| {r['overhead_cpu_ms_per_request']:.3f} | {r['mean_batch']:.1f} "
             f"| {_batches(r['batches'])} | {r['failed']} |"
@@ -285,6 +310,8 @@ def markdown(results: dict[str, Any]) -> str:
             )
             + ".",
         ]
+    if not results["null"]:
+        return "\n".join(lines) + "\n"
     if not results["goals"]:
         lines += [
             "",
@@ -309,11 +336,11 @@ def _shown(path: Path) -> str:
 
 
 def workers_ratio(rows: list[dict[str, Any]]) -> dict[int, dict[int, float]]:
-    """Server CPU per request of N workers over one process's, unary, per concurrency."""
+    """Server CPU per single-image request of N workers over one process's, unary, per concurrency."""
     out: dict[int, dict[int, float]] = {}
     for r in rows:
         one = _point(rows, 1, r["concurrency"])
-        if r["workers"] > 1 and not r["streaming"] and one is not None:
+        if r["workers"] > 1 and r["batch"] == 1 and not r["streaming"] and one is not None:
             ratio = r["server_cpu_ms_per_request"] / one["server_cpu_ms_per_request"]
             out.setdefault(r["workers"], {})[r["concurrency"]] = ratio
     return out
@@ -331,7 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "no model in %s: run `make artifacts-null` (cifar-export --null-model) first", args.model_dir
         )
         return 2
-    if json.loads(manifest_path.read_text())["model"].get("arch") != "null":
+    served = json.loads(manifest_path.read_text())["model"]
+    null = served.get("arch") == "null"
+    if not null:
         logger.warning("%s is not the null model: the model's own cost is in every figure", args.model_dir)
     generator, exe, libdir = _generator(args)
     workers = args.workers or ([1, 2] if args.quick else [1, 2, 4])
@@ -343,20 +372,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream = []
     # perf_analyzer.py's point settings: a window of this many requests, --max-trials of them.
     args.request_count = args.request_count or (300 if args.quick else 3000)
-    started, t0, load0 = dt.datetime.now().isoformat(timespec="seconds"), time.time(), rb.loadavg()
+    from importlib import metadata
+
+    try:
+        tritonclient = metadata.version("tritonclient")
+    except metadata.PackageNotFoundError:
+        tritonclient = ""
+    t0 = time.time()
     logdir = Path(tempfile.mkdtemp(prefix="cifar-null-model-"))
     rows: list[dict[str, Any]] = []
+    results: dict[str, Any] = {
+        "command": "python benchmarks/null_model.py " + " ".join(argv),
+        "server_command": "python -m cifar_serve.server "
+        + " ".join([*pa._runtime_args(args)[2:], "--torch-threads", str(args.torch_threads), "--http-port=0"])
+        + "".join(f" {a}" for a in args.server_arg),
+        "model_dir": _shown(Path(args.model_dir)),
+        "model_name": served["name"],
+        "null": null,
+        "started": dt.datetime.now().isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "label": args.label,
+        "load_generator": generator,
+        "tritonclient": tritonclient,
+        "max_trials": args.max_trials,
+        "request_count": args.request_count,
+        "machine": rb.machine_info(args.device),
+        "loadavg_start": rb.loadavg(),
+        "workers": workers,
+        "logs": str(logdir),
+    }
+    if args.markdown is None and not args.quick:
+        args.markdown = str(REPO / "BENCHMARKS.md")
     model: dict[str, Any] | None = None
     for n in workers:
         ns = server_args(args, n)
-        points = [pa.Point(c, 1) for c in concurrency] + [pa.Point(c, 1, streaming=True) for c in stream]
+        points = [pa.Point(c, 1) for c in concurrency if 1 in args.batch_sizes]
+        points += [pa.Point(c, b) for b in args.batch_sizes if b > 1 for c in args.batch_concurrency]
+        points += [pa.Point(c, 1, streaming=True) for c in stream]
         wlog = logdir / f"workers{n}"
         wlog.mkdir()
-        logger.info("null model, %d worker%s: %s", n, "s" if n > 1 else "", ", ".join(p.name for p in points))
+        logger.info(
+            "%s, %d worker%s: %s", served["name"], n, "s" if n > 1 else "", ", ".join(p.name for p in points)
+        )
         with pa.served(ns, wlog) as (address, proc):
             name = pa.model_name(address)
             if model is None:
-                # The null model alone, routed as the server's warm-up decided: its share of each point.
+                # The model alone, routed as the server's warm-up decided: its share of each point.
                 routes = {b["batch_size"]: b["runtime"] for b in pa.runtime_table(address)}
                 model = pa.measure_model(ns, [1 << i for i in range(9)], [64], routes)
             for point in points:
@@ -368,56 +429,38 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else:
                     r = bench_point(ns, address, proc.pid, name, point, model["cpu_ms_per_batch"])
                 rows.append({"workers": n, **r})
-    assert model is not None
-    from importlib import metadata
-
-    try:
-        tritonclient = metadata.version("tritonclient")
-    except metadata.PackageNotFoundError:
-        tritonclient = ""
-    results: dict[str, Any] = {
-        "command": "python benchmarks/null_model.py " + " ".join(argv),
-        "server_command": "python -m cifar_serve.server "
-        + " ".join([*pa._runtime_args(args)[2:], "--torch-threads", str(args.torch_threads), "--http-port=0"])
-        + "".join(f" {a}" for a in args.server_arg),
-        "model_dir": _shown(Path(args.model_dir)),
-        "started": started,
-        "wall_s": time.time() - t0,
-        "quick": args.quick,
-        "label": args.label,
-        "load_generator": generator,
-        "tritonclient": tritonclient,
-        "max_trials": args.max_trials,
-        "request_count": args.request_count,
-        "machine": rb.machine_info(args.device),
-        "loadavg_start": load0,
-        "loadavg_end": rb.loadavg(),
-        "model": model,
-        "points": rows,
-        "workers_ratio": workers_ratio(rows),
-        "logs": str(logdir),
-    }
-    results["goals"] = goals(rows)
-    out = (
-        args.out_dir
-        / f"null_model{'-' + args.label if args.label else ''}{'-quick' if args.quick else ''}.json"
-    )
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    section = markdown(results)
-    if args.markdown is None and not args.quick:
-        args.markdown = str(REPO / "BENCHMARKS.md")
-    if args.markdown:
-        rb.update_markdown(
-            Path(args.markdown), section, "null-model" + (f"-{args.label}" if args.label else "")
+        # Written after every worker count: a run cut short (a time limit) keeps what it measured.
+        results.update(
+            wall_s=time.time() - t0,
+            loadavg_end=rb.loadavg(),
+            model=model,
+            points=rows,
+            workers_ratio=workers_ratio(rows),
+            goals=goals(rows) if null else [],
+            complete=n == workers[-1],
         )
-    else:
-        sys.stdout.write(section)
+        out = write_outputs(args, results)
+    if not args.markdown:
+        sys.stdout.write(markdown(results))
     for g in results["goals"]:
         logger.info(
             "goal %s: %.3f (target %s) %s", g["what"], g["value"], g["goal"], "met" if g["met"] else "MISSED"
         )
     logger.info("wrote %s", out)
     return 0
+
+
+def write_outputs(args: argparse.Namespace, results: dict[str, Any]) -> Path:
+    """The JSON file, and the generated section of ``--markdown`` when there is one."""
+    out = (
+        args.out_dir
+        / f"null_model{'-' + args.label if args.label else ''}{'-quick' if args.quick else ''}.json"
+    )
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    if args.markdown:
+        key = "null-model" + (f"-{args.label}" if args.label else "")
+        rb.update_markdown(Path(args.markdown), markdown(results), key)
+    return out
 
 
 if __name__ == "__main__":

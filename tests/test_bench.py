@@ -351,7 +351,7 @@ def test_null_model_quick_measures_every_worker_count(tmp_path: Path, null_model
     assert [g["value"] for g in results["goals"]] == [cpu[1], ratios["128"]]
     text = md.read_text()
     assert "Hand-written notes stay." in text and text.count("<!-- BEGIN generated:null-model ") == 1
-    assert "| 2 | unary | 128 |" in text
+    assert "| 2 | unary | 1 | 128 |" in text and "incomplete" not in text
 
 
 def test_markdown_section_is_replaced_not_appended(tmp_path: Path) -> None:
@@ -420,6 +420,24 @@ def test_gpu_check_reexports_an_unreadable_artifact(tmp_path: Path, model_dir: P
 
     rt = ModelRuntime(fixed, device="cpu", max_batch_size=2)
     assert rt.infer(np.zeros((2, 32, 32, 3), np.uint8)).shape == (2, 10)
+
+
+def test_gpu_check_retraces_a_missing_null_model(tmp_path: Path, null_model_dir: Path) -> None:
+    """Without onnx (the GPU machine may lack it) the null model is re-traced TorchScript-only,
+    with a manifest the server accepts, check sample included."""
+    gc = _script("gpu_check")
+    fixed = gc.ensure_model_dir(tmp_path / "absent", None, tmp_path / "scratch")
+    assert fixed == tmp_path / "scratch"
+    from cifar_serve.server.core import check_sample
+    from cifar_serve.server.runtime import ModelRuntime
+
+    rt = ModelRuntime(fixed, device="cpu", max_batch_size=8)
+    assert (rt.manifest.name, rt.manifest.raw["model"]["arch"]) == ("cifar10_null", "null")
+    assert "match the manifest's logits" in check_sample(rt, 8)
+    # The same model as cifar-export --null-model writes.
+    exported = ModelRuntime(null_model_dir, device="cpu", backend="torchscript", max_batch_size=8)
+    x = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_allclose(rt.infer(x), exported.infer(x), atol=1e-5, rtol=0)
 
 
 def test_address_is_a_deprecated_alias_of_server(server) -> None:  # type: ignore[no-untyped-def]
