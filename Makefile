@@ -4,12 +4,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 MODEL_DIR ?= artifacts
+NULL_MODEL_DIR ?= artifacts-null
 CHECKPOINT ?= models/resnet18_cifar10.pt
 STAMP := $(VENV)/.installed
 
 PYTHON_VERSIONS ?= 3.10 3.13
 
-.PHONY: help install artifacts serve test test-fast test-versions test-container lint typecheck gen check-gen bench clean
+.PHONY: help install artifacts artifacts-null serve test test-fast test-versions test-container lint typecheck gen check-gen bench bench-null bench-null-quick clean
 
 help:
 	@echo "make serve   - install into $(VENV), export the shipped model into $(MODEL_DIR)/, start the server on :50051"
@@ -20,6 +21,7 @@ help:
 	@echo "make gen     - regenerate the gRPC stubs from proto/"
 	@echo "make lint    - ruff and mypy"
 	@echo "make bench   - run the benchmark and update BENCHMARKS.md"
+	@echo "make bench-null - the null-model benchmark alone (bench-null-quick: its plumbing, in seconds)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,13 +36,20 @@ $(MODEL_DIR)/manifest.json: $(STAMP) $(CHECKPOINT)
 
 artifacts: $(MODEL_DIR)/manifest.json
 
+# The null model: the served contract at microseconds per batch (benchmarks of the request path).
+$(NULL_MODEL_DIR)/manifest.json: $(STAMP) export/exporter.py export/model.py
+	$(BIN)/cifar-export --null-model --out $(NULL_MODEL_DIR) --force
+
+artifacts-null: $(NULL_MODEL_DIR)/manifest.json
+
 serve: artifacts
 	$(BIN)/cifar-serve --model-dir $(MODEL_DIR)
 
 # The API, reliability and shutdown tests run twice: one process, then --workers 2.
 WORKER_TESTS ?= tests/test_server.py tests/test_oip.py tests/test_client.py tests/test_rest.py \
 	tests/test_shm.py tests/test_reliability.py tests/test_operations.py tests/test_cli.py \
-	tests/test_model_config.py tests/test_reload.py tests/test_balancing.py tests/test_int8.py
+	tests/test_model_config.py tests/test_reload.py tests/test_balancing.py tests/test_int8.py \
+	tests/test_null_model.py
 
 test: artifacts
 	$(BIN)/pytest
@@ -71,7 +80,9 @@ gen: $(STAMP)
 check-gen: $(STAMP)
 	$(PY) tools/gen_protos.py --check
 
-bench: artifacts
+# The null model first: the request path alone (issue 20), in ~4 minutes, before the long runs.
+bench: artifacts artifacts-null
+	$(PY) benchmarks/null_model.py --model-dir $(NULL_MODEL_DIR)
 	$(PY) benchmarks/run_benchmark.py
 	$(PY) benchmarks/perf_analyzer.py --profile
 	$(PY) benchmarks/int8_rates.py --json benchmarks/int8-rates.json
@@ -81,5 +92,12 @@ bench: artifacts
 	$(PY) benchmarks/perf_analyzer.py --label workers2-nospin --server-arg=--workers=2 --server-arg=--spin-wait=false
 	$(PY) benchmarks/shm_bench.py --json benchmarks/results-shm.json
 
+bench-null: artifacts-null
+	$(PY) benchmarks/null_model.py --model-dir $(NULL_MODEL_DIR)
+
+# Seconds-scale, numbers meaningless: checks the null-model benchmark's plumbing (prints its section).
+bench-null-quick: artifacts-null
+	$(PY) benchmarks/null_model.py --quick --model-dir $(NULL_MODEL_DIR)
+
 clean:
-	rm -rf $(MODEL_DIR) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .venv-*
+	rm -rf $(MODEL_DIR) $(NULL_MODEL_DIR) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .venv-*

@@ -8,6 +8,8 @@ Called by ``benchmarks/gpu_check.sh``; runs anywhere (``--device cpu`` checks th
 * Served: a real server on ``--device`` (native API, packed images, ``include_logits``) against
   the same CPU logits.
 * ONNX Runtime's CUDA provider too, when it is installed and the ONNX artifact is present.
+* The null model (``--null-model-dir``, ``cifar-export --null-model``): served on ``--device``
+  against its own CPU logits, so the GPU pass serves it before benchmarking it.
 
 Thresholds: fp32 logits within ``--fp32-atol`` (TF32 convolutions are allowed, hence not 1e-5)
 and >= 99.5% top-1 agreement; bf16/fp16 >= ``--low-agreement`` (99.5%). Writes
@@ -38,11 +40,12 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def ensure_model_dir(model_dir: Path, checkpoint: Path, scratch: Path) -> Path:
+def ensure_model_dir(model_dir: Path, checkpoint: Path | None, scratch: Path) -> Path:
     """``model_dir`` if its TorchScript loads here, else a TorchScript-only re-export into ``scratch``.
 
     The artifact may come from a newer torch than the GPU machine's; re-tracing the checkpoint
-    with the local torch gives the same weights in a file this torch can read.
+    with the local torch gives the same weights in a file this torch can read. ``checkpoint``
+    None: the null model (``cifar-export --null-model``), which needs no checkpoint to re-trace.
     """
     from cifar_serve.server.runtime import ArtifactError, ModelRuntime
 
@@ -50,27 +53,38 @@ def ensure_model_dir(model_dir: Path, checkpoint: Path, scratch: Path) -> Path:
         ModelRuntime(model_dir, device="cpu", max_batch_size=2)
         return model_dir
     except (ArtifactError, RuntimeError) as exc:
-        logger.warning("cannot use %s (%s); re-exporting TorchScript from %s", model_dir, exc, checkpoint)
+        logger.warning(
+            "cannot use %s (%s); re-exporting TorchScript from %s", model_dir, exc, checkpoint or "NullNet"
+        )
+    from cifar_serve.export import exporter
     from cifar_serve.export.checkpoint import load_model
-    from cifar_serve.export.exporter import export_torchscript
-    from cifar_serve.export.model import ServingModel
+    from cifar_serve.export.data import CIFAR10_CLASSES
+    from cifar_serve.export.model import CIFAR10_MEAN, CIFAR10_STD, NullNet, ServingModel
 
-    net, meta = load_model(checkpoint)
-    model = ServingModel(net, meta["mean"], meta["std"]).eval()
+    if checkpoint is None:
+        model = ServingModel(NullNet(len(CIFAR10_CLASSES)), CIFAR10_MEAN, CIFAR10_STD).eval()
+        identity = {"name": exporter.NULL_MODEL_NAME, "version": "1", "arch": exporter.NULL_ARCH}
+        labels = list(CIFAR10_CLASSES)
+    else:
+        net, meta = load_model(checkpoint)
+        model = ServingModel(net, meta["mean"], meta["std"]).eval()
+        identity = {"name": "cifar10_resnet18", "version": "1", "arch": "ResNet18"}
+        labels = list(meta.get("labels") or [])
     scratch.mkdir(parents=True, exist_ok=True)
     ts = scratch / "model.torchscript.pt"
-    export_torchscript(model, ts)
+    exporter.export_torchscript(model, ts)
     manifest_path = model_dir / "manifest.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
     else:
-        labels = list(meta.get("labels") or [])
         manifest = {
             "format": "cifar-serve-manifest/1",
-            "model": {"name": "cifar10_resnet18", "version": "1", "arch": "ResNet18"},
+            "model": identity,
             "input": {"name": "images", "datatype": "UINT8", "shape": [-1, 32, 32, 3], "layout": "NHWC"},
             "output": {"name": "logits", "datatype": "FP32", "shape": [-1, len(labels) or 10]},
             "labels": labels,
+            # Seeded noise and this model's logits for it: the server's load check.
+            "check_sample": exporter.check_sample(model, None),
         }
     manifest["artifacts"] = {"torchscript": {"path": ts.name, "sha256": _sha256(ts)}}
     manifest["note"] = "TorchScript re-exported by benchmarks/gpu_check.py with the local torch"
@@ -164,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", default=str(REPO / "artifacts"))
     p.add_argument("--checkpoint", default=str(REPO / "models" / "resnet18_cifar10.pt"))
     p.add_argument("--scratch", default="/tmp/cifar-gpu-artifacts")
+    p.add_argument(
+        "--null-model-dir",
+        default=str(REPO / "artifacts-null"),
+        help="the null model's export (re-exported TorchScript-only into --scratch-null when unusable); "
+        "'' to skip its served check",
+    )
+    p.add_argument("--scratch-null", default="/tmp/cifar-gpu-artifacts-null")
     p.add_argument(
         "--data", default=None, help="test images (default $CIFAR_SERVE_DATA, else the 600 committed)"
     )
@@ -285,6 +306,29 @@ def main(argv: list[str] | None = None) -> int:
                     0.995 if precision == "fp32" else args.low_agreement,
                     time.perf_counter() - t0,
                 )
+            )
+    if args.null_model_dir and not args.no_serve:
+        t0 = time.perf_counter()
+        try:
+            null_dir = ensure_model_dir(Path(args.null_model_dir), None, Path(args.scratch_null))
+            report["null_model_dir"] = str(null_dir)
+            null_ref = batched_logits(ModelRuntime(null_dir, device="cpu", max_batch_size=64).infer, images)
+            got = served_logits(null_dir, args.device, "fp32", images)
+            report["checks"].append(
+                compare(
+                    f"served {args.device} fp32 null model",
+                    got,
+                    null_ref,
+                    None,
+                    args.fp32_atol,
+                    0.995,
+                    time.perf_counter() - t0,
+                )
+            )
+        except Exception as exc:
+            logger.error("null model check failed: %s", exc)
+            report["checks"].append(
+                {"check": f"served {args.device} null model", "ok": False, "error": str(exc)}
             )
     report["ok"] = all(c.get("ok") for c in report["checks"])
     out = Path(args.out)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check for cifar-serve, under 12 minutes: correctness against the CPU, the benchmark table, then
-# the same with the multi-process front end (--workers 4 and 8).
+# GPU check for cifar-serve, under 12 minutes: correctness against the CPU (the real model, and the
+# null model served), the benchmark table, then the null model and the real model at high concurrency
+# with 1, 4 and 8 front-end processes (--workers N), with the server's CPU per request.
 #
 #   bash benchmarks/gpu_check.sh             # on the lent GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --dry-run   # anywhere, CPU only: checks the script's plumbing
@@ -10,11 +11,12 @@
 # Missing or old packages are installed from carried wheels in ./.whl (no network there).
 # The import path is a symlink tree /tmp/pkg/cifar_serve/{export,server,client,v1} + PYTHONPATH.
 # Carry `artifacts` too; if it is missing or this torch cannot read it, TorchScript is re-exported
-# from models/resnet18_cifar10.pt with the local torch.
+# from models/resnet18_cifar10.pt with the local torch. The null model (`artifacts-null`, carried
+# or not) is exported here when onnx is installed, else re-traced TorchScript-only by gpu_check.py.
 #
 # Writes into $OUT (default /tmp/out): gpu_check.log, gpu_check.json, results-cuda.json,
-# serving-cuda.png, BENCHMARKS-cuda.md. Exit status: 0 all good, 1 a correctness check failed,
-# 2 setup failed.
+# serving-cuda.png, null_model-cuda.json, null_model-cuda-real.json, BENCHMARKS-cuda.md.
+# Exit status: 0 all good, 1 a correctness check failed, 2 setup or a benchmark failed.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
@@ -89,47 +91,72 @@ if [ ! -f "$MODEL_DIR/manifest.json" ]; then
   fi
 fi
 
+# The null model: the served contract at microseconds per batch, so what the server spends per
+# request is the request path's alone (BENCHMARKS.md, the null model).
+NULL_DIR=${NULL_MODEL_DIR:-artifacts-null}
+if [ ! -f "$NULL_DIR/manifest.json" ] && $PY -c 'import onnx, onnxscript' 2>/dev/null; then
+  say "no $NULL_DIR/: exporting the null model"
+  timeout 90 $PY -c 'import sys; from cifar_serve.export.cli import main; sys.exit(main(sys.argv[1:]))' \
+    --null-model --out "$NULL_DIR" --no-parity --quiet \
+    || say "null model export failed; gpu_check.py re-traces it TorchScript-only"
+fi
+
 # ---------------------------------------------------------------- correctness
 say "correctness on $DEVICE"
-timeout 110 $PY benchmarks/gpu_check.py --device "$DEVICE" --model-dir "$MODEL_DIR" --out "$OUT"
+timeout 150 $PY benchmarks/gpu_check.py --device "$DEVICE" --model-dir "$MODEL_DIR" \
+  --null-model-dir "$NULL_DIR" --out "$OUT"
 CHECK=$?
 say "correctness exit $CHECK"
-# gpu_check.py falls back to a re-exported TorchScript when this torch cannot read artifacts/.
-USE_DIR=$($PY -c 'import json,sys; print(json.load(open(sys.argv[1]))["model_dir"])' "$OUT/gpu_check.json" \
-  2>/dev/null || echo "$MODEL_DIR")
+# gpu_check.py falls back to a re-exported TorchScript when this torch cannot read an export.
+json_dir() {
+  $PY -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$OUT/gpu_check.json" "$1" \
+    2>/dev/null || echo "$2"
+}
+USE_DIR=$(json_dir model_dir "$MODEL_DIR")
+NULL_USE_DIR=$(json_dir null_model_dir "$NULL_DIR")
 
 # ---------------------------------------------------------------- benchmark
+# One step: ok when it exits 0, else its status becomes the benchmark's.
+BENCH=0
+step() {
+  local name=$1; shift
+  say "$name"
+  "$@"
+  local rc=$?
+  say "$name: exit $rc"
+  if [ "$rc" != 0 ]; then BENCH=$rc; fi
+}
+# By worker count, at high concurrency: benchmarks/null_model.py (perf_analyzer when it is installed,
+# else the project's load generator, 8 processes), the server's CPU per request over its whole
+# process tree. The null model's figure times the host's cores is the single-image ceiling the
+# front end can feed the GPU; the real model's says how far the GPU server is from it.
+# Goals (issue 20): single images >= 20,000 img/s at high concurrency; 64-image requests >= 0.5x
+# the raw model (results-cuda.json's raw row).
+WORKER_COUNTS=${WORKER_COUNTS:-1,4,8}
 if [ "$DEVICE" = cuda ]; then
-  say "benchmark on cuda"
-  timeout 200 $PY benchmarks/run_benchmark.py --device cuda --label cuda --model-dir "$USE_DIR" \
-    --out-dir "$OUT" --markdown "$OUT/BENCHMARKS-cuda.md" --client-processes 4 \
-    --duration 4 --warmup 1.5 --raw-seconds 3 --max-window 8 --thread-splits "" --no-echo --log-level INFO
-  BENCH=$?
-  # The multi-process front end (--workers N): the single-process request path is the ceiling on
-  # the GPU (0.19x the raw model with 64-image requests), so this is the run that says whether
-  # N front-end processes lift it, and which N to make the GPU default. Goals: single images
-  # >= 20,000 img/s at high concurrency; 64-image requests >= 0.5x the raw model.
-  for W in 4 8; do
-    say "benchmark on cuda, --workers $W"
-    timeout 150 $PY benchmarks/run_benchmark.py --device cuda --label "cuda-workers$W" --model-dir "$USE_DIR" \
-      --out-dir "$OUT" --markdown "$OUT/BENCHMARKS-cuda.md" --client-processes 8 --server-arg="--workers=$W" \
-      --concurrency 128,512 --batch-sizes 1,64 \
-      --duration 4 --warmup 1.5 --raw-seconds 3 --max-window 8 --thread-splits "" --no-echo --log-level INFO
-    W_EXIT=$?
-    say "workers $W benchmark exit $W_EXIT"
-    if [ "$W_EXIT" != 0 ]; then BENCH=$W_EXIT; fi
-  done
+  step "benchmark on cuda" timeout 180 $PY benchmarks/run_benchmark.py --device cuda --label cuda \
+    --model-dir "$USE_DIR" --out-dir "$OUT" --markdown "$OUT/BENCHMARKS-cuda.md" --client-processes 4 \
+    --duration 3 --warmup 1 --raw-seconds 2 --max-window 6 --thread-splits "" --no-echo --log-level INFO
+  step "null model on cuda, workers $WORKER_COUNTS" timeout 180 $PY benchmarks/null_model.py \
+    --device cuda --model-dir "$NULL_USE_DIR" --label cuda --workers "$WORKER_COUNTS" --concurrency 128,512 \
+    --client-processes 8 --duration 4 --warmup 1.5 --request-count 12000 --max-trials 2 \
+    --out-dir "$OUT" --markdown "$OUT/BENCHMARKS-cuda.md"
+  step "real model on cuda, workers $WORKER_COUNTS" timeout 240 $PY benchmarks/null_model.py \
+    --device cuda --model-dir "$USE_DIR" --label cuda-real --workers "$WORKER_COUNTS" --concurrency 128,512 \
+    --batch-sizes 1,64 --batch-concurrency 16 --stream-concurrency "" --client-processes 8 --duration 4 \
+    --warmup 1.5 --request-count 12000 --max-trials 2 --out-dir "$OUT" --markdown "$OUT/BENCHMARKS-cuda.md"
 else
-  say "benchmark, CPU smoke run (and the same with --workers 2)"
-  timeout 300 $PY benchmarks/run_benchmark.py --quick --label cpu-dry-run-workers2 --model-dir "$USE_DIR" \
-    --out-dir "$OUT" --markdown "$OUT/BENCHMARKS-cpu-dry-run.md" --server-arg=--workers=2 \
-    --thread-splits "" --no-echo
-  W_EXIT=$?
-  say "workers 2 smoke exit $W_EXIT"
-  timeout 300 $PY benchmarks/run_benchmark.py --quick --label cpu-dry-run --model-dir "$USE_DIR" \
+  # CPU smoke runs: the same steps, seconds each, numbers meaningless.
+  step "null model, CPU smoke run (1 and 2 workers)" timeout 240 $PY benchmarks/null_model.py --quick \
+    --model-dir "$NULL_USE_DIR" --label cpu-dry-run --workers 1,2 --concurrency 32 --client-processes 2 \
     --out-dir "$OUT" --markdown "$OUT/BENCHMARKS-cpu-dry-run.md"
-  BENCH=$?
-  if [ "$W_EXIT" != 0 ]; then BENCH=$W_EXIT; fi
+  step "real model by worker count, CPU smoke run" timeout 240 $PY benchmarks/null_model.py --quick \
+    --model-dir "$USE_DIR" --label cpu-dry-run-real --workers 1,2 --concurrency 32 --batch-sizes 1,64 \
+    --batch-concurrency 2 --stream-concurrency "" --client-processes 2 \
+    --out-dir "$OUT" --markdown "$OUT/BENCHMARKS-cpu-dry-run.md"
+  step "benchmark, CPU smoke run" timeout 300 $PY benchmarks/run_benchmark.py --quick --label cpu-dry-run \
+    --model-dir "$USE_DIR" --out-dir "$OUT" --markdown "$OUT/BENCHMARKS-cpu-dry-run.md" \
+    --thread-splits "" --no-echo
 fi
 say "benchmark exit $BENCH"
 ls -la "$OUT"

@@ -64,10 +64,11 @@ GOALS = {"server_cpu_ms_c32": 1.0, "overhead_cpu_ms_c32": 0.25, "batch64_vs_raw"
 class Point:
     concurrency: int
     batch: int
+    streaming: bool = False  # perf_analyzer --streaming: ModelStreamInfer, one stream per context
 
     @property
     def name(self) -> str:
-        return f"c{self.concurrency}-b{self.batch}"
+        return f"c{self.concurrency}-b{self.batch}" + ("-stream" if self.streaming else "")
 
 
 # --------------------------------------------------------------------------- perf_analyzer set-up
@@ -436,6 +437,7 @@ def run_point(
         "-f",
         str(out_csv),
         *(["--async"] if args.async_mode else []),
+        *(["--streaming"] if point.streaming else []),
     ]
     env = dict(os.environ, LD_LIBRARY_PATH=f"{libdir}:{os.environ.get('LD_LIBRARY_PATH', '')}")
     log = logdir / f"{point.name}.log"
@@ -464,6 +466,7 @@ def run_point(
     result = {
         "concurrency": point.concurrency,
         "batch": point.batch,
+        "streaming": point.streaming,
         "images_per_s": row.get("Inferences/Second", float("nan")),
         "p50_ms": row.get("p50 latency", float("nan")) / 1000,
         "p99_ms": row.get("p99 latency", float("nan")) / 1000,

@@ -515,6 +515,24 @@ def run_load(
     processes: int | None = None,
 ) -> dict[str, Any]:
     procs = processes if processes is not None else min(plan.client_processes, concurrency)
+    return run_cifar_bench(address, plan.api, concurrency, batch, warmup, duration, procs, plan.data)
+
+
+def run_cifar_bench(
+    address: str,
+    api: str,
+    concurrency: int,
+    batch: int,
+    warmup: float,
+    duration: float,
+    procs: int,
+    data: str | None = None,
+    model_name: str | None = None,
+) -> dict[str, Any]:
+    """One point of ``cifar-bench`` (the project's load generator, ``procs`` processes): its JSON.
+
+    ``model_name``: the served model's, for ``--api v2`` (cifar-bench assumes the shipped model's).
+    """
     cmd = [
         sys.executable,
         "-m",
@@ -522,7 +540,7 @@ def run_load(
         "--server",
         address,
         "--api",
-        plan.api,
+        api,
         "--concurrency",
         str(concurrency),
         "--batch-size",
@@ -537,8 +555,10 @@ def run_load(
         "--timeout",
         "600",
     ]
-    if plan.data:
-        cmd += ["--data", plan.data]
+    if data:
+        cmd += ["--data", data]
+    if model_name:
+        cmd += ["--model-name", model_name]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=warmup + duration + 300)
     if proc.returncode not in (0, 1) or not proc.stdout.strip():
         raise RuntimeError(f"cifar-bench failed (rc {proc.returncode}): {proc.stderr[-2000:]}")

@@ -2,7 +2,7 @@
 
 from .checkpoint import CheckpointError, TrainConfig, load_checkpoint, load_model
 from .data import CIFAR10_CLASSES, CifarSplit, DatasetError, load_cifar10, load_split
-from .model import CIFAR10_MEAN, CIFAR10_STD, ResBlk, ResNet18, ServingModel
+from .model import CIFAR10_MEAN, CIFAR10_STD, NullNet, ResBlk, ResNet18, ServingModel
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -11,6 +11,7 @@ __all__ = [
     "CheckpointError",
     "CifarSplit",
     "DatasetError",
+    "NullNet",
     "ResBlk",
     "ResNet18",
     "ServingModel",

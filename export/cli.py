@@ -1,4 +1,8 @@
-"""cifar-export: checkpoint -> TorchScript + ONNX + manifest.json, with a parity check."""
+"""cifar-export: checkpoint -> TorchScript + ONNX + manifest.json, with a parity check.
+
+--null-model writes the null model instead: the served contract with a forward that costs
+microseconds, for measuring the request path (its answers are meaningless).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .data import DatasetError, load_split
-from .exporter import ExportError, ExportResult, export_model
+from .exporter import ExportError, ExportResult, export_model, export_null_model
 from .int8_cli import add_int8_arguments, int8_request, int8_summary
 
 __all__ = ["DEFAULT_CHECKPOINT", "DEFAULT_OUT", "DEFAULT_PARITY_DATA", "main", "parity_data_path"]
@@ -53,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         default=os.environ.get("CIFAR_SERVE_CHECKPOINT", DEFAULT_CHECKPOINT),
         help="checkpoint written by cifar-train (env CIFAR_SERVE_CHECKPOINT)",
+    )
+    p.add_argument(
+        "--null-model",
+        action="store_true",
+        help="write the null model instead of a checkpoint's (no --checkpoint, no int8): the same inputs, "
+        "outputs and labels, a forward of microseconds (pixel mean, fixed Linear(3, 10)), answers that "
+        "mean nothing; for benchmarking the server's request path",
     )
     p.add_argument(
         "--out",
@@ -123,27 +134,33 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_parity:
             split = load_split(parity_data_path(args.parity_data), "test")
             images = split.images if args.parity_images <= 0 else split.images[: args.parity_images]
-        int8 = int8_request(args, parity_data_path)
+        # The null model has no accuracy for an int8 gate to keep: it is fp32 only.
+        int8 = None if args.null_model else int8_request(args, parity_data_path)
         # The export is silent until its end (a minute on a slow CPU): say what is under way.
         checks = (
             f"then a parity check on {len(images)} test images" if images is not None else "no parity check"
         )
         logger.info(
             "exporting %s to %s: TorchScript, ONNX%s, %s",
-            args.checkpoint,
+            "the null model" if args.null_model else args.checkpoint,
             args.out,
             ", int8 ONNX" if int8 is not None else "",
             checks,
         )
-        result = export_model(
-            args.checkpoint,
-            args.out,
-            images,
-            opset=args.opset,
-            force=args.force,
-            int8=int8,
-            model_version=args.version,
-        )
+        if args.null_model:
+            result = export_null_model(
+                args.out, images, opset=args.opset, force=args.force, model_version=args.version
+            )
+        else:
+            result = export_model(
+                args.checkpoint,
+                args.out,
+                images,
+                opset=args.opset,
+                force=args.force,
+                int8=int8,
+                model_version=args.version,
+            )
         if args.triton_repo:
             from .triton import write_triton_repo
 

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from .checkpoint import load_model
-from .model import ServingModel
+from .data import CIFAR10_CLASSES
+from .model import CIFAR10_MEAN, CIFAR10_STD, NullNet, ServingModel
 from .quantize import (
     GATE_MIN_AGREEMENT,
     INT8_NAME,
@@ -41,6 +42,8 @@ __all__ = [
     "INPUT_NAME",
     "MANIFEST_NAME",
     "MODEL_NAME",
+    "NULL_ARCH",
+    "NULL_MODEL_NAME",
     "OUTPUT_NAME",
     "ExportError",
     "ExportResult",
@@ -49,12 +52,21 @@ __all__ = [
     "ParityReport",
     "check_parity",
     "export_model",
+    "export_null_model",
     "sha256_file",
 ]
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "cifar10_resnet18"
+# The null model (NullNet): the served contract at microseconds per batch, for benchmarking the
+# request path alone.
+NULL_MODEL_NAME = "cifar10_null"
+NULL_ARCH = "null"
+NULL_NOTE = (
+    "The null model: the per-channel pixel mean through a fixed Linear(3, 10), made to measure the "
+    "request path. Its answers are meaningless; never serve it to classify images."
+)
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 MANIFEST_NAME = "manifest.json"
@@ -188,13 +200,24 @@ def _existing_export(out: Path) -> dict[str, Any] | None:
     return manifest if isinstance(manifest, dict) else {}
 
 
+@dataclass(frozen=True)
+class _Source:
+    """What an export is of, as its manifest says: the real model's checkpoint or the null model."""
+
+    model: dict[str, str]  # the manifest's "model": name, version, arch
+    labels: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    # Manifest entries that differ between the two: checkpoint, weights, test_accuracy, note.
+    manifest: dict[str, Any]
+    described: str  # for the log
+
+
 def _same_export(
     out: Path,
     manifest: dict[str, Any],
-    ckpt_sha: str,
+    source: _Source,
     opset: int,
-    name: str,
-    version: str,
     int8: Int8Request | None,
 ) -> bool:
     try:
@@ -207,19 +230,32 @@ def _same_export(
                 entry["calibration"]["sample_sha256"] != int8.calibration["sample_sha256"]
             ):
                 return False
-        if manifest["checkpoint"]["sha256"] != ckpt_sha or manifest["model"] != {
-            "name": name,
-            "version": version,
-            "arch": "ResNet18",
-        }:
+        if _checkpoint_sha(manifest) != _checkpoint_sha(source.manifest) or manifest["model"] != source.model:
             return False
         if manifest["artifacts"]["onnx"]["opset"] != opset:
             return False
         return all(
             sha256_file(out / entry["path"]) == entry["sha256"] for entry in manifest["artifacts"].values()
         )
-    except (KeyError, TypeError, OSError):
+    except (KeyError, TypeError, AttributeError, OSError):
         return False
+
+
+def _checkpoint_sha(manifest: dict[str, Any]) -> str | None:
+    """The sha256 of the checkpoint an export was made from; None for the null model (none)."""
+    checkpoint = manifest["checkpoint"]
+    return None if checkpoint is None else str(checkpoint["sha256"])
+
+
+def _what(manifest: dict[str, Any]) -> str:
+    """An existing export, in words, for the message that refuses to overwrite it."""
+    model = manifest.get("model")
+    if isinstance(model, dict) and model.get("arch") == NULL_ARCH:
+        return "the null model"
+    was = manifest.get("checkpoint")
+    if not isinstance(was, dict):
+        was = {}
+    return f"of {was.get('file', '?')}, checkpoint sha256 {str(was.get('sha256', '?'))[:12]}"
 
 
 @dataclass(frozen=True)
@@ -403,23 +439,78 @@ def export_model(
     """
     ckpt_path = Path(checkpoint)
     net, meta = load_model(ckpt_path)
-    out = Path(out_dir)
-    ckpt_sha = sha256_file(ckpt_path)
+    source = _Source(
+        model={"name": model_name, "version": model_version, "arch": "ResNet18"},
+        labels=tuple(meta["labels"]),
+        mean=tuple(meta["mean"]),
+        std=tuple(meta["std"]),
+        manifest={
+            "checkpoint": {"file": ckpt_path.name, "sha256": sha256_file(ckpt_path)},
+            "weights": meta.get("weights", "raw"),
+            "test_accuracy": meta.get("test_accuracy"),
+        },
+        described=str(ckpt_path),
+    )
+    model = ServingModel(net, meta["mean"], meta["std"]).eval()
+    return _export(model, source, Path(out_dir), parity_images, opset, batch_sizes, atol, force, int8)
+
+
+def export_null_model(
+    out_dir: str | os.PathLike[str],
+    parity_images: np.ndarray | None = None,
+    *,
+    opset: int = DEFAULT_OPSET,
+    batch_sizes: tuple[int, ...] = PARITY_BATCH_SIZES,
+    atol: float = PARITY_ATOL,
+    model_name: str = NULL_MODEL_NAME,
+    model_version: str = "1",
+    force: bool = False,
+) -> ExportResult:
+    """The null model (:class:`NullNet`) into ``out_dir``, as :func:`export_model` writes a checkpoint's.
+
+    Same contract, labels, normalisation, runtimes, parity check and check sample, so the real
+    server serves it unchanged; its forward costs microseconds, which leaves the request path
+    alone to measure. No checkpoint, no int8 model (there is no accuracy to gate), and a manifest
+    that says what it is: ``"arch": "null"``, no test accuracy, a note.
+    """
+    source = _Source(
+        model={"name": model_name, "version": model_version, "arch": NULL_ARCH},
+        labels=tuple(CIFAR10_CLASSES),
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+        manifest={
+            "checkpoint": None,
+            "weights": "fixed",
+            "test_accuracy": None,
+            "note": NULL_NOTE,
+        },
+        described="the null model",
+    )
+    model = ServingModel(NullNet(len(CIFAR10_CLASSES)), CIFAR10_MEAN, CIFAR10_STD).eval()
+    return _export(model, source, Path(out_dir), parity_images, opset, batch_sizes, atol, force, None)
+
+
+def _export(
+    model: ServingModel,
+    source: _Source,
+    out: Path,
+    parity_images: np.ndarray | None,
+    opset: int,
+    batch_sizes: tuple[int, ...],
+    atol: float,
+    force: bool,
+    int8: Int8Request | None,
+) -> ExportResult:
     if not force:
         existing = _existing_export(out)
         if existing is not None:
-            if _same_export(out, existing, ckpt_sha, opset, model_name, model_version, int8):
-                logger.info(
-                    "%s already holds this export (checkpoint sha256 %s); left unchanged", out, ckpt_sha[:12]
-                )
+            if _same_export(out, existing, source, opset, int8):
+                logger.info("%s already holds this export (%s); left unchanged", out, source.described)
                 return ExportResult(out, existing, unchanged=True)
-            was = existing.get("checkpoint", {}) if isinstance(existing.get("checkpoint"), dict) else {}
             raise ExportError(
-                f"{out} already holds a different export (of {was.get('file', '?')}, checkpoint sha256 "
-                f"{str(was.get('sha256', '?'))[:12]}), which a server may be serving: pass --force to "
-                "replace it, or choose another --out"
+                f"{out} already holds a different export ({_what(existing)}), which a server may be "
+                "serving: pass --force to replace it, or choose another --out"
             )
-    model = ServingModel(net, meta["mean"], meta["std"]).eval()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp_name:
         tmp = Path(tmp_name)
@@ -442,7 +533,7 @@ def export_model(
             artifacts["onnx_int8"] = _write_int8(tmp, int8, sample, model, parity_images, batch_sizes)
         manifest: dict[str, Any] = {
             "format": "cifar-serve-manifest/1",
-            "model": {"name": model_name, "version": model_version, "arch": "ResNet18"},
+            "model": source.model,
             "input": {
                 "name": INPUT_NAME,
                 "datatype": "UINT8",
@@ -450,13 +541,11 @@ def export_model(
                 "layout": "NHWC",
                 "color": "RGB",
             },
-            "output": {"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, len(meta["labels"])]},
-            "labels": list(meta["labels"]),
-            "normalization": {"mean": list(meta["mean"]), "std": list(meta["std"]), "in_graph": True},
+            "output": {"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, len(source.labels)]},
+            "labels": list(source.labels),
+            "normalization": {"mean": list(source.mean), "std": list(source.std), "in_graph": True},
             "artifacts": artifacts,
-            "checkpoint": {"file": ckpt_path.name, "sha256": ckpt_sha},
-            "weights": meta.get("weights", "raw"),
-            "test_accuracy": meta.get("test_accuracy"),
+            **source.manifest,
             "parity": parity,
             "check_sample": sample,
             "versions": _versions(),
@@ -467,5 +556,5 @@ def export_model(
         # manifest always describes artifacts already in place.
         for name in (TORCHSCRIPT_NAME, ONNX_NAME, *([INT8_NAME] if int8 else []), MANIFEST_NAME):
             os.replace(tmp / name, out / name)
-    logger.info("exported %s to %s", ckpt_path, out)
+    logger.info("exported %s to %s", source.described, out)
     return ExportResult(out, manifest)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "ResBlk", "ResNet18", "ServingModel"]
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "NullNet", "ResBlk", "ResNet18", "ServingModel"]
 
 # Per-channel statistics of the CIFAR-10 training set, in [0, 1] units.
 CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
@@ -71,6 +71,28 @@ class ResNet18(nn.Module):
         x = F.adaptive_avg_pool2d(x, (1, 1))
         x = x.view(x.size(0), -1)
         return self.outlay(x)
+
+
+class NullNet(nn.Module):
+    """A stand-in of the served contract whose forward costs microseconds: the per-channel mean
+    over the pixels, then a fixed Linear(3, classes).
+
+    Served in place of the ResNet18 it leaves only the request path to measure (as Triton measures
+    its own overhead with identity models). The weights are a closed formula, not a seeded draw,
+    so every torch version exports the same model; its answers are meaningless.
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.head = nn.Linear(3, num_classes)
+        with torch.no_grad():
+            k = torch.arange(num_classes, dtype=torch.float32).view(-1, 1)
+            c = torch.arange(3, dtype=torch.float32).view(1, -1)
+            self.head.weight.copy_(torch.sin(1.0 + 3.0 * k + c))
+            self.head.bias.copy_(0.1 * torch.cos(k.view(-1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x.mean(dim=(2, 3)))
 
 
 class ServingModel(nn.Module):

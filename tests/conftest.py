@@ -70,6 +70,17 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def null_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The null model (``cifar-export --null-model``), exported here through the CLI."""
+    from cifar_serve.export import cli
+
+    out = tmp_path_factory.mktemp("null") / "artifacts-null"
+    # The CLI's default parity data is the committed sample, as `make artifacts-null` runs it.
+    assert cli.main(["--null-model", "--out", str(out), "--parity-images", "64", "-q"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def offline_logits(model_dir: Path, sample) -> np.ndarray:  # type: ignore[no-untyped-def]
     """TorchScript logits computed offline (no server) for every sample image."""
     import torch

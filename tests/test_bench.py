@@ -317,6 +317,43 @@ def test_run_benchmark_quick_writes_its_outputs(tmp_path: Path, model_dir: Path)
         assert (tmp_path / "serving.png").stat().st_size > 1000
 
 
+def test_null_model_quick_measures_every_worker_count(tmp_path: Path, null_model_dir: Path) -> None:
+    """benchmarks/null_model.py's plumbing with the project's load generator (perf_analyzer's
+    shared libraries may be absent here): real servers over the null model, one per worker count."""
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\nHand-written notes stay.\n")
+    cmd = [sys.executable, str(BENCH_DIR / "null_model.py"), "--quick", "--load-generator", "cifar-bench"]
+    cmd += ["--model-dir", str(null_model_dir), "--out-dir", str(tmp_path), "--markdown", str(md)]
+    cmd += ["--workers", "1,2", "--concurrency", "4,128", "--duration", "0.5", "--warmup", "0.2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "null_model-quick.json").read_text())
+    assert results["load_generator"] == "cifar-bench"
+    assert Path(results["model_dir"]).resolve() == null_model_dir.resolve()
+    points = results["points"]
+    assert [(p["workers"], p["concurrency"], p["streaming"]) for p in points] == [
+        (1, 4, False),
+        (1, 128, False),
+        (2, 4, False),
+        (2, 128, False),
+    ]
+    for p in points:
+        # The server's own statistics: every image it batched was one request's (1-image requests).
+        assert p["errors"] == {} and p["requests"] > 0 and p["images"] == p["requests"]
+        # Batches ran every answered image, and perhaps some of a call cancelled after it was batched.
+        batched = sum(int(size) * n for size, n in p["batches"].items())
+        assert p["images"] <= batched <= p["images"] + p["failed"]
+        assert p["server_cpu_ms_per_request"] > 0 and p["images_per_s"] > 0
+        assert p["server_cpu_ms_per_request"] == pytest.approx(1000 * p["server_cpu_s"] / p["requests"])
+    cpu = [p["server_cpu_ms_per_request"] for p in points]
+    ratios = {"4": pytest.approx(cpu[2] / cpu[0]), "128": pytest.approx(cpu[3] / cpu[1])}
+    assert results["workers_ratio"] == {"2": ratios}
+    assert [g["value"] for g in results["goals"]] == [cpu[1], ratios["128"]]
+    text = md.read_text()
+    assert "Hand-written notes stay." in text and text.count("<!-- BEGIN generated:null-model ") == 1
+    assert "| 2 | unary | 1 | 128 |" in text and "incomplete" not in text
+
+
 def test_markdown_section_is_replaced_not_appended(tmp_path: Path) -> None:
     rb = _script("run_benchmark")
     md = tmp_path / "B.md"
@@ -383,6 +420,24 @@ def test_gpu_check_reexports_an_unreadable_artifact(tmp_path: Path, model_dir: P
 
     rt = ModelRuntime(fixed, device="cpu", max_batch_size=2)
     assert rt.infer(np.zeros((2, 32, 32, 3), np.uint8)).shape == (2, 10)
+
+
+def test_gpu_check_retraces_a_missing_null_model(tmp_path: Path, null_model_dir: Path) -> None:
+    """Without onnx (the GPU machine may lack it) the null model is re-traced TorchScript-only,
+    with a manifest the server accepts, check sample included."""
+    gc = _script("gpu_check")
+    fixed = gc.ensure_model_dir(tmp_path / "absent", None, tmp_path / "scratch")
+    assert fixed == tmp_path / "scratch"
+    from cifar_serve.server.core import check_sample
+    from cifar_serve.server.runtime import ModelRuntime
+
+    rt = ModelRuntime(fixed, device="cpu", max_batch_size=8)
+    assert (rt.manifest.name, rt.manifest.raw["model"]["arch"]) == ("cifar10_null", "null")
+    assert "match the manifest's logits" in check_sample(rt, 8)
+    # The same model as cifar-export --null-model writes.
+    exported = ModelRuntime(null_model_dir, device="cpu", backend="torchscript", max_batch_size=8)
+    x = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_allclose(rt.infer(x), exported.infer(x), atol=1e-5, rtol=0)
 
 
 def test_address_is_a_deprecated_alias_of_server(server) -> None:  # type: ignore[no-untyped-def]
