@@ -636,7 +636,11 @@ def build_parser() -> argparse.ArgumentParser:
         "[default: the committed 600-image sample]",
     )
     p.add_argument("--synthetic", action="store_true", help="random pixels instead of real images")
-    p.add_argument("--model-name", default=d.model_name, help="model name for --api v2")
+    p.add_argument(
+        "--model-name",
+        default=None,
+        help="model name for --api v2 [default: the one the server serves, from its statistics]",
+    )
     p.add_argument("--top-k", type=int, default=d.top_k, help="top_k for --api native")
     p.add_argument("--timeout", type=float, default=d.timeout, help="per-request deadline, seconds")
     p.add_argument("--channels", type=int, default=d.channels, help="gRPC connections per process")
@@ -664,6 +668,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def served_model(address: str, timeout: float) -> str:
+    """The model ``address`` serves (its statistics with no name list every model it serves);
+    the shipped model's name when the server does not say."""
+    try:
+        target = resolve_target(address)
+        with grpc.insecure_channel(target.target, options=channel_options(target)) as channel:
+            stub = open_inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+            stats = stub.ModelStatistics(open_inference_pb2.ModelStatisticsRequest(), timeout=timeout)
+    except (grpc.RpcError, ValueError) as exc:
+        logger.debug("cannot ask %s which model it serves (%s): using %s", address, exc, DEFAULT_MODEL_NAME)
+        return DEFAULT_MODEL_NAME
+    return str(stats.model_stats[0].name) if stats.model_stats else DEFAULT_MODEL_NAME
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -683,7 +701,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup=args.warmup,
         data=args.data,
         synthetic=args.synthetic,
-        model_name=args.model_name,
+        model_name=args.model_name
+        or (served_model(server, args.timeout) if args.api == "v2" else DEFAULT_MODEL_NAME),
         top_k=args.top_k,
         timeout=args.timeout,
         channels=args.channels,

@@ -251,6 +251,14 @@ class Admission:
     def call(self, label: str) -> Call:
         return Call(self._series, label)
 
+    def needs_credentials(self, policy: Policy) -> bool:
+        """Whether a call of ``policy`` is checked against a token (so its header is worth reading)."""
+        if policy.group is Group.OPEN:
+            return False
+        if policy.group is Group.ADMIN and self._admin:
+            return True
+        return bool(self._inference)
+
     def admit(self, policy: Policy, authorization: str | bytes | None) -> None:
         """Raise unless a call of ``policy`` with this ``authorization`` header may run now."""
         self.authorize(policy.group, authorization)

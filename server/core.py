@@ -258,6 +258,12 @@ class InferenceCore(RequestChecks):
         self.labels: tuple[str, ...] = tuple(m.labels)
         self.num_classes = len(self.labels)
         self._active = _Loaded(first, m.version, settings.model_dir)
+        if (getattr(m, "raw", None) or {}).get("model", {}).get("arch") == "null":
+            logger.warning(
+                "serving %s, the null model (cifar-export --null-model): its answers are meaningless; "
+                "it exists to measure the request path",
+                settings.model_dir,
+            )
         self._on_failure: Callable[[BaseException], None] | None = None
         self._load_lock: asyncio.Lock | None = None
         self.last_load_error = ""

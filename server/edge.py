@@ -175,6 +175,17 @@ class Edge:
         name = method.rsplit("/", 1)[-1]
         admission = self._admission
         policy = admission.policy(name)
+        # Without a token to check, a call's metadata is not read at all (grpc builds it per call).
+        if admission.needs_credentials(policy):
+
+            def credentials(context: grpc.aio.ServicerContext) -> str | bytes | None:
+                return _authorization(context)
+
+        else:
+
+            def credentials(context: grpc.aio.ServicerContext) -> str | bytes | None:
+                return None
+
         kw = {
             "request_deserializer": self._parser(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
@@ -186,7 +197,7 @@ class Edge:
             async def unary_unary(request: Received, context: grpc.aio.ServicerContext) -> Any:
                 call = admission.call(name)
                 try:
-                    admission.admit(policy, _authorization(context))
+                    admission.admit(policy, credentials(context))
                     response = await inner_uu(request.unwrap(), context)
                 except BaseException as exc:
                     await _answer(call, context, request, exc)
@@ -205,7 +216,7 @@ class Edge:
             ) -> AsyncIterator[Any]:
                 call = admission.call(name)
                 try:
-                    admission.admit(policy, _authorization(context))
+                    admission.admit(policy, credentials(context))
                     async for response in inner_us(request.unwrap(), context):
                         yield response
                 except BaseException as exc:
@@ -224,7 +235,7 @@ class Edge:
             ) -> Any:
                 call = admission.call(name)
                 try:
-                    admission.admit(policy, _authorization(context))
+                    admission.admit(policy, credentials(context))
                     response = await inner_su(requests, context)
                 except BaseException as exc:
                     await _answer(call, context, None, exc)
@@ -241,7 +252,7 @@ class Edge:
         ) -> AsyncIterator[Any]:
             call = admission.call(name)
             try:
-                admission.admit(policy, _authorization(context))
+                admission.admit(policy, credentials(context))
                 async for response in inner_ss(requests, context):
                     yield response
             except BaseException as exc:
