@@ -29,9 +29,24 @@ IMAGE_SHAPE = (32, 32, 3)
 # name in the runtime table.
 INT8_ARTIFACT = "onnx_int8"
 INT8_RUNTIME = "onnxruntime-int8"
-# Timed runs per runtime and batch bucket at warm-up; the best one counts (the least disturbed
-# by other work on the machine).
+# Timed turns per runtime and batch bucket at warm-up, the runtimes taking turns; the best run
+# counts (the least disturbed by other work on the machine). A turn is TURN_RUNS runs in a row,
+# because the first run after the other runtime's is slowed by it (its idle threads still spin
+# on the cores: TorchScript's b64 right after ONNX Runtime's took 42 ms, its next one 16).
 CALIBRATION_RUNS = 5
+TURN_RUNS = 2
+# Before it is timed, each runtime runs each bucket until its time per batch has settled:
+# TorchScript's profiling executor optimises the graph after the first runs, and both runtimes
+# keep getting faster for a few more (oneDNN primitives, ONNX Runtime's allocation plans,
+# caches): TorchScript's first runs at batch 1 took 44, 7.0, 4.0, 3.3, 3.1 ms, ONNX Runtime's
+# 4.7, 1.7, 0.9, 0.7, 0.6. Settled = SETTLE_PATIENCE runs in a row none of which beats the best
+# so far by more than SETTLE_GAIN, after at least SETTLE_MIN_RUNS; bounded by SETTLE_MAX_RUNS
+# and SETTLE_MAX_S per runtime and bucket, so a machine too busy to settle still starts.
+SETTLE_MIN_RUNS = 3
+SETTLE_PATIENCE = 3
+SETTLE_GAIN = 0.03
+SETTLE_MAX_RUNS = 40
+SETTLE_MAX_S = 1.0
 
 
 class ArtifactError(RuntimeError):
@@ -174,6 +189,9 @@ class ModelRuntime:
         self.buckets = graph_buckets(max_batch_size)
         self.routes: dict[int, str] = dict.fromkeys(self.buckets, first)
         self.timings: dict[int, dict[str, float]] = {}
+        # Seconds the last calibrate() and warmup() took (start-up cost, for logs and benchmarks).
+        self.calibration_s: float | None = None
+        self.warmup_s: float | None = None
         self._by_size: list[Callable[[np.ndarray], np.ndarray]] = []
         self._route_sizes()
         self.sha256 = self._sha["torchscript" if self._module is not None else next(iter(self._sha))]
@@ -268,35 +286,78 @@ class ModelRuntime:
     def _route_sizes(self) -> None:
         self._by_size = [self._runners[self.route(max(n, 1))] for n in range(self.max_batch_size + 1)]
 
-    def calibrate(self, runs: int = CALIBRATION_RUNS) -> None:
-        """Time every loaded runtime at every batch bucket; route each bucket to its fastest.
+    @property
+    def runtimes(self) -> tuple[str, ...]:
+        """The loaded runtimes' names (two with ``backend="auto"`` on the CPU)."""
+        return tuple(self._runners)
 
-        Each runtime first runs each bucket twice (TorchScript's profiling executor optimises
-        on the second run), then the runtimes take turns, so a burst of other work on the
-        machine hits both alike; the best run of each counts.
+    def run_on(self, runtime: str, images: np.ndarray) -> np.ndarray:
+        """Logits from the named runtime, whatever the routes say (to compare runtimes in-process)."""
+        if images.dtype != np.uint8 or images.shape[1:] != IMAGE_SHAPE:
+            raise ValueError(f"expected uint8 [N,32,32,3], got {images.dtype} {images.shape}")
+        try:
+            run = self._runners[runtime]
+        except KeyError:
+            raise ValueError(f"runtime {runtime!r} is not loaded here (loaded: {self.runtimes})") from None
+        return run(images)
+
+    def settle(self, runtime: str, images: np.ndarray) -> tuple[int, float]:
+        """Run ``images`` on ``runtime`` until its time per batch settles (see SETTLE_*).
+
+        Returns the runs it took and the best time, in ms.
+        """
+        run = self._runners[runtime]
+        best = float("inf")
+        quiet = runs = 0
+        began = time.perf_counter()
+        while runs < SETTLE_MAX_RUNS and (runs < SETTLE_MIN_RUNS or quiet < SETTLE_PATIENCE):
+            started = time.perf_counter()
+            run(images)
+            ms = (time.perf_counter() - started) * 1000
+            runs += 1
+            quiet = 0 if ms < best * (1 - SETTLE_GAIN) else quiet + 1
+            best = min(best, ms)
+            if time.perf_counter() - began > SETTLE_MAX_S:
+                break
+        return runs, best
+
+    def calibrate(self, runs: int = CALIBRATION_RUNS) -> None:
+        """Time every loaded runtime at every batch bucket at steady state; route each bucket to its
+        fastest.
+
+        At each bucket, each runtime first runs until its time has settled (:meth:`settle`); then
+        the runtimes take ``runs`` turns of TURN_RUNS runs each, in alternating order, so a burst of
+        other work on the machine hits both alike; each one's best run counts.
         """
         if len(self._runners) < 2:
             return
         rng = np.random.default_rng(0)
         began = time.perf_counter()
+        settled: list[int] = []
+        order = list(self._runners)
         for b in self.buckets:
             x = rng.integers(0, 256, (b, *IMAGE_SHAPE), dtype=np.uint8)
-            for run in self._runners.values():
-                run(x)
-                run(x)
-            best = dict.fromkeys(self._runners, float("inf"))
-            for _ in range(runs):
-                for name, run in self._runners.items():
-                    started = time.perf_counter()
-                    run(x)
-                    best[name] = min(best[name], (time.perf_counter() - started) * 1000)
+            for name in order:
+                settled.append(self.settle(name, x)[0])
+            best = dict.fromkeys(order, float("inf"))
+            for turn in range(runs):
+                for name in order if turn % 2 == 0 else reversed(order):
+                    run = self._runners[name]
+                    for _ in range(TURN_RUNS):
+                        started = time.perf_counter()
+                        run(x)
+                        best[name] = min(best[name], (time.perf_counter() - started) * 1000)
             self.timings[b] = best
             self.routes[b] = min(best, key=best.__getitem__)
         self._route_sizes()
+        self.calibration_s = time.perf_counter() - began
         logger.info(
-            "runtime per batch bucket (ms per batch, best of %d; * = serves it; timed in %.1f s):\n%s",
-            runs,
-            time.perf_counter() - began,
+            "runtime per batch bucket (ms per batch, best of %d after %d-%d warm-up runs; * = serves it; "
+            "timed in %.1f s):\n%s",
+            runs * TURN_RUNS,
+            min(settled),
+            max(settled),
+            self.calibration_s,
             "\n".join(
                 f"  {b:5d}: "
                 + "  ".join(
@@ -329,25 +390,31 @@ class ModelRuntime:
         ]
 
     def warmup(self, batch_sizes: list[int] | None = None, *, calibrate: bool = True) -> None:
-        """Run every batch size the batcher can form, so no request pays for a first run.
+        """Bring every runtime that serves to steady state, then run every batch size the batcher
+        can form once, so no request pays for a first run.
 
-        On CUDA with graphs, every size maps to a bucket: capturing the buckets' graphs is the
-        warm-up, and every size is then run once through them.
+        With two runtimes loaded and ``calibrate``, :meth:`calibrate` settles and times both at
+        every bucket; otherwise each bucket's runtime is settled there. On CUDA with graphs,
+        capturing the buckets' graphs comes first, and every size then runs through them.
         """
+        began = time.perf_counter()
         if self.cuda_graphs:
             slots = [self._slots.get() for _ in range(self._slots.qsize())]
             for slot in slots:
                 slot.capture(self._module, self._autocast)
                 self._slots.put(slot)
             self.cuda_graphs = all(slot.graphs for slot in slots)
-        if calibrate:
-            self.calibrate()
-        sizes = batch_sizes or list(range(1, self.max_batch_size + 1))
         rng = np.random.default_rng(0)
-        for _ in range(2):  # TorchScript's profiling executor optimises on the second run
-            for n in sizes:
-                self.infer(rng.integers(0, 256, (n, *IMAGE_SHAPE), dtype=np.uint8))
-        logger.info("warmed up %d batch sizes (1..%d)", len(sizes), max(sizes))
+        if calibrate and len(self._runners) > 1:
+            self.calibrate()
+        else:
+            for b in self.buckets:
+                self.settle(self.routes[b], rng.integers(0, 256, (b, *IMAGE_SHAPE), dtype=np.uint8))
+        sizes = batch_sizes or list(range(1, self.max_batch_size + 1))
+        for n in sizes:
+            self.infer(rng.integers(0, 256, (n, *IMAGE_SHAPE), dtype=np.uint8))
+        self.warmup_s = time.perf_counter() - began
+        logger.info("warmed up %d batch sizes (1..%d) in %.1f s", len(sizes), max(sizes), self.warmup_s)
 
     def describe(self) -> dict[str, Any]:
         return {
