@@ -236,8 +236,9 @@ def compile_main(argv: Sequence[str]) -> int:
 def _interleaved(
     run: Callable[[str, Any], Any], names: Sequence[str], xs: dict[int, Any], seconds: float
 ) -> dict[str, dict[int, list[float]]]:
-    """Wall ms of every run of ``run(name, x)``: per round, each name runs each size for about
-    ``seconds``; names alternate order round by round, so a burst of other work hits all alike."""
+    """Wall ms of every run of ``run(name, x)``: each name runs each size for about ``seconds`` in
+    all, in turns over 4 rounds; names alternate order round by round, so a burst of other work
+    hits all alike."""
     out: dict[str, dict[int, list[float]]] = {n: {b: [] for b in xs} for n in names}
     rounds = 4
     for r in range(rounds):
@@ -313,7 +314,7 @@ def calibration_main(argv: Sequence[str]) -> int:
             rt.infer(x)
             times.append((time.perf_counter() - t) * 1000)
         first[str(n)] = times
-    steady = _interleaved(rt.run_on, rt.runtimes, xs, a.steady_seconds * len(rt.runtimes))
+    steady = _interleaved(rt.run_on, rt.runtimes, xs, a.steady_seconds)
     out = {
         "protocol": a.protocol,
         "max_batch": a.max_batch,

@@ -35,6 +35,9 @@ INT8_RUNTIME = "onnxruntime-int8"
 # on the cores: TorchScript's b64 right after ONNX Runtime's took 42 ms, its next one 16).
 CALIBRATION_RUNS = 5
 TURN_RUNS = 2
+# ... but after two turns, a bucket whose turns have taken CALIBRATION_BUCKET_S stops there: on a
+# busy machine the table then costs seconds, not a minute (the best of fewer runs still counts).
+CALIBRATION_BUCKET_S = 1.0
 # Before it is timed, each runtime runs each bucket until its time per batch has settled:
 # TorchScript's profiling executor optimises the graph after the first runs, and both runtimes
 # keep getting faster for a few more (oneDNN primitives, ONNX Runtime's allocation plans,
@@ -46,7 +49,7 @@ SETTLE_MIN_RUNS = 3
 SETTLE_PATIENCE = 3
 SETTLE_GAIN = 0.03
 SETTLE_MAX_RUNS = 40
-SETTLE_MAX_S = 1.0
+SETTLE_MAX_S = 0.5
 
 
 class ArtifactError(RuntimeError):
@@ -317,7 +320,7 @@ class ModelRuntime:
             runs += 1
             quiet = 0 if ms < best * (1 - SETTLE_GAIN) else quiet + 1
             best = min(best, ms)
-            if time.perf_counter() - began > SETTLE_MAX_S:
+            if runs >= SETTLE_MIN_RUNS and time.perf_counter() - began > SETTLE_MAX_S:
                 break
         return runs, best
 
@@ -326,8 +329,9 @@ class ModelRuntime:
         fastest.
 
         At each bucket, each runtime first runs until its time has settled (:meth:`settle`); then
-        the runtimes take ``runs`` turns of TURN_RUNS runs each, in alternating order, so a burst of
-        other work on the machine hits both alike; each one's best run counts.
+        the runtimes take ``runs`` turns of TURN_RUNS runs each (fewer past CALIBRATION_BUCKET_S), in
+        alternating order, so a burst of other work on the machine hits both alike; each one's best
+        run counts.
         """
         if len(self._runners) < 2:
             return
@@ -340,7 +344,10 @@ class ModelRuntime:
             for name in order:
                 settled.append(self.settle(name, x)[0])
             best = dict.fromkeys(order, float("inf"))
+            timing = time.perf_counter()
             for turn in range(runs):
+                if turn >= 2 and time.perf_counter() - timing > CALIBRATION_BUCKET_S:
+                    break
                 for name in order if turn % 2 == 0 else reversed(order):
                     run = self._runners[name]
                     for _ in range(TURN_RUNS):
@@ -352,7 +359,7 @@ class ModelRuntime:
         self._route_sizes()
         self.calibration_s = time.perf_counter() - began
         logger.info(
-            "runtime per batch bucket (ms per batch, best of %d after %d-%d warm-up runs; * = serves it; "
+            "runtime per batch bucket (ms per batch, best of <=%d after %d-%d warm-up runs; * = serves it; "
             "timed in %.1f s):\n%s",
             runs * TURN_RUNS,
             min(settled),
