@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -337,6 +338,56 @@ def calibration_main(argv: Sequence[str]) -> int:
         },
         "first_run_ms": first,
     }
+    sys.stdout.write(json.dumps(out) + "\n")
+    return 0
+
+
+def mixed_main(argv: Sequence[str]) -> int:
+    """``runtimes.py _mixed``: the server's runtime (warmed up as the server does) on a seeded
+    random mix of batch sizes, as a loaded server forms them; CPU and wall ms per image, one JSON
+    line."""
+    import warnings
+
+    import numpy as np
+
+    p = argparse.ArgumentParser(prog="runtimes.py _mixed")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--max-batch", type=int, required=True)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--grid", choices=("on", "off"), required=True)
+    p.add_argument("--ranges", default="1-64,64-256", help="uniform size ranges, LO-HI each")
+    p.add_argument("--images", type=int, default=20000, help="images per range")
+    a = p.parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from cifar_serve.server.runtime import IMAGE_SHAPE, ModelRuntime
+
+    rt = ModelRuntime(
+        a.model_dir,
+        device="cpu",
+        backend="auto",
+        max_batch_size=a.max_batch,
+        threads=a.threads,
+        shape_grid=a.grid == "on",
+    )
+    rt.warmup()
+    pool = np.random.default_rng(0).integers(0, 256, (a.max_batch, *IMAGE_SHAPE), dtype=np.uint8)
+    out: dict[str, Any] = {"grid": a.grid, "warmup_s": rt.warmup_s, "ranges": {}}
+    for i, text in enumerate(a.ranges.split(",")):
+        lo, hi = (min(int(v), a.max_batch) for v in text.split("-"))
+        rng = np.random.default_rng(i + 1)  # the same sequence in every process
+        sizes: list[int] = []
+        while sum(sizes) < a.images:
+            sizes.append(int(rng.integers(lo, hi + 1)))
+        c0, w0 = time.process_time(), time.perf_counter()
+        for n in sizes:
+            rt.infer(pool[:n])
+        cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+        out["ranges"][f"{lo}-{hi}"] = {
+            "batches": len(sizes),
+            "images": sum(sizes),
+            "cpu_ms_per_image": cpu * 1000 / sum(sizes),
+            "wall_ms_per_image": wall * 1000 / sum(sizes),
+        }
     sys.stdout.write(json.dumps(out) + "\n")
     return 0
 
@@ -710,6 +761,13 @@ def calibration_run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, 
         cmd += ["--threads", str(args.threads[0]), "--sizes", ",".join(map(str, args.curve_sizes))]
         cmd += ["--rounds", str(args.curve_rounds), "--images-per-turn", "64" if args.quick else "1024"]
         results["curve"][runtime] = _child(cmd, args.timeout, log)
+    results["mixed"] = {"on": [], "off": []}
+    for r in range(args.mixed_rounds):
+        for grid in ("on", "off") if r % 2 == 0 else ("off", "on"):
+            logger.info("random mix of batch sizes, max batch %d, shape grid %s (round %d)", top, grid, r + 1)
+            cmd = ["_mixed", "--model-dir", args.model_dir, "--max-batch", str(top), "--grid", grid]
+            cmd += ["--threads", str(args.threads[0]), "--images", "2000" if args.quick else "20000"]
+            results["mixed"][grid].append(_child(cmd, args.timeout, log))
     results["loadavg_end"] = loadavg()
     return results
 
@@ -822,7 +880,37 @@ def calibration_markdown(results: dict[str, Any]) -> str:
                 ]
             out.append("| " + " | ".join(str(c) for c in row) + " |")
         out.append("")
+    mixed = results.get("mixed") or {}
+    if mixed.get("on") and mixed.get("off"):
+        ranges = list(mixed["on"][0]["ranges"])
+        rounds = len(mixed["on"])
+        out += [
+            "A seeded random mix of batch sizes (as a loaded server forms them), max batch "
+            f"{top_batch(results)}, the server's runtime warmed up as the server does, TorchScript's "
+            "shapes padded to the grid (`padded_shapes`) or run as they come; the two take turns in "
+            f"fresh processes, {rounds} round(s) each; median CPU (wall) ms per image over the rounds:",
+            "",
+            "| sizes | grid on | grid off | on / off (CPU) | warm-up s, on / off |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for key in ranges:
+
+            def med(grid: str, field: str, key: str = key) -> float:
+                return float(statistics.median(r["ranges"][key][field] for r in mixed[grid]))
+
+            on_cpu, off_cpu = med("on", "cpu_ms_per_image"), med("off", "cpu_ms_per_image")
+            warm = [statistics.median(r["warmup_s"] for r in mixed[g]) for g in ("on", "off")]
+            out.append(
+                f"| {key} | {on_cpu:.3f} ({med('on', 'wall_ms_per_image'):.3f}) | {off_cpu:.3f} "
+                f"({med('off', 'wall_ms_per_image'):.3f}) | **{on_cpu / off_cpu:.2f}x** | "
+                f"{warm[0]:.1f} / {warm[1]:.1f} |"
+            )
+        out.append("")
     return "\n".join(out)
+
+
+def top_batch(results: dict[str, Any]) -> int:
+    return max(t["max_batch"] for t in results["tables"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -867,6 +955,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-sizes", default=None, help="--calibration: default 32,64,128,256,512")
     p.add_argument("--curve-rounds", type=int, default=None, help="--calibration: default 6")
     p.add_argument(
+        "--mixed-rounds", type=int, default=None, help="--calibration: grid on/off turns (default 3)"
+    )
+    p.add_argument(
         "--steady-seconds", type=float, default=None, help="--calibration: per runtime and bucket (default 1)"
     )
     p.add_argument("--log-level", default="INFO")
@@ -883,6 +974,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return calibration_main(argv[1:])
     if argv and argv[0] == "_curve":
         return curve_main(argv[1:])
+    if argv and argv[0] == "_mixed":
+        return mixed_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     q = args.quick
@@ -936,6 +1029,7 @@ def calibration(args: argparse.Namespace, argv: Sequence[str]) -> int:
         int(b) for b in (args.curve_sizes or ("4,8" if q else "32,64,128,256,512")).split(",")
     ]
     args.curve_rounds = args.curve_rounds or (2 if q else 6)
+    args.mixed_rounds = args.mixed_rounds or (1 if q else 3)
     args.steady_seconds = args.steady_seconds or (0.1 if q else 1.0)
     args.threads = [int(t) for t in (args.threads or "0").split(",")]
     results = calibration_run(args, argv)

@@ -38,6 +38,20 @@ TURN_RUNS = 2
 # ... but after two turns, a bucket whose turns have taken CALIBRATION_BUCKET_S stops there: on a
 # busy machine the table then costs seconds, not a minute (the best of fewer runs still counts).
 CALIBRATION_BUCKET_S = 1.0
+# Turns are only for close calls: where one runtime's settled time is more than CALIBRATION_CLOSE
+# times the other's, the settled times decide (most buckets: TorchScript takes 2x ONNX Runtime's
+# time at batch 1-4 and half of it from 32 up on this project's CPUs), which keeps the table
+# cheap at large buckets, where a run costs the most.
+CALIBRATION_CLOSE = 1.25
+# On the CPU, TorchScript runs a batch padded up to the next of a few shapes, the extra rows
+# computed and dropped (eval-mode BatchNorm treats every image on its own): every size up to
+# SHAPES_EXACT_UP_TO, then SHAPES_PER_OCTAVE sizes per doubling (20, 24, 28, 32, 40, ...; 32
+# shapes up to 256). oneDNN builds ~25 kernels per input shape for this model and keeps 1024 (40
+# shapes' worth), so with any size from 1 to 256 arriving under load it kept rebuilding them:
+# after 60 other sizes, a batch of 100 took 28.5 ms against 19.5 settled, a batch of 8 11.2 ms
+# against 4.2 (the cost on a mix of sizes: BENCHMARKS.md). Padding adds at most a quarter.
+SHAPES_EXACT_UP_TO = 16
+SHAPES_PER_OCTAVE = 4
 # Before it is timed, each runtime runs each bucket until its time per batch has settled:
 # TorchScript's profiling executor optimises the graph after the first runs, and both runtimes
 # keep getting faster for a few more (oneDNN primitives, ONNX Runtime's allocation plans,
@@ -143,6 +157,7 @@ class ModelRuntime:
         verify_sha256: bool = True,
         cuda_graphs: bool = True,
         spin_wait: bool = True,
+        shape_grid: bool = True,
     ) -> None:
         self.manifest = load_manifest(model_dir)
         self.spin_wait = spin_wait
@@ -197,6 +212,11 @@ class ModelRuntime:
         self.warmup_s: float | None = None
         self._by_size: list[Callable[[np.ndarray], np.ndarray]] = []
         self._route_sizes()
+        # The shape TorchScript runs a batch of n images at (index n): padded on the CPU only (a
+        # GPU replays CUDA graphs per bucket, or runs any shape without per-shape kernels).
+        grid = shape_grid and self.device.type == "cpu"
+        self.shapes = padded_shapes(max_batch_size) if grid else list(range(1, max_batch_size + 1))
+        self._shape_of = [0] + [next(s for s in self.shapes if s >= n) for n in range(1, max_batch_size + 1)]
         self.sha256 = self._sha["torchscript" if self._module is not None else next(iter(self._sha))]
         self._slots: queue.Queue[_Slot] = queue.Queue()
         for _ in range(max(1, slots)):
@@ -276,9 +296,15 @@ class ModelRuntime:
         return np.asarray(out, dtype=np.float32)
 
     def _run_torchscript(self, images: np.ndarray) -> np.ndarray:
+        n = len(images)
+        shape = self._shape_of[n] if n < len(self._shape_of) else n
+        if shape > n:
+            padded = np.zeros((shape, *IMAGE_SHAPE), dtype=np.uint8)
+            padded[:n] = images
+            images = padded
         slot = self._slots.get()
         try:
-            return slot.run(self._module, images, self._autocast)
+            return slot.run(self._module, images, self._autocast)[:n]
         finally:
             self._slots.put(slot)
 
@@ -328,10 +354,10 @@ class ModelRuntime:
         """Time every loaded runtime at every batch bucket at steady state; route each bucket to its
         fastest.
 
-        At each bucket, each runtime first runs until its time has settled (:meth:`settle`); then
-        the runtimes take ``runs`` turns of TURN_RUNS runs each (fewer past CALIBRATION_BUCKET_S), in
-        alternating order, so a burst of other work on the machine hits both alike; each one's best
-        run counts.
+        At each bucket, each runtime first runs until its time has settled (:meth:`settle`). Where
+        the settled times are within CALIBRATION_CLOSE of each other, the runtimes then take
+        ``runs`` turns of TURN_RUNS runs each (fewer past CALIBRATION_BUCKET_S), in alternating
+        order, so a burst of other work on the machine hits both alike. Each one's best run counts.
         """
         if len(self._runners) < 2:
             return
@@ -339,15 +365,18 @@ class ModelRuntime:
         began = time.perf_counter()
         settled: list[int] = []
         order = list(self._runners)
+        turns = 0
         for b in self.buckets:
             x = rng.integers(0, 256, (b, *IMAGE_SHAPE), dtype=np.uint8)
+            best: dict[str, float] = {}
             for name in order:
-                settled.append(self.settle(name, x)[0])
-            best = dict.fromkeys(order, float("inf"))
+                count, best[name] = self.settle(name, x)
+                settled.append(count)
             timing = time.perf_counter()
-            for turn in range(runs):
+            for turn in range(runs if max(best.values()) <= CALIBRATION_CLOSE * min(best.values()) else 0):
                 if turn >= 2 and time.perf_counter() - timing > CALIBRATION_BUCKET_S:
                     break
+                turns += 1
                 for name in order if turn % 2 == 0 else reversed(order):
                     run = self._runners[name]
                     for _ in range(TURN_RUNS):
@@ -359,11 +388,11 @@ class ModelRuntime:
         self._route_sizes()
         self.calibration_s = time.perf_counter() - began
         logger.info(
-            "runtime per batch bucket (ms per batch, best of <=%d after %d-%d warm-up runs; * = serves it; "
-            "timed in %.1f s):\n%s",
-            runs * TURN_RUNS,
+            "runtime per batch bucket (ms per batch, best run once settled after %d-%d runs, close calls "
+            "timed again in %d alternating turns; * = serves it; timed in %.1f s):\n%s",
             min(settled),
             max(settled),
+            turns,
             self.calibration_s,
             "\n".join(
                 f"  {b:5d}: "
@@ -397,12 +426,14 @@ class ModelRuntime:
         ]
 
     def warmup(self, batch_sizes: list[int] | None = None, *, calibrate: bool = True) -> None:
-        """Bring every runtime that serves to steady state, then run every batch size the batcher
-        can form once, so no request pays for a first run.
+        """Bring every runtime that serves to steady state, then run every shape the batcher's
+        batches can reach it in once, so no request pays for a first run.
 
         With two runtimes loaded and ``calibrate``, :meth:`calibrate` settles and times both at
-        every bucket; otherwise each bucket's runtime is settled there. On CUDA with graphs,
-        capturing the buckets' graphs comes first, and every size then runs through them.
+        every bucket; otherwise each bucket's runtime is settled there. The shapes are each size
+        ONNX Runtime serves, and the padded sizes (:func:`padded_shapes`) TorchScript serves. On
+        CUDA with graphs, capturing the buckets' graphs comes first, and every size then runs
+        through them.
         """
         began = time.perf_counter()
         if self.cuda_graphs:
@@ -418,10 +449,22 @@ class ModelRuntime:
             for b in self.buckets:
                 self.settle(self.routes[b], rng.integers(0, 256, (b, *IMAGE_SHAPE), dtype=np.uint8))
         sizes = batch_sizes or list(range(1, self.max_batch_size + 1))
-        for n in sizes:
+        shapes = sorted(
+            {
+                n if self.route(n) != "torchscript" or n > self.max_batch_size else self._shape_of[n]
+                for n in sizes
+            }
+        )
+        for n in shapes:
             self.infer(rng.integers(0, 256, (n, *IMAGE_SHAPE), dtype=np.uint8))
         self.warmup_s = time.perf_counter() - began
-        logger.info("warmed up %d batch sizes (1..%d) in %.1f s", len(sizes), max(sizes), self.warmup_s)
+        logger.info(
+            "warmed up %d batch sizes (1..%d, %d shapes) in %.1f s",
+            len(sizes),
+            max(sizes),
+            len(shapes),
+            self.warmup_s,
+        )
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -452,6 +495,19 @@ def _check_int8(manifest: Manifest, device: str, backend: str) -> None:
             f"it with `cifar-export --out {manifest.path.parent}` (without --no-int8), which writes "
             "model.int8.onnx, or serve --precision fp32"
         )
+
+
+def padded_shapes(max_batch: int) -> list[int]:
+    """The batch sizes TorchScript runs on the CPU (see SHAPES_*); every bucket is one of them."""
+    sizes = list(range(1, min(max_batch, SHAPES_EXACT_UP_TO) + 1))
+    octave = SHAPES_EXACT_UP_TO
+    while octave < max_batch:
+        step = octave // SHAPES_PER_OCTAVE
+        sizes += [s for s in range(octave + step, 2 * octave + 1, step) if s < max_batch]
+        octave *= 2
+    if sizes[-1] != max_batch:
+        sizes.append(max_batch)
+    return sizes
 
 
 def graph_buckets(max_batch: int) -> list[int]:
