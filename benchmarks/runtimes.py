@@ -277,7 +277,12 @@ def calibration_main(argv: Sequence[str]) -> int:
 
     t0 = time.perf_counter()
     rt = ModelRuntime(
-        a.model_dir, device="cpu", backend="auto", max_batch_size=a.max_batch, threads=a.threads
+        a.model_dir,
+        device="cpu",
+        backend="auto",
+        max_batch_size=a.max_batch,
+        threads=a.threads,
+        shape_grid=a.protocol == "steady",  # before: every size as it came
     )
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
