@@ -351,6 +351,7 @@ def mixed_main(argv: Sequence[str]) -> int:
     """``runtimes.py _mixed``: the server's runtime (warmed up as the server does) on a seeded
     random mix of batch sizes, as a loaded server forms them; CPU and wall ms per image, one JSON
     line."""
+    import resource
     import warnings
 
     import numpy as np
@@ -393,6 +394,7 @@ def mixed_main(argv: Sequence[str]) -> int:
             "cpu_ms_per_image": cpu * 1000 / sum(sizes),
             "wall_ms_per_image": wall * 1000 / sum(sizes),
         }
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     sys.stdout.write(json.dumps(out) + "\n")
     return 0
 
@@ -895,8 +897,8 @@ def calibration_markdown(results: dict[str, Any]) -> str:
             "shapes padded to the grid (`padded_shapes`) or run as they come; the two take turns in "
             f"fresh processes, {rounds} round(s) each; median CPU (wall) ms per image over the rounds:",
             "",
-            "| sizes | grid on | grid off | on / off (CPU) | warm-up s, on / off |",
-            "| --- | ---: | ---: | ---: | ---: |",
+            "| sizes | grid on | grid off | on / off (CPU) | warm-up s, on / off | peak RSS MB, on / off |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         for key in ranges:
 
@@ -905,10 +907,13 @@ def calibration_markdown(results: dict[str, Any]) -> str:
 
             on_cpu, off_cpu = med("on", "cpu_ms_per_image"), med("off", "cpu_ms_per_image")
             warm = [statistics.median(r["warmup_s"] for r in mixed[g]) for g in ("on", "off")]
+            rss = [
+                statistics.median(r.get("peak_rss_mb", float("nan")) for r in mixed[g]) for g in ("on", "off")
+            ]
             out.append(
                 f"| {key} | {on_cpu:.3f} ({med('on', 'wall_ms_per_image'):.3f}) | {off_cpu:.3f} "
                 f"({med('off', 'wall_ms_per_image'):.3f}) | **{on_cpu / off_cpu:.2f}x** | "
-                f"{warm[0]:.1f} / {warm[1]:.1f} |"
+                f"{warm[0]:.1f} / {warm[1]:.1f} | {rss[0]:.0f} / {rss[1]:.0f} |"
             )
         out.append("")
     return "\n".join(out)
