@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,7 @@ VARIANTS: dict[str, str] = {
     "aoti_bf16": "torch.export + AOTInductor, autocast bf16 inside forward",
 }
 REFERENCE = "ts_fp32"
+DEFAULT_OUT = REPO / "benchmarks" / "runtimes.json"
 AGREEMENT_GOAL = 0.995
 
 
@@ -226,6 +228,230 @@ def compile_main(argv: Sequence[str]) -> int:
         report[variant] = {"export_s": export_s, "compile_s": time.perf_counter() - t0}
         sys.stderr.write(f"{variant}: {report[variant]}\n")
     sys.stdout.write(json.dumps(report) + "\n")
+    return 0
+
+
+# --------------------------------------------------------------------------- child: the server's calibration
+
+
+def _interleaved(
+    run: Callable[[str, Any], Any], names: Sequence[str], xs: dict[int, Any], seconds: float
+) -> dict[str, dict[int, list[float]]]:
+    """Wall ms of every run of ``run(name, x)``: each name runs each size for about ``seconds`` in
+    all, in turns over 4 rounds; names alternate order round by round, so a burst of other work
+    hits all alike."""
+    out: dict[str, dict[int, list[float]]] = {n: {b: [] for b in xs} for n in names}
+    rounds = 4
+    for r in range(rounds):
+        for b, x in xs.items():
+            for name in names if r % 2 == 0 else list(reversed(names)):
+                stop = time.perf_counter() + seconds / rounds
+                while True:
+                    t = time.perf_counter()
+                    run(name, x)
+                    now = time.perf_counter()
+                    out[name][b].append((now - t) * 1000)
+                    if now >= stop:
+                        break
+    return out
+
+
+def calibration_main(argv: Sequence[str]) -> int:
+    """``runtimes.py _calibration``: the server's runtime table next to steady-state timings, one
+    JSON line. ``--protocol steady`` is the server's warm-up (ModelRuntime.warmup); ``before`` is
+    the warm-up it replaced (each runtime runs each bucket twice, then best of 5 alternating runs)."""
+    import warnings
+
+    import numpy as np
+
+    p = argparse.ArgumentParser(prog="runtimes.py _calibration")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--max-batch", type=int, required=True)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--protocol", choices=("steady", "before"), default="steady")
+    p.add_argument("--steady-seconds", type=float, default=2.0, help="per runtime and bucket")
+    p.add_argument("--first-run-sizes", default="", help="sizes the warm-up skipped: first-run cost")
+    a = p.parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from cifar_serve.server.runtime import IMAGE_SHAPE, ModelRuntime
+
+    t0 = time.perf_counter()
+    rt = ModelRuntime(
+        a.model_dir,
+        device="cpu",
+        backend="auto",
+        max_batch_size=a.max_batch,
+        threads=a.threads,
+        shape_grid=a.protocol == "steady",  # before: every size as it came
+    )
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    xs = {b: rng.integers(0, 256, (b, *IMAGE_SHAPE), dtype=np.uint8) for b in rt.buckets}
+    t0 = time.perf_counter()
+    if a.protocol == "steady":
+        rt.warmup()
+        table = {b: dict(rt.timings[b]) for b in rt.buckets}
+        calibration_s = rt.calibration_s
+    else:
+        table = {}
+        for b, x in xs.items():
+            for name in rt.runtimes:
+                rt.run_on(name, x)
+                rt.run_on(name, x)
+            best = dict.fromkeys(rt.runtimes, float("inf"))
+            for _ in range(5):
+                for name in rt.runtimes:
+                    t = time.perf_counter()
+                    rt.run_on(name, x)
+                    best[name] = min(best[name], (time.perf_counter() - t) * 1000)
+            table[b] = best
+        calibration_s = time.perf_counter() - t0
+        rt.use_routes({b: min(v, key=v.__getitem__) for b, v in table.items()})
+        for _ in range(2):
+            for n in range(1, a.max_batch + 1):
+                rt.infer(rng.integers(0, 256, (n, *IMAGE_SHAPE), dtype=np.uint8))
+    warmup_s = time.perf_counter() - t0
+    first: dict[str, list[float]] = {}
+    for n in (int(s) for s in a.first_run_sizes.split(",") if s):
+        x = rng.integers(0, 256, (n, *IMAGE_SHAPE), dtype=np.uint8)
+        times = []
+        for _ in range(4):
+            t = time.perf_counter()
+            rt.infer(x)
+            times.append((time.perf_counter() - t) * 1000)
+        first[str(n)] = times
+    steady = _interleaved(rt.run_on, rt.runtimes, xs, a.steady_seconds)
+    out = {
+        "protocol": a.protocol,
+        "max_batch": a.max_batch,
+        "load_s": load_s,
+        "calibration_s": calibration_s,
+        "warmup_s": warmup_s,
+        "table": {str(b): v for b, v in table.items()},
+        "routes": {str(b): min(v, key=v.__getitem__) for b, v in table.items()},
+        "steady": {
+            name: {
+                str(b): {
+                    "best": float(np.min(v)),
+                    "p50": float(np.median(v)),
+                    "p25": float(np.percentile(v, 25)),
+                    "runs": len(v),
+                }
+                for b, v in by.items()
+            }
+            for name, by in steady.items()
+        },
+        "first_run_ms": first,
+    }
+    sys.stdout.write(json.dumps(out) + "\n")
+    return 0
+
+
+def mixed_main(argv: Sequence[str]) -> int:
+    """``runtimes.py _mixed``: the server's runtime (warmed up as the server does) on a seeded
+    random mix of batch sizes, as a loaded server forms them; CPU and wall ms per image, one JSON
+    line."""
+    import resource
+    import warnings
+
+    import numpy as np
+
+    p = argparse.ArgumentParser(prog="runtimes.py _mixed")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--max-batch", type=int, required=True)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--grid", choices=("on", "off"), required=True)
+    p.add_argument("--ranges", default="1-64,64-256", help="uniform size ranges, LO-HI each")
+    p.add_argument("--images", type=int, default=20000, help="images per range")
+    a = p.parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from cifar_serve.server.runtime import IMAGE_SHAPE, ModelRuntime
+
+    rt = ModelRuntime(
+        a.model_dir,
+        device="cpu",
+        backend="auto",
+        max_batch_size=a.max_batch,
+        threads=a.threads,
+        shape_grid=a.grid == "on",
+    )
+    rt.warmup()
+    pool = np.random.default_rng(0).integers(0, 256, (a.max_batch, *IMAGE_SHAPE), dtype=np.uint8)
+    out: dict[str, Any] = {"grid": a.grid, "warmup_s": rt.warmup_s, "ranges": {}}
+    for i, text in enumerate(a.ranges.split(",")):
+        lo, hi = (min(int(v), a.max_batch) for v in text.split("-"))
+        rng = np.random.default_rng(i + 1)  # the same sequence in every process
+        sizes: list[int] = []
+        while sum(sizes) < a.images:
+            sizes.append(int(rng.integers(lo, hi + 1)))
+        c0, w0 = time.process_time(), time.perf_counter()
+        for n in sizes:
+            rt.infer(pool[:n])
+        cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+        out["ranges"][f"{lo}-{hi}"] = {
+            "batches": len(sizes),
+            "images": sum(sizes),
+            "cpu_ms_per_image": cpu * 1000 / sum(sizes),
+            "wall_ms_per_image": wall * 1000 / sum(sizes),
+        }
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    sys.stdout.write(json.dumps(out) + "\n")
+    return 0
+
+
+def curve_main(argv: Sequence[str]) -> int:
+    """``runtimes.py _curve``: one runtime alone, CPU ms per image and wall ms per batch at each
+    batch size, sizes taking turns round by round; one JSON line."""
+    import resource
+    import warnings
+
+    import numpy as np
+
+    p = argparse.ArgumentParser(prog="runtimes.py _curve")
+    p.add_argument("--variant", required=True)
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--sizes", default="32,64,128,256,512")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--images-per-turn", type=int, default=1024, help="images each size runs per turn")
+    a = p.parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    fn = _load_variant(a.variant, Path(a.model_dir), a.threads, None)
+    sizes = [int(s) for s in a.sizes.split(",")]
+    rng = np.random.default_rng(0)
+    xs = {b: rng.integers(0, 256, (b, 32, 32, 3), dtype=np.uint8) for b in sizes}
+    rss_mb: dict[str, float] = {}
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for b in sizes:  # ascending: each new peak is this size's working set
+        for _ in range(6):
+            fn(xs[b])
+        rss_mb[str(b)] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cpu: dict[int, list[float]] = {b: [] for b in sizes}
+    wall: dict[int, list[float]] = {b: [] for b in sizes}
+    for r in range(a.rounds):
+        for b in sizes if r % 2 == 0 else list(reversed(sizes)):
+            n = max(2, a.images_per_turn // b)
+            fn(xs[b])  # the turn's first run follows another size: not counted
+            c0, w0 = time.process_time(), time.perf_counter()
+            for _ in range(n):
+                fn(xs[b])
+            cpu[b].append((time.process_time() - c0) * 1000 / (n * b))
+            wall[b].append((time.perf_counter() - w0) * 1000 / n)
+    out = {
+        "variant": a.variant,
+        "rss_mb_before": base,
+        "sizes": {
+            str(b): {
+                "cpu_ms_per_image_best": min(cpu[b]),
+                "cpu_ms_per_image_p50": float(np.median(cpu[b])),
+                "wall_ms_per_batch_best": min(wall[b]),
+                "wall_ms_per_batch_p50": float(np.median(wall[b])),
+                "peak_rss_mb": rss_mb[str(b)],
+            }
+            for b in sizes
+        },
+    }
+    sys.stdout.write(json.dumps(out) + "\n")
     return 0
 
 
@@ -497,6 +723,206 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+# --------------------------------------------------------------------------- parent: --calibration
+
+CURVE_VARIANTS = {"ts_frozen": "torchscript", "ort_fp32": "onnxruntime"}
+
+
+def calibration_run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
+    """The server's start-up table (before and now) against steady-state timings; the cost curve."""
+    work = Path(tempfile.mkdtemp(prefix="cifar-calibration-"))
+    log = work / "children.log"
+    results: dict[str, Any] = {
+        "command": " ".join(shlex.quote(a) for a in ["benchmarks/runtimes.py", *argv]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "loadavg_start": loadavg(),
+        "machine": machine_info("cpu"),
+        "threads": args.threads[0],
+        "tables": [],
+        "alone": {},
+        "curve": {},
+        "logs": str(log),
+    }
+    top = max(args.max_batches)
+    buckets = [1 << i for i in range(top.bit_length()) if 1 << i <= top]
+    if buckets[-1] != top:
+        buckets.append(top)
+    for max_batch in args.max_batches:
+        for protocol in ("before", "steady"):
+            logger.info("start-up table, max batch %d, %s warm-up", max_batch, protocol)
+            cmd = ["_calibration", "--model-dir", args.model_dir, "--max-batch", str(max_batch)]
+            cmd += ["--protocol", protocol, "--threads", str(args.threads[0])]
+            cmd += ["--steady-seconds", str(args.steady_seconds)]
+            if protocol == "steady":
+                cmd += ["--first-run-sizes", ",".join(str(n) for n in (3, 48, 100, 200) if n < max_batch)]
+            results["tables"].append(_child(cmd, args.timeout, log))
+    for variant, runtime in CURVE_VARIANTS.items():
+        logger.info("%s alone at batch %s", runtime, buckets)
+        cmd = ["_measure", "--variant", variant, "--model-dir", args.model_dir]
+        cmd += ["--threads", str(args.threads[0]), "--batch-sizes", ",".join(map(str, buckets))]
+        cmd += ["--seconds", str(args.steady_seconds)]
+        results["alone"][runtime] = _child(cmd, args.timeout, log)["batch"]
+    for variant, runtime in CURVE_VARIANTS.items():
+        logger.info("%s cost curve at batch %s", runtime, args.curve_sizes)
+        cmd = ["_curve", "--variant", variant, "--model-dir", args.model_dir]
+        cmd += ["--threads", str(args.threads[0]), "--sizes", ",".join(map(str, args.curve_sizes))]
+        cmd += ["--rounds", str(args.curve_rounds), "--images-per-turn", "64" if args.quick else "1024"]
+        results["curve"][runtime] = _child(cmd, args.timeout, log)
+    results["mixed"] = {"on": [], "off": []}
+    for r in range(args.mixed_rounds):
+        for grid in ("on", "off") if r % 2 == 0 else ("off", "on"):
+            logger.info("random mix of batch sizes, max batch %d, shape grid %s (round %d)", top, grid, r + 1)
+            cmd = ["_mixed", "--model-dir", args.model_dir, "--max-batch", str(top), "--grid", grid]
+            cmd += ["--threads", str(args.threads[0]), "--images", "2000" if args.quick else "20000"]
+            results["mixed"][grid].append(_child(cmd, args.timeout, log))
+    results["loadavg_end"] = loadavg()
+    return results
+
+
+def _cells(row: dict[str, float], names: Sequence[str]) -> list[str]:
+    """``row``'s ms per batch in ``names``' order, the fastest in bold."""
+    win = min(row, key=row.__getitem__)
+    return [f"**{row[n]:.2f}**" if n == win else f"{row[n]:.2f}" for n in names]
+
+
+def _short(name: str) -> str:
+    return {"torchscript": "TS", "onnxruntime": "ORT"}.get(name, name)
+
+
+def calibration_markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    out = [
+        "### The start-up runtime table against steady state, and the cost per image by batch size",
+        "",
+        f"Command: `{results['command']}` — {results['started']}. {m.get('cpu_model')}, {m.get('cpus')} "
+        f"CPUs; torch {m.get('torch')}, onnxruntime {m.get('onnxruntime')}; intra-op threads "
+        f"{results['threads'] or 'one per core'}. Load average {results['loadavg_start']} -> "
+        f"{results['loadavg_end']} (anything well above 0 means other work shared the cores).",
+        "",
+    ]
+    alone = results["alone"]
+    for steady in (t for t in results["tables"] if t["protocol"] == "steady"):
+        same = [t for t in results["tables"] if t["max_batch"] == steady["max_batch"]]
+        before = next((t for t in same if t["protocol"] == "before"), None)
+        names = list(steady["steady"])
+        out += [
+            f"Max batch {steady['max_batch']}: ms per batch, TS = frozen TorchScript, ORT = ONNX Runtime; "
+            "the runtime that serves the bucket in bold. *Before*: the warm-up this replaced (2 runs, then "
+            "best of 5), in a fresh process; *now*: `ModelRuntime.warmup()` as the server runs it, in "
+            "another; *steady*: right after that warm-up, in the same process, each runtime run for "
+            "seconds per bucket in alternating turns (best, and median in brackets); *alone*: each "
+            "runtime in a process of its own (median).",
+            "",
+            "| bucket | before TS | before ORT | now TS | now ORT | steady TS | steady ORT | alone TS "
+            "| alone ORT | now / steady best |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+        agree = 0
+        worst = 1.0
+        for b, now in steady["table"].items():
+            st = steady["steady"]
+            best = {n: st[n][b]["best"] for n in names}
+            ratios = [now[n] / best[n] for n in names]
+            worst = max(worst, *ratios)
+            agree += min(now, key=now.__getitem__) == min(best, key=best.__getitem__)
+            row = [b, *(_cells(before["table"][b], names) if before else ["-"] * len(names))]
+            row += _cells(now, names)
+            row += [
+                f"{'**' if n == min(best, key=best.__getitem__) else ''}{best[n]:.2f}"
+                f"{'**' if n == min(best, key=best.__getitem__) else ''} ({st[n][b]['p50']:.2f})"
+                for n in names
+            ]
+            row += [f"{alone[n][b]['ms_p50']:.2f}" if b in alone.get(n, {}) else "-" for n in names]
+            row += [" / ".join(f"{_short(n)} {r:.2f}" for n, r in zip(names, ratios, strict=True))]
+            out.append("| " + " | ".join(str(c) for c in row) + " |")
+        out += [
+            "",
+            f"- Now against steady state: the same runtime serves {agree} of {len(steady['table'])} buckets; "
+            f"the table's times are at most {worst:.2f}x the steady best.",
+        ]
+        if before:
+            out.append(
+                f"- Start-up cost, max batch {steady['max_batch']}: before, timing "
+                f"{before['calibration_s']:.1f} s and the whole warm-up {before['warmup_s']:.1f} s; "
+                f"now {steady['calibration_s']:.1f} s and {steady['warmup_s']:.1f} s."
+            )
+        else:
+            out.append(
+                f"- Start-up cost, max batch {steady['max_batch']}: timing "
+                f"{steady['calibration_s']:.1f} s, the whole warm-up {steady['warmup_s']:.1f} s."
+            )
+        if steady["first_run_ms"]:
+            out.append(
+                "- First runs after the warm-up at sizes it did not run (ms, four runs in a row): "
+                + "; ".join(
+                    f"{n}: {', '.join(f'{v:.1f}' for v in times)}"
+                    for n, times in steady["first_run_ms"].items()
+                )
+                + "."
+            )
+        out.append("")
+    curve = results["curve"]
+    if curve:
+        sizes = list(next(iter(curve.values()))["sizes"])
+        out += [
+            "Cost per image by batch size, each runtime alone, the sizes taking turns round by round "
+            "(CPU = `time.process_time`, all threads; best round, median in brackets):",
+            "",
+            "| batch | "
+            + " | ".join(
+                f"{r} CPU ms/image | {r} ms/batch | {r} img/s | {r} peak RSS MB" for r in map(_short, curve)
+            )
+            + " |",
+            "| ---: | " + " | ".join("---: | ---: | ---: | ---:" for _ in curve) + " |",
+        ]
+        for b in sizes:
+            row = [b]
+            for r in curve.values():
+                v = r["sizes"][b]
+                row += [
+                    f"{v['cpu_ms_per_image_best']:.3f} ({v['cpu_ms_per_image_p50']:.3f})",
+                    f"{v['wall_ms_per_batch_best']:.1f} ({v['wall_ms_per_batch_p50']:.1f})",
+                    f"{int(b) * 1000 / v['wall_ms_per_batch_best']:.0f}",
+                    f"{v['peak_rss_mb']:.0f}",
+                ]
+            out.append("| " + " | ".join(str(c) for c in row) + " |")
+        out.append("")
+    mixed = results.get("mixed") or {}
+    if mixed.get("on") and mixed.get("off"):
+        ranges = list(mixed["on"][0]["ranges"])
+        rounds = len(mixed["on"])
+        out += [
+            "A seeded random mix of batch sizes (as a loaded server forms them), max batch "
+            f"{top_batch(results)}, the server's runtime warmed up as the server does, TorchScript's "
+            "shapes padded to the grid (`padded_shapes`) or run as they come; the two take turns in "
+            f"fresh processes, {rounds} round(s) each; median CPU (wall) ms per image over the rounds:",
+            "",
+            "| sizes | grid on | grid off | on / off (CPU) | warm-up s, on / off | peak RSS MB, on / off |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for key in ranges:
+
+            def med(grid: str, field: str, key: str = key) -> float:
+                return float(statistics.median(r["ranges"][key][field] for r in mixed[grid]))
+
+            on_cpu, off_cpu = med("on", "cpu_ms_per_image"), med("off", "cpu_ms_per_image")
+            warm = [statistics.median(r["warmup_s"] for r in mixed[g]) for g in ("on", "off")]
+            rss = [
+                statistics.median(r.get("peak_rss_mb", float("nan")) for r in mixed[g]) for g in ("on", "off")
+            ]
+            out.append(
+                f"| {key} | {on_cpu:.3f} ({med('on', 'wall_ms_per_image'):.3f}) | {off_cpu:.3f} "
+                f"({med('off', 'wall_ms_per_image'):.3f}) | **{on_cpu / off_cpu:.2f}x** | "
+                f"{warm[0]:.1f} / {warm[1]:.1f} | {rss[0]:.0f} / {rss[1]:.0f} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def top_batch(results: dict[str, Any]) -> int:
+    return max(t["max_batch"] for t in results["tables"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="seconds-scale smoke run (no AOTInductor)")
@@ -522,12 +948,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--aoti-timeout", type=int, default=420, help="seconds allowed for the AOTInductor compile"
     )
     p.add_argument("--timeout", type=int, default=900, help="seconds allowed per measurement process")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "runtimes.json"))
+    p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--markdown", default=str(REPO / "BENCHMARKS.md"), help="'' to skip")
     p.add_argument(
         "--merge",
         action="store_true",
         help="keep the other variants already in --out; replace only those measured now",
+    )
+    p.add_argument(
+        "--calibration",
+        action="store_true",
+        help="instead of the variants: the server's start-up runtime table against steady-state timings, "
+        "and each runtime's cost per image by batch size (benchmarks/calibration.json, BENCHMARKS.md)",
+    )
+    p.add_argument("--max-batches", default=None, help="--calibration: max batch sizes (default 64,256)")
+    p.add_argument("--curve-sizes", default=None, help="--calibration: default 32,64,128,256,512")
+    p.add_argument("--curve-rounds", type=int, default=None, help="--calibration: default 6")
+    p.add_argument(
+        "--mixed-rounds", type=int, default=None, help="--calibration: grid on/off turns (default 3)"
+    )
+    p.add_argument(
+        "--steady-seconds", type=float, default=None, help="--calibration: per runtime and bucket (default 1)"
     )
     p.add_argument("--log-level", default="INFO")
     return p
@@ -539,9 +980,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return measure_main(argv[1:])
     if argv and argv[0] == "_aoti":
         return compile_main(argv[1:])
+    if argv and argv[0] == "_calibration":
+        return calibration_main(argv[1:])
+    if argv and argv[0] == "_curve":
+        return curve_main(argv[1:])
+    if argv and argv[0] == "_mixed":
+        return mixed_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     q = args.quick
+    if args.calibration:
+        return calibration(args, argv)
     default_variants = [v for v in VARIANTS if not (q and v.startswith("aoti"))]
     args.variants = args.variants.split(",") if args.variants else default_variants
     unknown = [v for v in args.variants if v not in VARIANTS]
@@ -580,6 +1029,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" and {args.markdown}" if args.markdown else "",
         results["recommendation"],
     )
+    return 0
+
+
+def calibration(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    q = args.quick
+    args.max_batches = [int(b) for b in (args.max_batches or ("8" if q else "64,256")).split(",")]
+    args.curve_sizes = [
+        int(b) for b in (args.curve_sizes or ("4,8" if q else "32,64,128,256,512")).split(",")
+    ]
+    args.curve_rounds = args.curve_rounds or (2 if q else 6)
+    args.mixed_rounds = args.mixed_rounds or (1 if q else 3)
+    args.steady_seconds = args.steady_seconds or (0.1 if q else 1.0)
+    args.threads = [int(t) for t in (args.threads or "0").split(",")]
+    results = calibration_run(args, argv)
+    results["quick"] = q
+    out = Path(args.out).with_name("calibration.json") if args.out == str(DEFAULT_OUT) else Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    text = calibration_markdown(results)
+    if args.markdown and not q:
+        update_markdown(Path(args.markdown), text, "calibration")
+    else:
+        sys.stdout.write(text)
+    logger.info("wrote %s%s", out, f" and {args.markdown}" if args.markdown and not q else "")
     return 0
 
 

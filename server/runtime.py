@@ -29,9 +29,41 @@ IMAGE_SHAPE = (32, 32, 3)
 # name in the runtime table.
 INT8_ARTIFACT = "onnx_int8"
 INT8_RUNTIME = "onnxruntime-int8"
-# Timed runs per runtime and batch bucket at warm-up; the best one counts (the least disturbed
-# by other work on the machine).
+# Timed turns per runtime and batch bucket at warm-up, the runtimes taking turns; the best run
+# counts (the least disturbed by other work on the machine). A turn is TURN_RUNS runs in a row,
+# because the first run after the other runtime's is slowed by it (its idle threads still spin
+# on the cores: TorchScript's b64 right after ONNX Runtime's took 42 ms, its next one 16).
 CALIBRATION_RUNS = 5
+TURN_RUNS = 2
+# ... but after two turns, a bucket whose turns have taken CALIBRATION_BUCKET_S stops there: on a
+# busy machine the table then costs seconds, not a minute (the best of fewer runs still counts).
+CALIBRATION_BUCKET_S = 1.0
+# Turns are only for close calls: where one runtime's settled time is more than CALIBRATION_CLOSE
+# times the other's, the settled times decide (most buckets: TorchScript takes 2x ONNX Runtime's
+# time at batch 1-4 and half of it from 32 up on this project's CPUs), which keeps the table
+# cheap at large buckets, where a run costs the most.
+CALIBRATION_CLOSE = 1.25
+# On the CPU, TorchScript runs a batch padded up to the next of a few shapes, the extra rows
+# computed and dropped (eval-mode BatchNorm treats every image on its own): every size up to
+# SHAPES_EXACT_UP_TO, then SHAPES_PER_OCTAVE sizes per doubling (20, 24, 28, 32, 40, ...; 32
+# shapes up to 256). oneDNN builds ~25 kernels per input shape for this model and keeps 1024 (40
+# shapes' worth), so with any size from 1 to 256 arriving under load it kept rebuilding them:
+# after 60 other sizes, a batch of 100 took 28.5 ms against 19.5 settled, a batch of 8 11.2 ms
+# against 4.2 (the cost on a mix of sizes: BENCHMARKS.md). Padding adds at most a quarter.
+SHAPES_EXACT_UP_TO = 16
+SHAPES_PER_OCTAVE = 4
+# Before it is timed, each runtime runs each bucket until its time per batch has settled:
+# TorchScript's profiling executor optimises the graph after the first runs, and both runtimes
+# keep getting faster for a few more (oneDNN primitives, ONNX Runtime's allocation plans,
+# caches): TorchScript's first runs at batch 1 took 44, 7.0, 4.0, 3.3, 3.1 ms, ONNX Runtime's
+# 4.7, 1.7, 0.9, 0.7, 0.6. Settled = SETTLE_PATIENCE runs in a row none of which beats the best
+# so far by more than SETTLE_GAIN, after at least SETTLE_MIN_RUNS; bounded by SETTLE_MAX_RUNS
+# and SETTLE_MAX_S per runtime and bucket, so a machine too busy to settle still starts.
+SETTLE_MIN_RUNS = 3
+SETTLE_PATIENCE = 3
+SETTLE_GAIN = 0.03
+SETTLE_MAX_RUNS = 40
+SETTLE_MAX_S = 0.5
 
 
 class ArtifactError(RuntimeError):
@@ -125,6 +157,7 @@ class ModelRuntime:
         verify_sha256: bool = True,
         cuda_graphs: bool = True,
         spin_wait: bool = True,
+        shape_grid: bool = True,
     ) -> None:
         self.manifest = load_manifest(model_dir)
         self.spin_wait = spin_wait
@@ -174,8 +207,16 @@ class ModelRuntime:
         self.buckets = graph_buckets(max_batch_size)
         self.routes: dict[int, str] = dict.fromkeys(self.buckets, first)
         self.timings: dict[int, dict[str, float]] = {}
+        # Seconds the last calibrate() and warmup() took (start-up cost, for logs and benchmarks).
+        self.calibration_s: float | None = None
+        self.warmup_s: float | None = None
         self._by_size: list[Callable[[np.ndarray], np.ndarray]] = []
         self._route_sizes()
+        # The shape TorchScript runs a batch of n images at (index n): padded on the CPU only (a
+        # GPU replays CUDA graphs per bucket, or runs any shape without per-shape kernels).
+        grid = shape_grid and self.device.type == "cpu"
+        self.shapes = padded_shapes(max_batch_size) if grid else list(range(1, max_batch_size + 1))
+        self._shape_of = [0] + [next(s for s in self.shapes if s >= n) for n in range(1, max_batch_size + 1)]
         self.sha256 = self._sha["torchscript" if self._module is not None else next(iter(self._sha))]
         self._slots: queue.Queue[_Slot] = queue.Queue()
         for _ in range(max(1, slots)):
@@ -255,9 +296,15 @@ class ModelRuntime:
         return np.asarray(out, dtype=np.float32)
 
     def _run_torchscript(self, images: np.ndarray) -> np.ndarray:
+        n = len(images)
+        shape = self._shape_of[n] if n < len(self._shape_of) else n
+        if shape > n:
+            padded = np.zeros((shape, *IMAGE_SHAPE), dtype=np.uint8)
+            padded[:n] = images
+            images = padded
         slot = self._slots.get()
         try:
-            return slot.run(self._module, images, self._autocast)
+            return slot.run(self._module, images, self._autocast)[:n]
         finally:
             self._slots.put(slot)
 
@@ -268,35 +315,85 @@ class ModelRuntime:
     def _route_sizes(self) -> None:
         self._by_size = [self._runners[self.route(max(n, 1))] for n in range(self.max_batch_size + 1)]
 
-    def calibrate(self, runs: int = CALIBRATION_RUNS) -> None:
-        """Time every loaded runtime at every batch bucket; route each bucket to its fastest.
+    @property
+    def runtimes(self) -> tuple[str, ...]:
+        """The loaded runtimes' names (two with ``backend="auto"`` on the CPU)."""
+        return tuple(self._runners)
 
-        Each runtime first runs each bucket twice (TorchScript's profiling executor optimises
-        on the second run), then the runtimes take turns, so a burst of other work on the
-        machine hits both alike; the best run of each counts.
+    def run_on(self, runtime: str, images: np.ndarray) -> np.ndarray:
+        """Logits from the named runtime, whatever the routes say (to compare runtimes in-process)."""
+        if images.dtype != np.uint8 or images.shape[1:] != IMAGE_SHAPE:
+            raise ValueError(f"expected uint8 [N,32,32,3], got {images.dtype} {images.shape}")
+        try:
+            run = self._runners[runtime]
+        except KeyError:
+            raise ValueError(f"runtime {runtime!r} is not loaded here (loaded: {self.runtimes})") from None
+        return run(images)
+
+    def settle(self, runtime: str, images: np.ndarray) -> tuple[int, float]:
+        """Run ``images`` on ``runtime`` until its time per batch settles (see SETTLE_*).
+
+        Returns the runs it took and the best time, in ms.
+        """
+        run = self._runners[runtime]
+        best = float("inf")
+        quiet = runs = 0
+        began = time.perf_counter()
+        while runs < SETTLE_MAX_RUNS and (runs < SETTLE_MIN_RUNS or quiet < SETTLE_PATIENCE):
+            started = time.perf_counter()
+            run(images)
+            ms = (time.perf_counter() - started) * 1000
+            runs += 1
+            quiet = 0 if ms < best * (1 - SETTLE_GAIN) else quiet + 1
+            best = min(best, ms)
+            if runs >= SETTLE_MIN_RUNS and time.perf_counter() - began > SETTLE_MAX_S:
+                break
+        return runs, best
+
+    def calibrate(self, runs: int = CALIBRATION_RUNS) -> None:
+        """Time every loaded runtime at every batch bucket at steady state; route each bucket to its
+        fastest.
+
+        At each bucket, each runtime first runs until its time has settled (:meth:`settle`). Where
+        the settled times are within CALIBRATION_CLOSE of each other, the runtimes then take
+        ``runs`` turns of TURN_RUNS runs each (fewer past CALIBRATION_BUCKET_S), in alternating
+        order, so a burst of other work on the machine hits both alike. Each one's best run counts.
         """
         if len(self._runners) < 2:
             return
         rng = np.random.default_rng(0)
         began = time.perf_counter()
+        settled: list[int] = []
+        order = list(self._runners)
+        turns = 0
         for b in self.buckets:
             x = rng.integers(0, 256, (b, *IMAGE_SHAPE), dtype=np.uint8)
-            for run in self._runners.values():
-                run(x)
-                run(x)
-            best = dict.fromkeys(self._runners, float("inf"))
-            for _ in range(runs):
-                for name, run in self._runners.items():
-                    started = time.perf_counter()
-                    run(x)
-                    best[name] = min(best[name], (time.perf_counter() - started) * 1000)
+            best: dict[str, float] = {}
+            for name in order:
+                count, best[name] = self.settle(name, x)
+                settled.append(count)
+            timing = time.perf_counter()
+            for turn in range(runs if max(best.values()) <= CALIBRATION_CLOSE * min(best.values()) else 0):
+                if turn >= 2 and time.perf_counter() - timing > CALIBRATION_BUCKET_S:
+                    break
+                turns += 1
+                for name in order if turn % 2 == 0 else reversed(order):
+                    run = self._runners[name]
+                    for _ in range(TURN_RUNS):
+                        started = time.perf_counter()
+                        run(x)
+                        best[name] = min(best[name], (time.perf_counter() - started) * 1000)
             self.timings[b] = best
             self.routes[b] = min(best, key=best.__getitem__)
         self._route_sizes()
+        self.calibration_s = time.perf_counter() - began
         logger.info(
-            "runtime per batch bucket (ms per batch, best of %d; * = serves it; timed in %.1f s):\n%s",
-            runs,
-            time.perf_counter() - began,
+            "runtime per batch bucket (ms per batch, best run once settled after %d-%d runs, close calls "
+            "timed again in %d alternating turns; * = serves it; timed in %.1f s):\n%s",
+            min(settled),
+            max(settled),
+            turns,
+            self.calibration_s,
             "\n".join(
                 f"  {b:5d}: "
                 + "  ".join(
@@ -329,25 +426,45 @@ class ModelRuntime:
         ]
 
     def warmup(self, batch_sizes: list[int] | None = None, *, calibrate: bool = True) -> None:
-        """Run every batch size the batcher can form, so no request pays for a first run.
+        """Bring every runtime that serves to steady state, then run every shape the batcher's
+        batches can reach it in once, so no request pays for a first run.
 
-        On CUDA with graphs, every size maps to a bucket: capturing the buckets' graphs is the
-        warm-up, and every size is then run once through them.
+        With two runtimes loaded and ``calibrate``, :meth:`calibrate` settles and times both at
+        every bucket; otherwise each bucket's runtime is settled there. The shapes are each size
+        ONNX Runtime serves, and the padded sizes (:func:`padded_shapes`) TorchScript serves. On
+        CUDA with graphs, capturing the buckets' graphs comes first, and every size then runs
+        through them.
         """
+        began = time.perf_counter()
         if self.cuda_graphs:
             slots = [self._slots.get() for _ in range(self._slots.qsize())]
             for slot in slots:
                 slot.capture(self._module, self._autocast)
                 self._slots.put(slot)
             self.cuda_graphs = all(slot.graphs for slot in slots)
-        if calibrate:
-            self.calibrate()
-        sizes = batch_sizes or list(range(1, self.max_batch_size + 1))
         rng = np.random.default_rng(0)
-        for _ in range(2):  # TorchScript's profiling executor optimises on the second run
-            for n in sizes:
-                self.infer(rng.integers(0, 256, (n, *IMAGE_SHAPE), dtype=np.uint8))
-        logger.info("warmed up %d batch sizes (1..%d)", len(sizes), max(sizes))
+        if calibrate and len(self._runners) > 1:
+            self.calibrate()
+        else:
+            for b in self.buckets:
+                self.settle(self.routes[b], rng.integers(0, 256, (b, *IMAGE_SHAPE), dtype=np.uint8))
+        sizes = batch_sizes or list(range(1, self.max_batch_size + 1))
+        shapes = sorted(
+            {
+                n if self.route(n) != "torchscript" or n > self.max_batch_size else self._shape_of[n]
+                for n in sizes
+            }
+        )
+        for n in shapes:
+            self.infer(rng.integers(0, 256, (n, *IMAGE_SHAPE), dtype=np.uint8))
+        self.warmup_s = time.perf_counter() - began
+        logger.info(
+            "warmed up %d batch sizes (1..%d, %d shapes) in %.1f s",
+            len(sizes),
+            max(sizes),
+            len(shapes),
+            self.warmup_s,
+        )
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -378,6 +495,19 @@ def _check_int8(manifest: Manifest, device: str, backend: str) -> None:
             f"it with `cifar-export --out {manifest.path.parent}` (without --no-int8), which writes "
             "model.int8.onnx, or serve --precision fp32"
         )
+
+
+def padded_shapes(max_batch: int) -> list[int]:
+    """The batch sizes TorchScript runs on the CPU (see SHAPES_*); every bucket is one of them."""
+    sizes = list(range(1, min(max_batch, SHAPES_EXACT_UP_TO) + 1))
+    octave = SHAPES_EXACT_UP_TO
+    while octave < max_batch:
+        step = octave // SHAPES_PER_OCTAVE
+        sizes += [s for s in range(octave + step, 2 * octave + 1, step) if s < max_batch]
+        octave *= 2
+    if sizes[-1] != max_batch:
+        sizes.append(max_batch)
+    return sizes
 
 
 def graph_buckets(max_batch: int) -> list[int]:
