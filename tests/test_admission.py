@@ -484,8 +484,11 @@ def test_chunked_bodies_count_against_the_budget(tight_server: Any, workers: int
                 statuses.append(_read_status(sock))
             except TimeoutError:
                 statuses.append(0)  # still uploading: held
+        # Each process holds two (1.8 MiB) and refuses a third. The kernel spreads connections
+        # over the workers' shared port unevenly, so which process got how many is unknown;
+        # at least one got three or more, and none holds more than two.
         assert 429 in statuses, statuses
-        assert statuses.count(0) >= 2 * workers, statuses
+        assert 2 <= statuses.count(0) <= 2 * workers, statuses
     finally:
         for sock in held:
             sock.close()
