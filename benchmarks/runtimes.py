@@ -975,6 +975,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and each runtime's cost per image by batch size (benchmarks/calibration.json, BENCHMARKS.md)",
     )
     p.add_argument("--max-batches", default=None, help="--calibration: max batch sizes (default 64,256)")
+    p.add_argument("--label", default="", help="--calibration: suffix for the results file and section")
     p.add_argument("--curve-sizes", default=None, help="--calibration: default 32,64,128,256,512")
     p.add_argument("--curve-rounds", type=int, default=None, help="--calibration: default 6")
     p.add_argument(
@@ -1057,12 +1058,17 @@ def calibration(args: argparse.Namespace, argv: Sequence[str]) -> int:
     args.threads = [int(t) for t in (args.threads or "0").split(",")]
     results = calibration_run(args, argv)
     results["quick"] = q
-    out = Path(args.out).with_name("calibration.json") if args.out == str(DEFAULT_OUT) else Path(args.out)
+    suffix = f"-{args.label}" if args.label else ""
+    out = (
+        Path(args.out).with_name(f"calibration{suffix}.json")
+        if args.out == str(DEFAULT_OUT)
+        else Path(args.out)
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     text = calibration_markdown(results)
     if args.markdown and not q:
-        update_markdown(Path(args.markdown), text, "calibration")
+        update_markdown(Path(args.markdown), text, "calibration" + suffix)
     else:
         sys.stdout.write(text)
     logger.info("wrote %s%s", out, f" and {args.markdown}" if args.markdown and not q else "")
