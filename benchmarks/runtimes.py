@@ -458,12 +458,12 @@ def curve_main(argv: Sequence[str]) -> int:
 # --------------------------------------------------------------------------- parent
 
 
-def _child(args: list[str], timeout: float, log: Path) -> dict[str, Any]:
+def _child(args: list[str], timeout: float, log: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), *args]
     with log.open("a") as err:
         err.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
         err.flush()
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=timeout, env=env)
     if proc.returncode != 0 or not proc.stdout.strip():
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-8:])
         raise RuntimeError(f"rc {proc.returncode}: {tail}")
@@ -725,19 +725,29 @@ def markdown(results: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- parent: --calibration
 
-CURVE_VARIANTS = {"ts_frozen": "torchscript", "ort_fp32": "onnxruntime"}
-
 
 def calibration_run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     """The server's start-up table (before and now) against steady-state timings; the cost curve."""
+    from cifar_serve.server.settings import Settings
+
     work = Path(tempfile.mkdtemp(prefix="cifar-calibration-"))
     log = work / "children.log"
+    # Every child runs as the server would by default: OpenMP's threads sleep when the server's
+    # runtimes do not spin (cifar-serve sets this before torch loads; ModelRuntime does ORT's).
+    env = dict(os.environ)
+    if not Settings().spin_wait:
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    variants = {
+        "ts_frozen": "torchscript",
+        "ort_fp32" if Settings().spin_wait else "ort_nospin": "onnxruntime",
+    }
     results: dict[str, Any] = {
         "command": " ".join(shlex.quote(a) for a in ["benchmarks/runtimes.py", *argv]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "loadavg_start": loadavg(),
         "machine": machine_info("cpu"),
         "threads": args.threads[0],
+        "omp_wait_policy": env.get("OMP_WAIT_POLICY", ""),
         "tables": [],
         "alone": {},
         "curve": {},
@@ -755,26 +765,26 @@ def calibration_run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, 
             cmd += ["--steady-seconds", str(args.steady_seconds)]
             if protocol == "steady":
                 cmd += ["--first-run-sizes", ",".join(str(n) for n in (3, 48, 100, 200) if n < max_batch)]
-            results["tables"].append(_child(cmd, args.timeout, log))
-    for variant, runtime in CURVE_VARIANTS.items():
+            results["tables"].append(_child(cmd, args.timeout, log, env))
+    for variant, runtime in variants.items():
         logger.info("%s alone at batch %s", runtime, buckets)
         cmd = ["_measure", "--variant", variant, "--model-dir", args.model_dir]
         cmd += ["--threads", str(args.threads[0]), "--batch-sizes", ",".join(map(str, buckets))]
         cmd += ["--seconds", str(args.steady_seconds)]
-        results["alone"][runtime] = _child(cmd, args.timeout, log)["batch"]
-    for variant, runtime in CURVE_VARIANTS.items():
+        results["alone"][runtime] = _child(cmd, args.timeout, log, env)["batch"]
+    for variant, runtime in variants.items():
         logger.info("%s cost curve at batch %s", runtime, args.curve_sizes)
         cmd = ["_curve", "--variant", variant, "--model-dir", args.model_dir]
         cmd += ["--threads", str(args.threads[0]), "--sizes", ",".join(map(str, args.curve_sizes))]
         cmd += ["--rounds", str(args.curve_rounds), "--images-per-turn", "64" if args.quick else "1024"]
-        results["curve"][runtime] = _child(cmd, args.timeout, log)
+        results["curve"][runtime] = _child(cmd, args.timeout, log, env)
     results["mixed"] = {"on": [], "off": []}
     for r in range(args.mixed_rounds):
         for grid in ("on", "off") if r % 2 == 0 else ("off", "on"):
             logger.info("random mix of batch sizes, max batch %d, shape grid %s (round %d)", top, grid, r + 1)
             cmd = ["_mixed", "--model-dir", args.model_dir, "--max-batch", str(top), "--grid", grid]
             cmd += ["--threads", str(args.threads[0]), "--images", "2000" if args.quick else "20000"]
-            results["mixed"][grid].append(_child(cmd, args.timeout, log))
+            results["mixed"][grid].append(_child(cmd, args.timeout, log, env))
     results["loadavg_end"] = loadavg()
     return results
 
@@ -796,8 +806,11 @@ def calibration_markdown(results: dict[str, Any]) -> str:
         "",
         f"Command: `{results['command']}` — {results['started']}. {m.get('cpu_model')}, {m.get('cpus')} "
         f"CPUs; torch {m.get('torch')}, onnxruntime {m.get('onnxruntime')}; intra-op threads "
-        f"{results['threads'] or 'one per core'}. Load average {results['loadavg_start']} -> "
-        f"{results['loadavg_end']} (anything well above 0 means other work shared the cores).",
+        f"{results['threads'] or 'one per core'}; as the server runs them by default, ONNX Runtime's "
+        f"threads {'sleep' if results.get('omp_wait_policy') == 'PASSIVE' else 'spin'} when idle, "
+        f"`OMP_WAIT_POLICY={results.get('omp_wait_policy') or '(unset)'}`. Load average "
+        f"{results['loadavg_start']} -> {results['loadavg_end']} (anything well above 0 means other "
+        "work shared the cores).",
         "",
     ]
     alone = results["alone"]
@@ -962,6 +975,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and each runtime's cost per image by batch size (benchmarks/calibration.json, BENCHMARKS.md)",
     )
     p.add_argument("--max-batches", default=None, help="--calibration: max batch sizes (default 64,256)")
+    p.add_argument("--label", default="", help="--calibration: suffix for the results file and section")
     p.add_argument("--curve-sizes", default=None, help="--calibration: default 32,64,128,256,512")
     p.add_argument("--curve-rounds", type=int, default=None, help="--calibration: default 6")
     p.add_argument(
@@ -1044,12 +1058,17 @@ def calibration(args: argparse.Namespace, argv: Sequence[str]) -> int:
     args.threads = [int(t) for t in (args.threads or "0").split(",")]
     results = calibration_run(args, argv)
     results["quick"] = q
-    out = Path(args.out).with_name("calibration.json") if args.out == str(DEFAULT_OUT) else Path(args.out)
+    suffix = f"-{args.label}" if args.label else ""
+    out = (
+        Path(args.out).with_name(f"calibration{suffix}.json")
+        if args.out == str(DEFAULT_OUT)
+        else Path(args.out)
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     text = calibration_markdown(results)
     if args.markdown and not q:
-        update_markdown(Path(args.markdown), text, "calibration")
+        update_markdown(Path(args.markdown), text, "calibration" + suffix)
     else:
         sys.stdout.write(text)
     logger.info("wrote %s%s", out, f" and {args.markdown}" if args.markdown and not q else "")

@@ -86,6 +86,7 @@ def markdown(results: dict[str, Any]) -> str:
     runs = results["runs"]
     on, off = _by_point(runs["true"]), _by_point(runs["false"])
     first = runs["true"][0]
+    server = first["server_command"].replace(" --spin-wait=true", "")
     loads = ", ".join(f"{r['loadavg_start'][0]:.2f}" for s in SETTINGS for r in runs[s])
     lines = [
         "### Spin-waiting under load: `--spin-wait true` against `false`"
@@ -93,7 +94,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Command: `{results['command']}` — {results['started']}, took {results['wall_s']:.0f} s; "
         f"{len(runs['true'])} perf_analyzer run(s) per setting, taking turns; server "
-        f"`{first['server_command']}` with `--spin-wait` added. Median over the runs (range in brackets). "
+        f"`{server}` with `--spin-wait` added. Median over the runs (range in brackets). "
         f"1-minute load average at the start of each run (on, then off): {loads}.",
         "",
         "| images/request | concurrency | spin img/s | no-spin img/s | no-spin / spin | spin server CPU "

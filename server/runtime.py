@@ -156,7 +156,7 @@ class ModelRuntime:
         threads: int = 0,
         verify_sha256: bool = True,
         cuda_graphs: bool = True,
-        spin_wait: bool = True,
+        spin_wait: bool = False,
         shape_grid: bool = True,
     ) -> None:
         self.manifest = load_manifest(model_dir)

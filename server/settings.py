@@ -63,9 +63,10 @@ class Settings:
     cuda_graphs: bool = _opt(True, "on GPU, replay CUDA graphs captured per batch-size bucket")
     torch_threads: int = _opt(0, "intra-op threads of the CPU runtime (0: one per core)")
     spin_wait: bool = _opt(
-        True,
-        "CPU runtimes' idle threads spin-wait for work (ONNX Runtime's pool, OpenMP); off: they "
-        "sleep, which gives CPU back where cores are shared",
+        False,
+        "CPU runtimes' idle threads spin-wait for work (ONNX Runtime's pool, OpenMP) instead of "
+        "sleeping (off by default: on 2 cores under load, sleeping served 1.21x the images at c=32 "
+        "and 1.10x at c=128 with 0.63x and 0.91x the server CPU per request; BENCHMARKS.md)",
     )
     max_images_per_request: int = _opt(1024, "most images in one request (larger: INVALID_ARGUMENT)")
     max_image_pixels: int = _opt(16_000_000, "most pixels an encoded image may declare (decompression bombs)")
