@@ -88,8 +88,7 @@ bench: artifacts artifacts-null
 	$(PY) benchmarks/int8_rates.py --json benchmarks/int8-rates.json
 	$(PY) benchmarks/int8_compare.py --rounds 3
 	$(PY) benchmarks/perf_analyzer.py --label workers2 --server-arg=--workers=2
-	$(PY) benchmarks/perf_analyzer.py --label nospin --server-arg=--spin-wait=false
-	$(PY) benchmarks/perf_analyzer.py --label workers2-nospin --server-arg=--workers=2 --server-arg=--spin-wait=false
+	$(PY) benchmarks/spin_compare.py --rounds 2
 	$(PY) benchmarks/shm_bench.py --json benchmarks/results-shm.json
 
 bench-null: artifacts-null
