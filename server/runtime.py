@@ -212,8 +212,8 @@ class ModelRuntime:
         self.warmup_s: float | None = None
         self._by_size: list[Callable[[np.ndarray], np.ndarray]] = []
         self._route_sizes()
-        # The shape TorchScript runs a batch of n images at (index n): padded on the CPU only (a
-        # GPU replays CUDA graphs per bucket, or runs any shape without per-shape kernels).
+        # The shape TorchScript runs a batch of n images at (index n): padded on the CPU only,
+        # where oneDNN's per-shape kernels are the cost (a GPU replays CUDA graphs per bucket).
         grid = shape_grid and self.device.type == "cpu"
         self.shapes = padded_shapes(max_batch_size) if grid else list(range(1, max_batch_size + 1))
         self._shape_of = [0] + [next(s for s in self.shapes if s >= n) for n in range(1, max_batch_size + 1)]

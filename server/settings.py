@@ -51,7 +51,7 @@ class Settings:
     max_batch_size: int = _opt(
         256,
         "most images in one forward pass; a batch takes whatever is queued up to it (256: on a 2-core "
-        "CPU it needs 0.86x the CPU per image of 64, larger ones save at most 0.05x more, and a full "
+        "CPU it needs 0.87x the CPU per image of 64, larger ones save at most 0.03x more, and a full "
         "one runs in ~50 ms; BENCHMARKS.md)",
     )
     max_batch_delay_ms: float = _opt(2.0, "longest wait after the oldest queued image before a batch runs")
