@@ -15,11 +15,13 @@ import pytest
 
 from cifar_serve.server.batcher import DynamicBatcher
 from cifar_serve.server.errors import QueueFull, Unavailable
+from cifar_serve.server.settings import Settings
 
 pytestmark = pytest.mark.fast
 
 IMAGES = np.random.default_rng(1).integers(0, 256, size=(64, 32, 32, 3), dtype=np.uint8)
 NEVER = 3600.0  # a batch delay no test waits out
+MAX = Settings().max_batch_size
 
 
 class Model:
@@ -164,3 +166,53 @@ def test_collector_death_fails_every_waiting_caller_and_refuses_new_work() -> No
         await b.stop()
 
     run(go())
+
+
+# The batch the batcher forms at the default --max-batch-size: while a batch computes, work queues
+# up and the next batch takes all of it, up to the maximum, however the images are split into
+# requests. The cost curve that chose the default (BENCHMARKS.md) only pays if such batches form.
+
+
+def _images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+
+
+async def _batches_after_a_busy_model(request_sizes: list[int]) -> list[int]:
+    """Sizes of the batches that run when ``request_sizes`` arrive while one image computes."""
+    model = Model()
+    model.gate.clear()  # holds the first batch while the rest queue
+    b = DynamicBatcher(
+        model, max_batch_size=MAX, max_delay_s=NEVER, max_queue_images=Settings().max_queue_images
+    )
+    b.start()
+    first = asyncio.ensure_future(b.submit(_images(1, 0)))  # the idle model takes it at once
+    assert await asyncio.to_thread(model.entered.wait, 10)
+    requests = [_images(n, i + 1) for i, n in enumerate(request_sizes)]
+    calls = [asyncio.ensure_future(b.submit(x)) for x in requests]
+    while b.queued_images < sum(request_sizes):
+        await asyncio.sleep(0.001)
+    model.gate.set()
+    answers: list[Any] = await asyncio.gather(first, *calls)
+    for x, out in zip(requests, answers[1:], strict=True):
+        np.testing.assert_array_equal(out, _expected(x))
+    await b.stop()
+    return model.sizes
+
+
+def test_single_image_requests_fill_a_batch_up_to_the_default_maximum() -> None:
+    sizes = run(_batches_after_a_busy_model([1] * (MAX + 44)))
+    assert sizes == [1, MAX, 44]
+
+
+def test_fewer_queued_images_than_the_maximum_all_go_in_the_next_batch() -> None:
+    # Single-image callers at a concurrency below the maximum (perf_analyzer's c=128): one batch
+    # of all of them, not several smaller ones.
+    sizes = run(_batches_after_a_busy_model([1] * (MAX - 1)))
+    assert sizes == [1, MAX - 1]
+
+
+def test_requests_of_many_images_are_packed_and_split_at_the_maximum() -> None:
+    sizes = run(_batches_after_a_busy_model([64] * 5 + [MAX + 3]))
+    total = 64 * 5 + MAX + 3
+    assert sizes[0] == 1 and sum(sizes[1:]) == total
+    assert sizes[1:] == [MAX] * (total // MAX) + ([total % MAX] if total % MAX else [])
