@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
@@ -27,10 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
     from .app import StartupError
     from .launch import serve
+    from .loops import run
     from .runtime import ArtifactError
 
     try:
-        return asyncio.run(serve(settings))
+        return run(serve(settings), settings.event_loop)
     except (ArtifactError, StartupError) as exc:
         logger.error("cannot start: %s", exc)
         return 2

@@ -28,6 +28,7 @@ from .core import InferenceCore, Runtime, ServingCore
 from .edge import Edge
 from .errors import InferenceError
 from .lifecycle import Lifecycle, State
+from .loops import running_loop_name
 from .metrics import Metrics
 from .servicer import ClassifierServicer
 from .settings import Settings
@@ -258,7 +259,13 @@ class CifarServer:
         warn_exposure(s)
         # A worker of --workers N has no metrics port of its own (the supervisor serves them all).
         metrics = f" (metrics on {self.metrics_port})" if self.metrics_port >= 0 else ""
-        logger.info("listening on %s:%d%s; warming up", s.host, self.port, metrics)
+        logger.info(
+            "listening on %s:%d%s on %s's event loop; warming up",
+            s.host,
+            self.port,
+            metrics,
+            running_loop_name(),
+        )
 
     async def _start_rest(self) -> None:
         from .rest import RestServer  # Starlette and uvicorn load only when REST is on

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .app import CifarServer, StartupError
 from .core import Runtime
+from .loops import new_event_loop
 from .settings import Settings
 from .workers import Supervisor, serve_workers
 
@@ -105,7 +106,7 @@ class ServerThread:
     def __init__(self, settings: Settings, runtime: Runtime | None = None) -> None:
         self.settings = settings
         self._runtime = runtime
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop(settings.event_loop)
         self._thread = threading.Thread(target=self._loop.run_forever, name="cifar-serve", daemon=True)
         self.server: CifarServer | None = None
         self.supervisor: Supervisor | None = None

@@ -52,6 +52,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .loops import run
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -158,7 +159,7 @@ def model_main(settings: Settings, run_dir: str, links: list[socket.socket], con
     # and stops when the supervisor says so.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    raise SystemExit(asyncio.run(_model(settings, run_dir, links, conn)))
+    raise SystemExit(run(_model(settings, run_dir, links, conn), settings.event_loop))
 
 
 async def _model(settings: Settings, run_dir: str, links: list[socket.socket], conn: Connection) -> int:
@@ -236,7 +237,7 @@ async def _model(settings: Settings, run_dir: str, links: list[socket.socket], c
 def worker_main(settings: Settings, run_dir: str, index: int, link: socket.socket, conn: Connection) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads go to the model process
     _child_setup(settings, run_dir, f"worker-{index}")
-    raise SystemExit(asyncio.run(_worker(settings, run_dir, index, link, conn)))
+    raise SystemExit(run(_worker(settings, run_dir, index, link, conn), settings.event_loop))
 
 
 async def _worker(settings: Settings, run_dir: str, index: int, link: socket.socket, conn: Connection) -> int:

@@ -455,3 +455,37 @@ def test_an_exposed_server_without_tokens_says_so(
     caplog.clear()
     warn_exposure(make_settings(tmp_path, host="0.0.0.0", auth_token="a", admin_token="b"))
     assert not caplog.records
+
+
+# --------------------------------------------------------------------------- the event loop
+
+
+@pytest.mark.parametrize("kind", ["uvloop", "asyncio"])
+def test_each_event_loop_serves_unary_streams_and_rest_alike(
+    fake_server: Any, fake_runtime: Any, channel_to: Any, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+
+    with caplog.at_level(logging.INFO, logger="cifar_serve.server.app"):
+        srv = fake_server(event_loop=kind, log_level="INFO")
+    assert f"on {kind}'s event loop" in caplog.text
+    ch = channel_to(srv)
+    want = fake_runtime.expected(IMAGES[:8])
+    unary = pb_grpc.ClassifierStub(ch).Classify(_classify(8), timeout=30)
+    np.testing.assert_allclose(_logits(unary), want, rtol=1e-6)
+    stream = oip_grpc.GRPCInferenceServiceStub(ch).ModelStreamInfer(
+        iter([_infer(1, i, id=str(i)) for i in range(8)]), timeout=30
+    )
+    got = [np.frombuffer(a.infer_response.raw_output_contents[0], np.float32) for a in stream]
+    np.testing.assert_allclose(np.stack(got), want, rtol=1e-6)
+    tensor = {
+        "name": "images",
+        "datatype": "UINT8",
+        "shape": [1, 32, 32, 3],
+        "data": IMAGES[0].ravel().tolist(),
+    }
+    body = json.dumps({"inputs": [tensor]}).encode()
+    url = f"http://127.0.0.1:{srv.server.http_port}/v2/models/cifar10_resnet18/infer"
+    with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=30) as resp:
+        answer = json.loads(resp.read())
+    np.testing.assert_allclose(np.array(answer["outputs"][0]["data"], np.float32), want[0], rtol=1e-6)

@@ -96,3 +96,31 @@ def test_help_groups_every_option_once() -> None:
         flag = "--" + f.name.replace("_", "-")
         assert len(re.findall(rf"^  {re.escape(flag)} ", text, re.M)) == 1, flag
     assert text.index("--port ") < text.index("\nmodel:\n") < text.index("--model-dir ")
+
+
+def test_event_loop_uvloop_where_installed_else_refused_or_asyncio(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from cifar_serve.server import loops
+
+    def names(kind: str) -> str:
+        loop = loops.new_event_loop(kind)
+        try:
+            return loop.run_until_complete(_name())
+        finally:
+            loop.close()
+
+    async def _name() -> str:
+        return loops.running_loop_name()
+
+    assert names("auto") == "uvloop" and names("uvloop") == "uvloop" and names("asyncio") == "asyncio"
+    assert loops.run(_name(), "auto") == "uvloop" and loops.run(_name(), "asyncio") == "asyncio"
+    assert Settings(event_loop="uvloop").event_loop == "uvloop"
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a)
+    )
+    with pytest.raises(SettingsError, match=r"--event-loop is 'uvloop'.*not installed"):
+        Settings(event_loop="uvloop")
+    assert names("auto") == "asyncio"
