@@ -283,6 +283,13 @@ def test_services_pdb_and_autoscaler(overlay: str) -> None:
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "Pods"
     assert metric["pods"]["metric"]["name"] in server_metric_names()
+    # Scaling starts when a pod's queue holds more than one full batch of that pod.
+    server = container(pod_spec(deployment), "cifar-serve")
+    env = {e["name"]: e["value"] for e in server.get("env", []) if "value" in e}
+    from cifar_serve.server.settings import build_parser
+
+    batch = build_parser(environ=env).parse_args(server["args"]).max_batch_size
+    assert float(metric["pods"]["target"]["averageValue"]) == batch, (metric, batch)
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(
         serve_args(container(pod_spec(deployment), "cifar-serve")["args"]).metrics_port
