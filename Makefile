@@ -88,7 +88,10 @@ bench: artifacts artifacts-null
 	$(PY) benchmarks/int8_rates.py --json benchmarks/int8-rates.json
 	$(PY) benchmarks/int8_compare.py --rounds 3
 	$(PY) benchmarks/perf_analyzer.py --label workers2 --server-arg=--workers=2
-	$(PY) benchmarks/spin_compare.py --rounds 2
+	$(PY) benchmarks/flag_compare.py --flag spin-wait --values true,false --title 'Spin-waiting under load' --rounds 2
+	$(PY) benchmarks/flag_compare.py --flag event-loop --values asyncio,uvloop --title 'The event loop' --rounds 2
+	$(PY) benchmarks/flag_compare.py --flag event-loop --values asyncio,uvloop --title 'The event loop, null model' \
+		--section event-loop-null --model-dir $(NULL_MODEL_DIR) --rounds 2
 	$(PY) benchmarks/shm_bench.py --json benchmarks/results-shm.json
 
 bench-null: artifacts-null
