@@ -881,7 +881,7 @@ def test_dependency_install_step_runs_in_sh(tmp_path: Path, docker: Dockerfile, 
     assert proc.returncode == 0, proc.stderr
     calls = log.read_text().splitlines()
     assert calls[-1] == f"install -c deploy/constraints.txt -r {scratch}/requirements.txt"
-    assert (scratch / "requirements.txt").read_text().split() == PYPROJECT["project"]["dependencies"]
+    assert (scratch / "requirements.txt").read_text().splitlines() == PYPROJECT["project"]["dependencies"]
     if variant == "cuda":  # PyPI's Linux torch wheels are the CUDA build
         assert len(calls) == 1
         return
