@@ -285,3 +285,62 @@ def free_port():  # type: ignore[no-untyped-def]
 def wait_serving():  # type: ignore[no-untyped-def]
     """``wait_serving(address, proc)``: block until a ``cifar-serve`` subprocess is SERVING."""
     return _wait_serving
+
+
+@pytest.fixture
+def start_workers(model_dir: Path, tmp_path: Path) -> Iterator[object]:
+    """``start_workers(workers, *args)``: ``cifar-serve --workers N`` on free ports, the shipped model.
+
+    Returns ``(proc, port, metrics_port, log)`` once every worker is SERVING; ``log`` is the
+    server's INFO log (its stderr). The processes still running at the end of the test are killed.
+    """
+    import subprocess
+    import sys
+    import time
+
+    started: list[subprocess.Popen[str]] = []
+
+    def run(workers: int, *args: str) -> tuple[subprocess.Popen[str], int, int, Path]:
+        port, metrics_port = _free_port(), _free_port()
+        log = tmp_path / f"server-{port}.log"
+        # The flags below are the whole configuration: no CIFAR_SERVE_* setting of the test run's.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CIFAR_SERVE_")}
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cifar_serve.server",
+                "--workers",
+                str(workers),
+                "--port",
+                str(port),
+                "--metrics-port",
+                str(metrics_port),
+                "--http-port",
+                "-1",
+                "--model-dir",
+                str(model_dir),
+                "--log-level",
+                "INFO",
+                *args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("w"),
+            text=True,
+            env=env,
+        )
+        started.append(proc)
+        _wait_serving(f"127.0.0.1:{port}", proc)
+        # SERVING on one connection is one worker; the front end logs this once all of them are.
+        end = time.monotonic() + 60
+        while f"with {workers} workers" not in log.read_text():
+            assert time.monotonic() < end and proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        return proc, port, metrics_port, log
+
+    yield run
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
