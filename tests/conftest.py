@@ -344,3 +344,36 @@ def start_workers(model_dir: Path, tmp_path: Path) -> Iterator[object]:
             proc.kill()
             proc.wait()
 
+
+# --------------------------------------------------------------------------- the v2 API tests
+# test_oip.py (gRPC) and test_rest.py (HTTP) check the two transports of one protocol against
+# the same images, so a difference between them is the transport's.
+
+# 15 real test images spread over every class (the sample is sorted by class, 60 a class).
+API_IDX = np.arange(7, 600, 40)
+
+
+@pytest.fixture(scope="module")
+def model(server: object) -> tuple[str, str]:
+    """(name, version) of the model the session's ``server`` serves."""
+    return _served_model(server)
+
+
+@pytest.fixture(scope="module")
+def labels(model_dir: Path) -> list[str]:
+    """The class names in the exported model's manifest, in logit order."""
+    import json
+
+    return list(json.loads((model_dir / "manifest.json").read_text())["labels"])
+
+
+@pytest.fixture(scope="module")
+def images(sample) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """The v2 API tests' images, uint8 [15,32,32,3], contiguous as a request carries them."""
+    return np.ascontiguousarray(sample.images[API_IDX])
+
+
+@pytest.fixture(scope="module")
+def expected(offline_logits: np.ndarray) -> np.ndarray:
+    """The offline logits of :func:`images`."""
+    return offline_logits[API_IDX]

@@ -30,29 +30,7 @@ from cifar_serve.v1 import classifier_pb2, classifier_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENT_CHECK = REPO / "tests" / "http_client_check.py"
-IDX = np.arange(7, 600, 40)  # 15 real test images over every class
 TIMEOUT_S = 60
-
-
-@pytest.fixture(scope="module")
-def model(server: Any, served_model: Any) -> tuple[str, str]:
-    name_version: tuple[str, str] = served_model(server)
-    return name_version
-
-
-@pytest.fixture(scope="module")
-def labels(model_dir: Path) -> list[str]:
-    return list(json.loads((model_dir / "manifest.json").read_text())["labels"])
-
-
-@pytest.fixture(scope="module")
-def images(sample: Any) -> np.ndarray:
-    return np.ascontiguousarray(sample.images[IDX])
-
-
-@pytest.fixture(scope="module")
-def expected(offline_logits: np.ndarray) -> np.ndarray:
-    return offline_logits[IDX]
 
 
 class Answer:
