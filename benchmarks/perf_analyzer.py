@@ -396,6 +396,38 @@ def parse_csv(path: Path) -> dict[str, float]:
     return out
 
 
+def server_counts(
+    before: dict[str, Any], after: dict[str, Any], cpu: float, wall: float, cpu_per_batch: dict[int, float]
+) -> dict[str, Any]:
+    """A point's fields that the server counts, whatever drove the load.
+
+    ``before`` and ``after`` are :func:`server_stats` around the point, ``cpu`` the server's
+    process-tree CPU seconds over it; the model's share is priced by ``cpu_per_batch`` per batch
+    size, and the rest is the request path's overhead.
+    """
+    requests = after["requests"] - before["requests"]
+    images = after["images"] - before["images"]
+    batches = {
+        size: n - before["batches"].get(size, 0)
+        for size, n in after["batches"].items()
+        if n - before["batches"].get(size, 0) > 0
+    }
+    model_cpu_s = sum(n * model_cpu_ms(cpu_per_batch, size) for size, n in batches.items()) / 1000
+    server_ms, model_ms = 1000 * cpu / max(1, requests), 1000 * model_cpu_s / max(1, requests)
+    return {
+        "requests": requests,
+        "failed": after["failed"] - before["failed"],
+        "images": images,
+        "mean_batch": images / max(1, sum(batches.values())),
+        "batches": dict(sorted(batches.items())),
+        "wall_s": round(wall, 1),
+        "server_cpu_s": cpu,
+        "server_cpu_ms_per_request": server_ms,
+        "model_cpu_ms_per_request": model_ms,
+        "overhead_cpu_ms_per_request": server_ms - model_ms,
+    }
+
+
 def run_point(
     args: argparse.Namespace,
     exe: Path,
@@ -455,14 +487,7 @@ def run_point(
     if proc.returncode != 0:
         raise RuntimeError(f"perf_analyzer failed at {point.name} (rc {proc.returncode}):\n{rb._tail(log)}")
     row = parse_csv(out_csv)
-    requests = after["requests"] - before["requests"]
-    images = after["images"] - before["images"]
-    batches = {
-        size: n - before["batches"].get(size, 0)
-        for size, n in after["batches"].items()
-        if n - before["batches"].get(size, 0) > 0
-    }
-    model_cpu_s = sum(n * model_cpu_ms(cpu_per_batch, size) for size, n in batches.items()) / 1000
+    counted = server_counts(before, after, cpu, wall, cpu_per_batch)
     result = {
         "concurrency": point.concurrency,
         "batch": point.batch,
@@ -472,21 +497,10 @@ def run_point(
         "p99_ms": row.get("p99 latency", float("nan")) / 1000,
         "server_queue_ms": row.get("Server Queue", float("nan")) / 1000,
         "server_compute_ms": row.get("Server Compute Infer", float("nan")) / 1000,
-        "requests": requests,
-        "failed": after["failed"] - before["failed"],
-        "images": images,
-        "mean_batch": images / max(1, sum(batches.values())),
-        "batches": dict(sorted(batches.items())),
-        "wall_s": round(wall, 1),
-        "server_cpu_s": cpu,
-        "server_cpu_ms_per_request": 1000 * cpu / max(1, requests),
-        "model_cpu_ms_per_request": 1000 * model_cpu_s / max(1, requests),
-        "client_cpu_ms_per_request": 1000 * client_cpu / max(1, requests),
+        **counted,
+        "client_cpu_ms_per_request": 1000 * client_cpu / max(1, counted["requests"]),
         "csv": row,
     }
-    result["overhead_cpu_ms_per_request"] = (
-        result["server_cpu_ms_per_request"] - result["model_cpu_ms_per_request"]
-    )
     if profile is not None:
         result["profile"] = os.path.relpath(profile, REPO)
     logger.info(
