@@ -151,12 +151,7 @@ def model_main(argv: Sequence[str]) -> int:
 
     import numpy as np
 
-    p = argparse.ArgumentParser(prog="perf_analyzer.py _model")
-    p.add_argument("--model-dir", required=True)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--precision", default="fp32")
-    p.add_argument("--threads", type=int, default=0)
+    p = rb.runtime_parser("perf_analyzer.py _model")
     p.add_argument("--sizes", type=rb._ints, required=True)
     p.add_argument("--raw-sizes", type=rb._ints, required=True)
     p.add_argument("--seconds", type=float, default=0.5, help="per batch size, CPU cost")
@@ -296,17 +291,7 @@ def process_tree_cpu_s(root: int) -> float:
 
 @contextmanager
 def served(args: argparse.Namespace, logdir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = rb.free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "cifar_serve.server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--metrics-port",
-        "-1",
+    flags = [
         *_runtime_args(args),
         "--torch-threads",
         str(args.torch_threads),
@@ -314,17 +299,8 @@ def served(args: argparse.Namespace, logdir: Path) -> Iterator[tuple[str, subpro
         "WARNING",
         *args.server_arg,
     ]
-    log = logdir / "server.log"
-    started = time.monotonic()
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    address = f"127.0.0.1:{port}"
-    try:
-        rb.wait_serving(address, proc, log)
-        logger.info("server ready on %s in %.1fs", address, time.monotonic() - started)
-        yield address, proc
-    finally:
-        rb._stop(proc)
+    with rb.cifar_server(flags, logdir / "server.log", "server") as server:
+        yield server
 
 
 def server_stats(address: str, model: str) -> dict[str, Any]:
