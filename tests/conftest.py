@@ -377,3 +377,55 @@ def images(sample) -> np.ndarray:  # type: ignore[no-untyped-def]
 def expected(offline_logits: np.ndarray) -> np.ndarray:
     """The offline logits of :func:`images`."""
     return offline_logits[API_IDX]
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def _self_signed(folder: Path, name: str, ip: str | None = None, ca: bool = False) -> tuple[Path, Path]:
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.timezone.utc)
+    san = x509.IPAddress(ipaddress.ip_address(ip)) if ip is not None else x509.DNSName(name)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+    )
+    if ca:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    cert = builder.add_extension(x509.SubjectAlternativeName([san]), critical=False).sign(
+        key, hashes.SHA256()
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="session")
+def self_signed():  # type: ignore[no-untyped-def]
+    """``self_signed(folder, name, ip=None, ca=False)``: (cert, key) PEM files of a new EC key.
+
+    The certificate names ``name`` (its subject) and, as its one subject alternative name, the
+    address ``ip`` if given, else ``name``; ``ca`` marks it a CA (basicConstraints), for the
+    verifiers that want their trust root to be one. Valid from five minutes ago, for a day.
+    """
+    return _self_signed
