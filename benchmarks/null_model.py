@@ -150,15 +150,7 @@ def bench_point(
         raise RuntimeError(f"cifar-bench at {point.name}: {r['requests']} requests; {'; '.join(r['notes'])}")
     wall = time.perf_counter() - t0
     cpu, after = pa.process_tree_cpu_s(pid) - cpu0, pa.server_stats(address, model)
-    requests = after["requests"] - before["requests"]
-    batches = {
-        size: n - before["batches"].get(size, 0)
-        for size, n in after["batches"].items()
-        if n - before["batches"].get(size, 0) > 0
-    }
-    model_cpu_s = sum(n * pa.model_cpu_ms(cpu_per_batch, size) for size, n in batches.items()) / 1000
     lat = r.get("latency_ms") or {}
-    images = after["images"] - before["images"]
     result = {
         "concurrency": point.concurrency,
         "batch": point.batch,
@@ -167,22 +159,12 @@ def bench_point(
         "images_per_s": r["images_per_s"],
         "p50_ms": lat.get("p50", float("nan")),
         "p99_ms": lat.get("p99", float("nan")),
-        "requests": requests,
-        # The server's count, which includes the calls cifar-bench cancels when its window ends.
-        "failed": after["failed"] - before["failed"],
-        "images": images,
-        "mean_batch": images / max(1, sum(batches.values())),
-        "batches": dict(sorted(batches.items())),
-        "wall_s": round(wall, 1),
-        "server_cpu_s": cpu,
-        "server_cpu_ms_per_request": 1000 * cpu / max(1, requests),
-        "model_cpu_ms_per_request": 1000 * model_cpu_s / max(1, requests),
+        # "failed" is the server's count, which includes the calls cifar-bench cancels when its
+        # window ends.
+        **pa.server_counts(before, after, cpu, wall, cpu_per_batch),
         "client_processes": procs,
         "errors": r["errors"],
     }
-    result["overhead_cpu_ms_per_request"] = (
-        result["server_cpu_ms_per_request"] - result["model_cpu_ms_per_request"]
-    )
     logger.info(
         "%-9s %8.0f req/s  p50 %6.2f ms  p99 %7.2f ms  server CPU %.3f ms/request, mean batch %.1f",
         point.name,

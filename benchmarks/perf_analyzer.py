@@ -156,12 +156,7 @@ def model_main(argv: Sequence[str]) -> int:
 
     import numpy as np
 
-    p = argparse.ArgumentParser(prog="perf_analyzer.py _model")
-    p.add_argument("--model-dir", required=True)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--precision", default="fp32")
-    p.add_argument("--threads", type=int, default=0)
+    p = rb.runtime_parser("perf_analyzer.py _model")
     p.add_argument("--sizes", type=rb._ints, required=True)
     p.add_argument("--raw-sizes", type=rb._ints, required=True)
     p.add_argument("--seconds", type=float, default=0.5, help="per batch size, CPU cost")
@@ -301,17 +296,7 @@ def process_tree_cpu_s(root: int) -> float:
 
 @contextmanager
 def served(args: argparse.Namespace, logdir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = rb.free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "cifar_serve.server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--metrics-port",
-        "-1",
+    flags = [
         *_runtime_args(args),
         "--torch-threads",
         str(args.torch_threads),
@@ -319,17 +304,8 @@ def served(args: argparse.Namespace, logdir: Path) -> Iterator[tuple[str, subpro
         "WARNING",
         *args.server_arg,
     ]
-    log = logdir / "server.log"
-    started = time.monotonic()
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    address = f"127.0.0.1:{port}"
-    try:
-        rb.wait_serving(address, proc, log)
-        logger.info("server ready on %s in %.1fs", address, time.monotonic() - started)
-        yield address, proc
-    finally:
-        rb._stop(proc)
+    with rb.cifar_server(flags, logdir / "server.log", "server") as server:
+        yield server
 
 
 def server_stats(address: str, model: str) -> dict[str, Any]:
@@ -401,6 +377,38 @@ def parse_csv(path: Path) -> dict[str, float]:
     return out
 
 
+def server_counts(
+    before: dict[str, Any], after: dict[str, Any], cpu: float, wall: float, cpu_per_batch: dict[int, float]
+) -> dict[str, Any]:
+    """A point's fields that the server counts, whatever drove the load.
+
+    ``before`` and ``after`` are :func:`server_stats` around the point, ``cpu`` the server's
+    process-tree CPU seconds over it; the model's share is priced by ``cpu_per_batch`` per batch
+    size, and the rest is the request path's overhead.
+    """
+    requests = after["requests"] - before["requests"]
+    images = after["images"] - before["images"]
+    batches = {
+        size: n - before["batches"].get(size, 0)
+        for size, n in after["batches"].items()
+        if n - before["batches"].get(size, 0) > 0
+    }
+    model_cpu_s = sum(n * model_cpu_ms(cpu_per_batch, size) for size, n in batches.items()) / 1000
+    server_ms, model_ms = 1000 * cpu / max(1, requests), 1000 * model_cpu_s / max(1, requests)
+    return {
+        "requests": requests,
+        "failed": after["failed"] - before["failed"],
+        "images": images,
+        "mean_batch": images / max(1, sum(batches.values())),
+        "batches": dict(sorted(batches.items())),
+        "wall_s": round(wall, 1),
+        "server_cpu_s": cpu,
+        "server_cpu_ms_per_request": server_ms,
+        "model_cpu_ms_per_request": model_ms,
+        "overhead_cpu_ms_per_request": server_ms - model_ms,
+    }
+
+
 def run_point(
     args: argparse.Namespace,
     exe: Path,
@@ -460,14 +468,7 @@ def run_point(
     if proc.returncode != 0:
         raise RuntimeError(f"perf_analyzer failed at {point.name} (rc {proc.returncode}):\n{rb._tail(log)}")
     row = parse_csv(out_csv)
-    requests = after["requests"] - before["requests"]
-    images = after["images"] - before["images"]
-    batches = {
-        size: n - before["batches"].get(size, 0)
-        for size, n in after["batches"].items()
-        if n - before["batches"].get(size, 0) > 0
-    }
-    model_cpu_s = sum(n * model_cpu_ms(cpu_per_batch, size) for size, n in batches.items()) / 1000
+    counted = server_counts(before, after, cpu, wall, cpu_per_batch)
     result = {
         "concurrency": point.concurrency,
         "batch": point.batch,
@@ -477,21 +478,10 @@ def run_point(
         "p99_ms": row.get("p99 latency", float("nan")) / 1000,
         "server_queue_ms": row.get("Server Queue", float("nan")) / 1000,
         "server_compute_ms": row.get("Server Compute Infer", float("nan")) / 1000,
-        "requests": requests,
-        "failed": after["failed"] - before["failed"],
-        "images": images,
-        "mean_batch": images / max(1, sum(batches.values())),
-        "batches": dict(sorted(batches.items())),
-        "wall_s": round(wall, 1),
-        "server_cpu_s": cpu,
-        "server_cpu_ms_per_request": 1000 * cpu / max(1, requests),
-        "model_cpu_ms_per_request": 1000 * model_cpu_s / max(1, requests),
-        "client_cpu_ms_per_request": 1000 * client_cpu / max(1, requests),
+        **counted,
+        "client_cpu_ms_per_request": 1000 * client_cpu / max(1, counted["requests"]),
         "csv": row,
     }
-    result["overhead_cpu_ms_per_request"] = (
-        result["server_cpu_ms_per_request"] - result["model_cpu_ms_per_request"]
-    )
     if profile is not None:
         result["profile"] = os.path.relpath(profile, REPO)
     logger.info(

@@ -247,6 +247,17 @@ def loadavg() -> list[float]:
 # --------------------------------------------------------------------------- raw (child process)
 
 
+def runtime_parser(prog: str) -> argparse.ArgumentParser:
+    """A measuring child's options so far: the runtime :func:`_runtime_args` picks, its threads."""
+    p = argparse.ArgumentParser(prog=prog)
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--threads", type=int, default=0)
+    return p
+
+
 def raw_main(argv: Sequence[str]) -> int:
     """``run_benchmark.py _raw ...``: the runtime alone, printed as one JSON line."""
     import threading
@@ -254,12 +265,7 @@ def raw_main(argv: Sequence[str]) -> int:
 
     import numpy as np
 
-    p = argparse.ArgumentParser(prog="run_benchmark.py _raw")
-    p.add_argument("--model-dir", required=True)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--precision", default="fp32")
-    p.add_argument("--threads", type=int, default=0)
+    p = runtime_parser("run_benchmark.py _raw")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--inflight", type=int, default=0, help="threads calling infer at once (0: as the server)")
     p.add_argument("--seconds", type=float, default=8.0)
@@ -424,9 +430,8 @@ def wait_serving(address: str, proc: subprocess.Popen[bytes], log: Path, timeout
 
 
 @contextlib.contextmanager
-def model_server(
-    plan: Plan, logdir: Path, name: str, *, max_batch_size: int, torch_threads: int, max_queue_images: int
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def cifar_server(flags: list[str], log: Path, what: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """(address, process) of ``cifar-serve`` with ``flags`` on a free loopback port, once SERVING."""
     port = free_port()
     cmd = [
         sys.executable,
@@ -438,6 +443,25 @@ def model_server(
         str(port),
         "--metrics-port",
         "-1",
+        *flags,
+    ]
+    started = time.monotonic()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+    try:
+        wait_serving(address, proc, log)
+        logger.info("%s ready on %s in %.1fs", what, address, time.monotonic() - started)
+        yield address, proc
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
+def model_server(
+    plan: Plan, logdir: Path, name: str, *, max_batch_size: int, torch_threads: int, max_queue_images: int
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    flags = [
         *_runtime_args(plan),
         "--max-batch-size",
         str(max_batch_size),
@@ -451,17 +475,8 @@ def model_server(
         "WARNING",
         *plan.server_args,
     ]
-    log = logdir / f"server-{name}.log"
-    started = time.monotonic()
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    address = f"127.0.0.1:{port}"
-    try:
-        wait_serving(address, proc, log)
-        logger.info("server %s ready on %s in %.1fs", name, address, time.monotonic() - started)
-        yield address, proc
-    finally:
-        _stop(proc)
+    with cifar_server(flags, logdir / f"server-{name}.log", f"server {name}") as served:
+        yield served
 
 
 @contextlib.contextmanager

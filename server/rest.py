@@ -584,6 +584,7 @@ def build_app(
     e = api.endpoint
     model = "/v2/models/{model}"
     versioned = "/v2/models/{model}/versions/{version}"
+    region = "/v2/systemsharedmemory/region/{region}"
     routes = [
         Route("/v2/health/live", e("ServerLive", api.live), methods=["GET"]),
         Route("/v2/health/ready", e("ServerReady", api.ready), methods=["GET"]),
@@ -600,30 +601,18 @@ def build_app(
             e("RepositoryModelUnload", api.repository_unload),
             methods=["POST"],
         ),
-        Route(
-            "/v2/systemsharedmemory/status", e("SystemSharedMemoryStatus", api.shm_status), methods=["GET"]
-        ),
-        Route(
-            "/v2/systemsharedmemory/region/{region}/status",
-            e("SystemSharedMemoryStatus", api.shm_status),
-            methods=["GET"],
-        ),
-        Route(
-            "/v2/systemsharedmemory/region/{region}/register",
-            e("SystemSharedMemoryRegister", api.shm_register),
-            methods=["POST"],
-        ),
-        Route(
-            "/v2/systemsharedmemory/unregister",
-            e("SystemSharedMemoryUnregister", api.shm_unregister),
-            methods=["POST"],
-        ),
-        Route(
-            "/v2/systemsharedmemory/region/{region}/unregister",
-            e("SystemSharedMemoryUnregister", api.shm_unregister),
-            methods=["POST"],
-        ),
+        Route(f"{region}/register", e("SystemSharedMemoryRegister", api.shm_register), methods=["POST"]),
     ]
+    # Status and unregister take every region, or the one named.
+    for base in ("/v2/systemsharedmemory", region):
+        routes += [
+            Route(base + "/status", e("SystemSharedMemoryStatus", api.shm_status), methods=["GET"]),
+            Route(
+                base + "/unregister",
+                e("SystemSharedMemoryUnregister", api.shm_unregister),
+                methods=["POST"],
+            ),
+        ]
     for base in (model, versioned):
         routes += [
             Route(base, e("ModelMetadata", api.model_metadata), methods=["GET"]),

@@ -285,3 +285,147 @@ def free_port():  # type: ignore[no-untyped-def]
 def wait_serving():  # type: ignore[no-untyped-def]
     """``wait_serving(address, proc)``: block until a ``cifar-serve`` subprocess is SERVING."""
     return _wait_serving
+
+
+@pytest.fixture
+def start_workers(model_dir: Path, tmp_path: Path) -> Iterator[object]:
+    """``start_workers(workers, *args)``: ``cifar-serve --workers N`` on free ports, the shipped model.
+
+    Returns ``(proc, port, metrics_port, log)`` once every worker is SERVING; ``log`` is the
+    server's INFO log (its stderr). The processes still running at the end of the test are killed.
+    """
+    import subprocess
+    import sys
+    import time
+
+    started: list[subprocess.Popen[str]] = []
+
+    def run(workers: int, *args: str) -> tuple[subprocess.Popen[str], int, int, Path]:
+        port, metrics_port = _free_port(), _free_port()
+        log = tmp_path / f"server-{port}.log"
+        # The flags below are the whole configuration: no CIFAR_SERVE_* setting of the test run's.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CIFAR_SERVE_")}
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cifar_serve.server",
+                "--workers",
+                str(workers),
+                "--port",
+                str(port),
+                "--metrics-port",
+                str(metrics_port),
+                "--http-port",
+                "-1",
+                "--model-dir",
+                str(model_dir),
+                "--log-level",
+                "INFO",
+                *args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("w"),
+            text=True,
+            env=env,
+        )
+        started.append(proc)
+        _wait_serving(f"127.0.0.1:{port}", proc)
+        # SERVING on one connection is one worker; the front end logs this once all of them are.
+        end = time.monotonic() + 60
+        while f"with {workers} workers" not in log.read_text():
+            assert time.monotonic() < end and proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        return proc, port, metrics_port, log
+
+    yield run
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# --------------------------------------------------------------------------- the v2 API tests
+# test_oip.py (gRPC) and test_rest.py (HTTP) check the two transports of one protocol against
+# the same images, so a difference between them is the transport's.
+
+# 15 real test images spread over every class (the sample is sorted by class, 60 a class).
+API_IDX = np.arange(7, 600, 40)
+
+
+@pytest.fixture(scope="module")
+def model(server: object) -> tuple[str, str]:
+    """(name, version) of the model the session's ``server`` serves."""
+    return _served_model(server)
+
+
+@pytest.fixture(scope="module")
+def labels(model_dir: Path) -> list[str]:
+    """The class names in the exported model's manifest, in logit order."""
+    import json
+
+    return list(json.loads((model_dir / "manifest.json").read_text())["labels"])
+
+
+@pytest.fixture(scope="module")
+def images(sample) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """The v2 API tests' images, uint8 [15,32,32,3], contiguous as a request carries them."""
+    return np.ascontiguousarray(sample.images[API_IDX])
+
+
+@pytest.fixture(scope="module")
+def expected(offline_logits: np.ndarray) -> np.ndarray:
+    """The offline logits of :func:`images`."""
+    return offline_logits[API_IDX]
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def _self_signed(folder: Path, name: str, ip: str | None = None, ca: bool = False) -> tuple[Path, Path]:
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.timezone.utc)
+    san = x509.IPAddress(ipaddress.ip_address(ip)) if ip is not None else x509.DNSName(name)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+    )
+    if ca:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    cert = builder.add_extension(x509.SubjectAlternativeName([san]), critical=False).sign(
+        key, hashes.SHA256()
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="session")
+def self_signed():  # type: ignore[no-untyped-def]
+    """``self_signed(folder, name, ip=None, ca=False)``: (cert, key) PEM files of a new EC key.
+
+    The certificate names ``name`` (its subject) and, as its one subject alternative name, the
+    address ``ip`` if given, else ``name``; ``ca`` marks it a CA (basicConstraints), for the
+    verifiers that want their trust root to be one. Valid from five minutes ago, for a day.
+    """
+    return _self_signed

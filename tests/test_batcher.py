@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -45,6 +46,24 @@ class Gate:
 
 def _dropped(metrics: Metrics, reason: str) -> float:
     return metrics.registry.get_sample_value("cifar_serve_dropped_images_total", {"reason": reason}) or 0.0
+
+
+async def _busy(
+    runtime: ModelRuntime, sample: Any, max_queue_images: int
+) -> tuple[Gate, Metrics, DynamicBatcher, asyncio.Future[np.ndarray]]:
+    """A started batcher whose first batch (16 images) is in the model, held there by a shut gate.
+
+    The queue is empty then, so what a test submits next waits in it for as long as it likes.
+    """
+    gate = Gate(runtime)
+    metrics = Metrics()
+    b = DynamicBatcher(
+        gate, max_batch_size=16, max_delay_s=0.0, max_queue_images=max_queue_images, metrics=metrics
+    )
+    b.start()
+    first = asyncio.ensure_future(b.submit(sample.images[:16]))
+    await asyncio.to_thread(gate.entered.wait, 10)
+    return gate, metrics, b, first
 
 
 def test_concurrent_callers_share_batches_and_get_their_own_rows(runtime, sample, offline_logits) -> None:  # type: ignore[no-untyped-def]
@@ -99,12 +118,7 @@ def test_full_batch_runs_without_waiting_for_the_delay(runtime, sample, offline_
 
 def test_queue_bound_refuses_at_once(runtime, sample) -> None:  # type: ignore[no-untyped-def]
     async def run() -> None:
-        gate = Gate(runtime)
-        metrics = Metrics()
-        b = DynamicBatcher(gate, max_batch_size=16, max_delay_s=0.0, max_queue_images=32, metrics=metrics)
-        b.start()
-        first = asyncio.ensure_future(b.submit(sample.images[:16]))
-        await asyncio.to_thread(gate.entered.wait, 10)  # first batch is computing, queue empty
+        gate, metrics, b, first = await _busy(runtime, sample, max_queue_images=32)
         queued = asyncio.ensure_future(b.submit(sample.images[:30]))
         await asyncio.sleep(0.01)
         with pytest.raises(QueueFull):  # the gate is shut: only an immediate refusal returns
@@ -119,12 +133,7 @@ def test_queue_bound_refuses_at_once(runtime, sample) -> None:  # type: ignore[n
 
 def test_expired_work_is_dropped_before_compute(runtime, sample) -> None:  # type: ignore[no-untyped-def]
     async def run() -> None:
-        gate = Gate(runtime)
-        metrics = Metrics()
-        b = DynamicBatcher(gate, max_batch_size=16, max_delay_s=0.0, max_queue_images=100, metrics=metrics)
-        b.start()
-        first = asyncio.ensure_future(b.submit(sample.images[:16]))
-        await asyncio.to_thread(gate.entered.wait, 10)
+        gate, metrics, b, first = await _busy(runtime, sample, max_queue_images=100)
         late = asyncio.ensure_future(b.submit(sample.images[16:20], deadline=time.monotonic() + 0.05))
         await asyncio.sleep(0.2)
         gate.open.set()
@@ -140,12 +149,7 @@ def test_expired_work_is_dropped_before_compute(runtime, sample) -> None:  # typ
 
 def test_cancelled_call_leaves_the_queue(runtime, sample) -> None:  # type: ignore[no-untyped-def]
     async def run() -> None:
-        gate = Gate(runtime)
-        metrics = Metrics()
-        b = DynamicBatcher(gate, max_batch_size=16, max_delay_s=0.0, max_queue_images=100, metrics=metrics)
-        b.start()
-        first = asyncio.ensure_future(b.submit(sample.images[:16]))
-        await asyncio.to_thread(gate.entered.wait, 10)
+        gate, metrics, b, first = await _busy(runtime, sample, max_queue_images=100)
         doomed = asyncio.ensure_future(b.submit(sample.images[:5]))
         await asyncio.sleep(0.01)
         assert b.queued_images == 5

@@ -1093,49 +1093,15 @@ def test_healthcheck_follows_the_servers_own_command_line(
     assert gone.returncode != 0 and "unhealthy" in gone.stderr
 
 
-def _self_signed(tmp_path: Path, dns_name: str) -> tuple[Path, Path]:
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    tmp_path.mkdir(exist_ok=True)
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_path, key_path
-
-
 def test_healthcheck_speaks_tls_to_a_tls_server(
-    tmp_path: Path, docker: Dockerfile, model_dir: Path, make_settings: Any
+    tmp_path: Path, docker: Dockerfile, model_dir: Path, make_settings: Any, self_signed: Any
 ) -> None:
     pytest.importorskip("cryptography")
     from cifar_serve.server.launch import ServerThread
 
     _, cmd = docker.healthcheck()
     argv = ContainerFS(docker, {}).argv(cmd)
-    cert, key = _self_signed(tmp_path, "cifar-serve.internal")
+    cert, key = self_signed(tmp_path, "cifar-serve.internal", ca=True)
     srv = ServerThread(make_settings(model_dir, port=0, tls_cert=str(cert), tls_key=str(key))).start()
     env = {
         "CIFAR_SERVE_HOST": "0.0.0.0",
@@ -1154,7 +1120,7 @@ def test_healthcheck_speaks_tls_to_a_tls_server(
     finally:
         srv.stop()
     # Mutual TLS: the server asks for a client certificate, which the check presents when given one.
-    client_cert, client_key = _self_signed(tmp_path / "client", "healthcheck")
+    client_cert, client_key = self_signed(tmp_path / "client", "healthcheck", ca=True)
     settings = make_settings(
         model_dir, port=0, tls_cert=str(cert), tls_key=str(key), tls_client_ca=str(client_cert)
     )

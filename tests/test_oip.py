@@ -31,8 +31,6 @@ from cifar_serve.v1 import open_inference_pb2_grpc as pb_grpc
 REPO = Path(__file__).resolve().parents[1]
 CLIENT_CHECK = REPO / "tests" / "oip_client_check.py"
 SERVICE = "inference.GRPCInferenceService"
-# 15 real test images spread over every class (the sample is sorted by class, 60 a class).
-IDX = np.arange(7, 600, 40)
 TIMEOUT_S = 60
 InputTensor = pb.ModelInferRequest.InferInputTensor
 OutputTensor = pb.ModelInferRequest.InferRequestedOutputTensor
@@ -44,27 +42,6 @@ Stub: TypeAlias = Any  # pb_grpc.GRPCInferenceServiceStub: generated gRPC module
 @pytest.fixture(scope="module")
 def oip(channel: grpc.Channel) -> Stub:
     return pb_grpc.GRPCInferenceServiceStub(channel)
-
-
-@pytest.fixture(scope="module")
-def model(server: Any, served_model: Any) -> tuple[str, str]:
-    name_version: tuple[str, str] = served_model(server)
-    return name_version
-
-
-@pytest.fixture(scope="module")
-def labels(model_dir: Path) -> list[str]:
-    return list(json.loads((model_dir / "manifest.json").read_text())["labels"])
-
-
-@pytest.fixture(scope="module")
-def images(sample: Any) -> np.ndarray:
-    return np.ascontiguousarray(sample.images[IDX])
-
-
-@pytest.fixture(scope="module")
-def expected(offline_logits: np.ndarray) -> np.ndarray:
-    return offline_logits[IDX]
 
 
 def raw_request(model_name: str, x: np.ndarray, **kw: Any) -> pb.ModelInferRequest:
@@ -548,6 +525,19 @@ def _field(d: dict[str, Any], snake: str) -> Any:
     return d[snake] if snake in d else d[camel]
 
 
+def _grpcurl_infer(exe: str, address: str, body: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    """``body`` as a ModelInfer request typed in JSON, through grpcurl's reflection; it must succeed."""
+    proc = subprocess.run(
+        [exe, "-plaintext", "-d", "@", address, f"{SERVICE}/ModelInfer"],
+        input=json.dumps(body),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 def test_grpcurl_model_infer_via_reflection(
     server: Any, model: tuple[str, str], images: np.ndarray, expected: np.ndarray, labels: list[str]
 ) -> None:
@@ -566,14 +556,7 @@ def test_grpcurl_model_infer_via_reflection(
         "raw_input_contents": [base64.b64encode(x.tobytes()).decode()],
         "outputs": [{"name": "logits"}],
     }
-    proc = subprocess.run(
-        [exe, "-plaintext", "-d", "@", server.address, f"{SERVICE}/ModelInfer"],
-        input=json.dumps(body),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = _grpcurl_infer(exe, server.address, body)
     resp = json.loads(proc.stdout)
     assert resp["id"] == "curl-1"
     got = np.frombuffer(base64.b64decode(_field(resp, "raw_output_contents")[0]), "<f4").reshape(2, 10)
@@ -592,14 +575,7 @@ def test_grpcurl_model_infer_via_reflection(
         ],
         "outputs": [{"name": "logits", "parameters": {"classification": {"int64_param": 2}}}],
     }
-    proc = subprocess.run(
-        [exe, "-plaintext", "-d", "@", server.address, f"{SERVICE}/ModelInfer"],
-        input=json.dumps(body),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = _grpcurl_infer(exe, server.address, body)
     out = json.loads(proc.stdout)["outputs"][0]
     strings = [base64.b64decode(s).decode() for s in _field(out["contents"], "bytes_contents")]
     check_classification([strings], expected[:1], labels, 2)

@@ -7,7 +7,6 @@ the wire format itself (JSON, Triton's binary data extension) is what is checked
 
 from __future__ import annotations
 
-import datetime as dt
 import http.client
 import json
 import re
@@ -30,29 +29,7 @@ from cifar_serve.v1 import classifier_pb2, classifier_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENT_CHECK = REPO / "tests" / "http_client_check.py"
-IDX = np.arange(7, 600, 40)  # 15 real test images over every class
 TIMEOUT_S = 60
-
-
-@pytest.fixture(scope="module")
-def model(server: Any, served_model: Any) -> tuple[str, str]:
-    name_version: tuple[str, str] = served_model(server)
-    return name_version
-
-
-@pytest.fixture(scope="module")
-def labels(model_dir: Path) -> list[str]:
-    return list(json.loads((model_dir / "manifest.json").read_text())["labels"])
-
-
-@pytest.fixture(scope="module")
-def images(sample: Any) -> np.ndarray:
-    return np.ascontiguousarray(sample.images[IDX])
-
-
-@pytest.fixture(scope="module")
-def expected(offline_logits: np.ndarray) -> np.ndarray:
-    return offline_logits[IDX]
 
 
 class Answer:
@@ -664,42 +641,8 @@ def test_bearer_token(fake_server: Any) -> None:
     assert call(a, "GET", "/v2/health/ready").status == 200
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    key_path, cert_path = tmp_path / "server.key", tmp_path / "server.crt"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
-
-
-def test_tls(fake_server: Any, tmp_path: Path) -> None:
-    key, cert = _self_signed(tmp_path)
+def test_tls(fake_server: Any, tmp_path: Path, self_signed: Any) -> None:
+    cert, key = self_signed(tmp_path, "localhost", ip="127.0.0.1")
     srv = fake_server(tls_cert=str(cert), tls_key=str(key))
     context = ssl.create_default_context(cafile=str(cert))
     conn = http.client.HTTPSConnection("127.0.0.1", srv.http_port, context=context, timeout=TIMEOUT_S)

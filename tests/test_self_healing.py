@@ -14,11 +14,10 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,50 +95,8 @@ class Server:
 
 
 @pytest.fixture
-def start(
-    model_dir: Path, tmp_path: Path, free_port: Any, wait_serving: Any
-) -> Iterator[Callable[..., Server]]:
-    started: list[subprocess.Popen[str]] = []
-
-    def run(*extra: str) -> Server:
-        port, metrics_port = free_port(), free_port()
-        log = tmp_path / f"server-{port}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CIFAR_SERVE_")}
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cifar_serve.server",
-                "--workers",
-                str(WORKERS),
-                "--port",
-                str(port),
-                "--metrics-port",
-                str(metrics_port),
-                "--http-port",
-                "-1",
-                "--model-dir",
-                str(model_dir),
-                "--log-level",
-                "INFO",
-                *extra,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=log.open("w"),
-            text=True,
-            env=env,
-        )
-        started.append(proc)
-        wait_serving(f"127.0.0.1:{port}", proc)
-        srv = Server(proc, port, metrics_port, log)
-        srv.wait_log(f"with {WORKERS} workers", timeout=60)  # every worker SERVING, not just one
-        return srv
-
-    yield run
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+def start(start_workers: Any) -> Callable[..., Server]:
+    return lambda *extra: Server(*start_workers(WORKERS, *extra))
 
 
 def _request(sample: Any, i: int) -> pb.ClassifyRequest:
