@@ -89,6 +89,7 @@ bench: artifacts artifacts-null
 	$(PY) benchmarks/int8_compare.py --rounds 3
 	$(PY) benchmarks/perf_analyzer.py --label workers2 --server-arg=--workers=2
 	$(PY) benchmarks/flag_compare.py --flag spin-wait --values true,false --title 'Spin-waiting under load' --rounds 2
+	$(PY) benchmarks/flag_compare.py --flag batch-regroup --values false,true --title 'Regrouping after a batch' --rounds 2
 	$(PY) benchmarks/flag_compare.py --flag event-loop --values asyncio,uvloop --title 'The event loop' --rounds 2
 	$(PY) benchmarks/flag_compare.py --flag event-loop --values asyncio,uvloop --title 'The event loop, null model' \
 		--section event-loop-null --model-dir $(NULL_MODEL_DIR) --rounds 2

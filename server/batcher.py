@@ -92,6 +92,7 @@ class DynamicBatcher:
         max_queue_images: int,
         max_inflight: int = 1,
         idle_dispatch: bool = True,
+        regroup: bool = False,
         num_classes: int = 10,
         metrics: Metrics | None = None,
         on_failure: Callable[[BaseException], None] | None = None,
@@ -115,6 +116,10 @@ class DynamicBatcher:
         self._none_computing = asyncio.Event()
         self._none_computing.set()
         self.idle_dispatch = idle_dispatch
+        self.regroup = regroup
+        # What the idle model waits for after a batch, and until when (regroup; see _finish).
+        self._expect = 1
+        self._expect_until = 0.0
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -264,14 +269,20 @@ class DynamicBatcher:
                 continue
             await self._inflight.acquire()
             # Holding a slot: keep gathering until the batch is full or the oldest is due,
-            # unless nothing is computing, when the work goes at once.
+            # unless nothing is computing, when the work goes at once (or once the callers of
+            # the batch that just finished are back: see _finish).
             while True:
                 self._sweep()
                 if not self._queue or self._queued >= self.max_batch_size or self._closing:
                     break
+                now = time.monotonic()
                 if self.idle_dispatch and self._computing == 0:
-                    break
-                due = self._queue[0].enqueued + self.max_delay_s - time.monotonic()
+                    if self._queued >= self._expect:
+                        break
+                    # The work queued behind the last batch has waited past its delay already.
+                    due = self._expect_until - now
+                else:
+                    due = self._queue[0].enqueued + self.max_delay_s - now
                 if due <= 0:
                     break
                 self._arrived.clear()
@@ -369,6 +380,15 @@ class DynamicBatcher:
             self._computing -= 1
             if self._computing == 0:
                 self._none_computing.set()
+            if self._computing == 0 and self.regroup:
+                # Closed-loop callers come back soon after their answer: a batch that leaves now
+                # would hold only the work that queued meanwhile, and the callers just answered
+                # would form the next, so under steady load the batches stay half the size they
+                # could be. Waiting for as many images as just left regroups them; a batch of 1
+                # expects 1, so a lone caller never waits. The wait is at most half the batch's
+                # own compute time, so the model idles at most a third of the time.
+                self._expect = min(self.max_batch_size, len(job.x) + self._queued)
+                self._expect_until = time.monotonic() + (job.t2 - job.t1) / 2e9
             self._inflight.release()
             self._arrived.set()
 

@@ -303,6 +303,7 @@ class InferenceCore(RequestChecks):
             max_queue_images=self.settings.max_queue_images,
             max_inflight=self.max_inflight,
             idle_dispatch=self.settings.idle_dispatch,
+            regroup=self.settings.batch_regroup,
             num_classes=self.num_classes,
             metrics=self.metrics,
             on_failure=self._on_failure,

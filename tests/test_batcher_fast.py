@@ -216,3 +216,57 @@ def test_requests_of_many_images_are_packed_and_split_at_the_maximum() -> None:
     total = 64 * 5 + MAX + 3
     assert sizes[0] == 1 and sum(sizes[1:]) == total
     assert sizes[1:] == [MAX] * (total // MAX) + ([total % MAX] if total % MAX else [])
+
+
+# Regrouping: with closed-loop callers, the batch that just finished sends its callers straight
+# back, and the work that queued while it computed waits for them instead of leaving half-full.
+
+
+async def _two_rounds(regroup: bool) -> list[int]:
+    """Batch sizes when A computes (held) while B queues, then A's caller comes straight back with C."""
+    model = Model()
+    model.gate.clear()
+    b = DynamicBatcher(model, max_batch_size=8, max_delay_s=0.0, max_queue_images=100, regroup=regroup)
+    b.start()
+    a = asyncio.ensure_future(b.submit(IMAGES[:1]))  # the idle model takes it at once
+    assert await asyncio.to_thread(model.entered.wait, 10)
+    queued_b = asyncio.ensure_future(b.submit(IMAGES[1:2]))
+    while b.queued_images < 1:
+        await asyncio.sleep(0.001)
+    # A's compute time sets how long B may wait for A's caller: far longer than that caller takes.
+    await asyncio.sleep(0.5)
+    model.gate.set()
+    np.testing.assert_array_equal(await a, _expected(IMAGES[:1]))
+    c = await b.submit(IMAGES[2:3])  # A's caller, back with its next image
+    np.testing.assert_array_equal(c, _expected(IMAGES[2:3]))
+    np.testing.assert_array_equal(await queued_b, _expected(IMAGES[1:2]))
+    await b.stop()
+    return model.sizes
+
+
+def test_regroup_waits_for_the_callers_just_answered() -> None:
+    assert run(_two_rounds(regroup=True)) == [1, 2]
+
+
+def test_without_regroup_the_queued_work_leaves_alone() -> None:
+    assert run(_two_rounds(regroup=False)) == [1, 1, 1]
+
+
+def test_regroup_waits_for_no_one_when_the_callers_do_not_come_back() -> None:
+    # A batch's callers that have nothing more to send cost the queued work at most half that
+    # batch's compute time: with the model held for 0.2 s, B still runs (and the test ends).
+    async def go() -> list[int]:
+        model = Model()
+        model.gate.clear()
+        b = DynamicBatcher(model, max_batch_size=8, max_delay_s=NEVER, max_queue_images=100, regroup=True)
+        b.start()
+        a = asyncio.ensure_future(b.submit(IMAGES[:1]))
+        assert await asyncio.to_thread(model.entered.wait, 10)
+        queued_b = asyncio.ensure_future(b.submit(IMAGES[1:2]))
+        await asyncio.sleep(0.2)
+        model.gate.set()
+        await asyncio.gather(a, queued_b)
+        await b.stop()
+        return model.sizes
+
+    assert run(go()) == [1, 1]
