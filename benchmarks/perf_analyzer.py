@@ -228,7 +228,8 @@ def measure_model(
         "--routes",
         json.dumps(routes),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    env = rb.runtime_env(args.server_arg)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"model measurement failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
     out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
