@@ -25,6 +25,7 @@ from cifar_serve.v1 import open_inference_pb2_grpc as oip_grpc
 from ._errors import CifarServeError, DeadlineExceededError, UnavailableError, error_from_rpc
 from ._inputs import DEFAULT_MAX_REQUEST_BYTES, Inputs, Part, build_request, chunk_parts, to_parts
 from ._shm import SharedMemorySession, check_mode, classifications, local_servers, open_session
+from ._stream import StreamLane
 from ._targets import HEALTH_SERVICE, Servers, channel_options, resolve_target
 from ._types import Classification, ModelInfo
 
@@ -552,12 +553,43 @@ class Client:
         self.close()
 
 
+STREAM_MODES = (False, True, "auto")
+
+
+def check_stream_mode(stream: object) -> bool | str:
+    """``stream`` when it is False, True or "auto"; ValueError otherwise."""
+    if not any(stream is m or (isinstance(m, str) and stream == m) for m in STREAM_MODES):
+        raise ValueError(f"stream must be False, True or 'auto', got {stream!r}")
+    return stream  # type: ignore[return-value]
+
+
 class AsyncClient:
     """The asyncio twin of :class:`Client` (``grpc.aio``): same arguments, awaitable methods.
 
     The channel is opened on first use, inside the running event loop; use ``async with`` or
     ``await client.close()``. Requests of one large call run concurrently, up to
     ``max_concurrent_requests`` at a time.
+
+    ``stream`` picks how requests travel. Many concurrent small calls from one application are
+    cheapest over one long-lived ``ClassifyStream`` (the server spends about a third of the CPU
+    per request it spends on a unary ``Classify``; BENCHMARKS.md): the *stream lane*.
+
+    - ``"auto"`` (the default): a request goes over the lane while other requests of this client
+      are in flight, and only when the client has one server: a stream is pinned to one server,
+      so with several (a list, or ``dns:///``) per-call round robin spreads the load better. A
+      lone caller's requests stay unary calls.
+    - ``True``: every request goes over the lane (with several servers, to the one its stream
+      landed on). ``False``: every request is a unary ``Classify`` call.
+
+    Over the lane, a call behaves as a unary call would: ``timeout`` is its own deadline (kept by
+    the client: the stream itself has none; the server may still compute an answer the caller
+    no longer waits for), an error answer raises the same exception, and a request the stream
+    broke on (server restarted, unavailable, cancelled by a draining server) is retried with the
+    same ``retries`` and ``backoff``, on a fresh stream. A new stream replaces one before the
+    server's ``max_stream_requests`` (asked once with ``GetModelInfo``). At most 64 requests are in
+    flight on the lane (the server's window per stream); more wait in the client. Answers come
+    back in request order, so one slow request (a large encoded file) delays those behind it.
+    The server counts these requests as ``ClassifyStream`` messages, not ``Classify`` calls.
     """
 
     def __init__(
@@ -576,7 +608,9 @@ class AsyncClient:
         max_images_per_request: int = 256,
         max_concurrent_requests: int = 4,
         options: Sequence[tuple[str, Any]] = (),
+        stream: bool | str = "auto",
     ) -> None:
+        self._stream_mode = check_stream_mode(stream)
         self._cfg = _Config(
             address,
             timeout=timeout,
@@ -595,6 +629,11 @@ class AsyncClient:
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.ClassifierStub | None = None
         self._probe_channel: grpc.aio.Channel | None = None
+        self._lane: StreamLane | None = None
+        # "auto" carries requests over the lane only to one server (a stream is pinned to one).
+        target = self._cfg.target
+        self._one_server = len(target.servers) == 1 and not target.target.startswith("dns:")
+        self._inflight = 0  # requests of this client awaiting an answer
 
     @property
     def address(self) -> str:
@@ -622,6 +661,7 @@ class AsyncClient:
         reason = "it does not report SERVING"
         probe = {
             "Classify": pb_grpc.ClassifierStub(channel).Classify,
+            "ClassifyStream": pb_grpc.ClassifierStub(channel).Classify,  # the same request, unary
             "GetModelInfo": pb_grpc.ClassifierStub(channel).GetModelInfo,
         }.get(method)
         left = deadline - time.monotonic()
@@ -700,7 +740,14 @@ class AsyncClient:
 
         async def send(req: pb.ClassifyRequest) -> pb.ClassifyResponse:
             async with gate:
-                return await self._call("Classify", stub.Classify, req, deadline)
+                lane = self._lane_for_next()
+                self._inflight += 1
+                try:
+                    if lane is not None:
+                        return await lane.classify(req, deadline)
+                    return await self._call("Classify", stub.Classify, req, deadline)
+                finally:
+                    self._inflight -= 1
 
         if len(requests) == 1:
             responses = [await send(requests[0])]
@@ -713,6 +760,34 @@ class AsyncClient:
                     t.cancel()
         return _Config.results(responses, requests)
 
+    def _lane_for_next(self) -> StreamLane | None:
+        """The stream lane, when the next request is to go over it (see the class docstring)."""
+        mode = self._stream_mode
+        if mode is False or (mode == "auto" and (self._inflight == 0 or not self._one_server)):
+            return None
+        if self._lane is None:
+            self._lane = StreamLane(self._cfg, self._open_stream, self._stream_limit, self._wait_serving)
+        return self._lane
+
+    def _open_stream(
+        self, wait_for_ready: bool
+    ) -> grpc.aio.StreamStreamCall[pb.ClassifyStreamRequest, pb.ClassifyStreamResponse]:
+        # No timeout: the stream outlives any one request; each request's deadline is the lane's.
+        call: grpc.aio.StreamStreamCall[pb.ClassifyStreamRequest, pb.ClassifyStreamResponse]
+        call = self._get_stub().ClassifyStream(
+            metadata=self._cfg.metadata, wait_for_ready=wait_for_ready or None
+        )
+        return call
+
+    async def _stream_limit(self, deadline: float | None) -> int:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return (await self.model_info(timeout=left)).limits.max_stream_requests
+
+    @property
+    def streams_opened(self) -> int:
+        """How many ``ClassifyStream`` calls the stream lane has opened so far (0: not used)."""
+        return 0 if self._lane is None else self._lane.streams_opened
+
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """What the server serves; see :meth:`Client.model_info`."""
         stub = self._get_stub()
@@ -722,6 +797,10 @@ class AsyncClient:
         return ModelInfo.from_proto(msg)
 
     async def close(self) -> None:
+        """End the stream lane's streams (half-closed: the server ends them cleanly), then the channels."""
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            await lane.close()
         if self._probe_channel is not None:
             await self._probe_channel.close()
         if self._channel is not None:

@@ -1,0 +1,361 @@
+"""The stream lane: concurrent ``classify()`` requests of one client carried by one ``ClassifyStream``.
+
+Why: a request on an open stream costs the server about a third of the CPU of a unary
+``Classify`` call (0.13 ms against 0.36 ms with the null model, BENCHMARKS.md): no call set-up,
+no per-call metadata, no per-call admission. An application that sends many small requests at
+once gains the most, so the clients route those through one long-lived stream.
+
+What the lane keeps of a unary call's contract:
+
+- each request has its own deadline: the stream has none (it is long-lived), so the lane waits
+  for the answer only until the caller's deadline and then raises :class:`DeadlineExceededError`;
+  the late answer, when it comes, is dropped;
+- an error answer raises the exception a unary call would have raised (same code, same message),
+  for that caller only: the server answers a bad request on the stream and carries on;
+- a stream that breaks (server restarted, UNAVAILABLE, cancelled by a server shutting down)
+  fails the requests it had not answered with its status, and the client's retry policy
+  (:meth:`_Config.next_attempt`) sends them again on a fresh stream; requests a stream ended
+  without reading (``--max-stream-requests`` reached, or a clean end) were never run and are
+  resent at once. A new stream is opened before the server's ``max_stream_requests``
+  (``GetModelInfo``'s ``limits``) is reached: the full one is half-closed and drains;
+- at most ``window`` requests are in flight on the lane's streams (the server computes up to 64
+  of one stream at once: more would only queue in HTTP/2 buffers, holding memory on both sides).
+
+Answers come back in request order (the server's ``ordered_stream``), so a slow request (a large
+encoded file) holds back the answers behind it: the lane is for many small requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from cifar_serve.v1 import classifier_pb2 as pb
+
+from ._errors import (
+    CifarServeError,
+    DeadlineExceededError,
+    UnavailableError,
+    error_for,
+    error_from_rpc,
+    readable_message,
+)
+
+if TYPE_CHECKING:
+    from ._client import _Config
+
+__all__ = ["STREAM_WINDOW", "StreamLane"]
+
+logger = logging.getLogger("cifar_serve.client.stream")
+
+STREAM_WINDOW = 64
+"""Requests in flight on a lane at most: the server's own window per stream (server/servicer.py)."""
+
+METHOD = "ClassifyStream"
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+# A request a stream never read (the stream ended first) is sent again without counting as a
+# retry, a few times: a server that keeps ending streams at once then fails it as unavailable.
+_FREE_RESENDS = 2
+
+OpenStream = Callable[
+    [bool], "grpc.aio.StreamStreamCall[pb.ClassifyStreamRequest, pb.ClassifyStreamResponse]"
+]
+StreamLimit = Callable[[float | None], Awaitable[int]]
+WaitServing = Callable[[str, Any, float], Awaitable[str]]
+
+
+class _Resend(Exception):
+    """The stream ended without reading the request: it was never run, send it again."""
+
+
+class _Window:
+    """A counting semaphore whose waits end at a deadline, without losing a slot to a race."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self, deadline: float | None) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            await asyncio.wait([waiter], timeout=left)
+        except BaseException:
+            self._abandon(waiter)
+            raise
+        if not waiter.done():
+            self._abandon(waiter)
+            raise DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{METHOD}: deadline exceeded")
+
+    def _abandon(self, waiter: asyncio.Future[None]) -> None:
+        if waiter.done() and not waiter.cancelled():
+            self.release()  # granted as the wait ended: hand the slot on
+        else:
+            waiter.cancel()
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                pass
+
+    def release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes straight to the oldest waiter
+                return
+        self._free += 1
+
+
+class _Stream:
+    """One ``ClassifyStream`` call: its writes, its reader task and the requests it owes answers."""
+
+    def __init__(
+        self,
+        call: grpc.aio.StreamStreamCall[pb.ClassifyStreamRequest, pb.ClassifyStreamResponse],
+        limit: int,
+        window: _Window,
+        number: int,
+    ) -> None:
+        self.call = call
+        self.limit = limit
+        self.number = number
+        self.sent = 0
+        self.writable = True
+        self.error: CifarServeError | None = None
+        self.hit_limit = False  # the server ended it at its max_stream_requests
+        self._window = window
+        self._waiting: dict[str, asyncio.Future[pb.ClassifyResponse]] = {}
+        self._write_lock = asyncio.Lock()
+        self.reader = asyncio.ensure_future(self._read())
+
+    @property
+    def idle(self) -> bool:
+        return not self._waiting
+
+    async def submit(self, request: pb.ClassifyRequest) -> asyncio.Future[pb.ClassifyResponse] | None:
+        """Send ``request`` (its window slot already taken); None when this stream takes no more."""
+        async with self._write_lock:  # grpc.aio allows one write at a time per call
+            if not self.writable:
+                return None
+            self.sent += 1
+            rid = str(self.sent)
+            answer: asyncio.Future[pb.ClassifyResponse] = asyncio.get_running_loop().create_future()
+            self._waiting[rid] = answer
+            last = self.sent >= self.limit
+            if last:
+                self.writable = False  # the next request opens a new stream
+            try:
+                await self.call.write(pb.ClassifyStreamRequest(id=rid, request=request))
+                if last:
+                    await self.call.done_writing()
+            except (grpc.RpcError, asyncio.InvalidStateError):
+                # The call has ended: its reader reports the status, which decides the retry.
+                self.writable = False
+                if self._waiting.pop(rid, None) is not None:
+                    self._window.release()
+                    answer.cancel()
+                await asyncio.shield(self.reader)
+                raise self.error or _Resend() from None
+            return answer
+
+    def half_close_if_idle(self) -> bool:
+        """Stop writing (the server then ends the stream cleanly); False while answers are owed."""
+        self.writable = False
+        return self.idle
+
+    async def _read(self) -> None:
+        ended: Exception = _Resend()
+        try:
+            while True:
+                answer = await self.call.read()
+                if answer is grpc.aio.EOF:
+                    break
+                self._deliver(answer)
+        except grpc.RpcError as exc:
+            err = error_from_rpc(exc)
+            if err.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "open a new stream" in err.message:
+                logger.debug("stream %d ended by the server at its request limit", self.number)
+                self.hit_limit = True
+            else:
+                self.error = err
+                ended = err
+                logger.debug("stream %d ended: %s", self.number, err)
+        except asyncio.CancelledError:
+            self.error = CifarServeError(grpc.StatusCode.CANCELLED, f"{METHOD}: the client was closed")
+            ended = self.error
+        finally:
+            self.writable = False
+            waiting, self._waiting = self._waiting, {}
+            for answer in waiting.values():
+                self._window.release()
+                if not answer.done():
+                    answer.set_exception(ended)
+
+    def _deliver(self, msg: pb.ClassifyStreamResponse) -> None:
+        answer = self._waiting.pop(msg.id, None)
+        if answer is None:
+            logger.warning("stream %d: an answer for unknown request id %r dropped", self.number, msg.id)
+            return
+        self._window.release()
+        if answer.done():  # its caller's deadline passed, or it was cancelled
+            return
+        if msg.error_code:
+            code = _CODES.get(msg.error_code, grpc.StatusCode.UNKNOWN)
+            answer.set_exception(error_for(code, readable_message(msg.error_message or code.name)))
+        else:
+            answer.set_result(msg.response)
+
+
+class StreamLane:
+    """Requests of one client multiplexed over one long-lived ``ClassifyStream`` (see the module doc).
+
+    Lives in one event loop (the client's channel's). ``open_stream(wait_for_ready)`` starts a
+    stream call with the client's metadata; ``stream_limit(deadline)`` asks the server for its
+    ``max_stream_requests`` (0: none); ``wait_serving`` is the client's own wait for SERVING.
+    """
+
+    def __init__(
+        self,
+        cfg: _Config,
+        open_stream: OpenStream,
+        stream_limit: StreamLimit,
+        wait_serving: WaitServing,
+        window: int = STREAM_WINDOW,
+    ) -> None:
+        if window < 1:
+            raise ValueError("the stream window must be at least 1")
+        self._cfg = cfg
+        self._open_stream = open_stream
+        self._stream_limit = stream_limit
+        self._wait_serving = wait_serving
+        self._window = _Window(window)
+        self._limit: int | None = None
+        self._limit_lock = asyncio.Lock()
+        self._current: _Stream | None = None
+        self._streams: set[_Stream] = set()
+        self._opened = 0
+        self.closed = False
+
+    @property
+    def streams_opened(self) -> int:
+        """How many streams this lane has opened (a new one per limit reached or break)."""
+        return self._opened
+
+    async def classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
+        """``request``'s answer, retried as the client's unary calls are (see ``_Config.next_attempt``)."""
+        attempt = 0
+        resends = 0
+        started = time.monotonic()
+        waited = False
+        while True:
+            try:
+                return await self._once(request, deadline, waited)
+            except _Resend:
+                if resends < _FREE_RESENDS:
+                    resends += 1
+                    continue
+                err: CifarServeError = UnavailableError(
+                    grpc.StatusCode.UNAVAILABLE, "the server ended the stream before answering"
+                )
+            except CifarServeError as exc:
+                err = exc
+            if self.closed:
+                raise err
+            if (
+                err.code is grpc.StatusCode.UNAVAILABLE
+                and deadline is not None
+                and attempt < self._cfg.retries
+            ):
+                reason = await self._wait_serving(METHOD, request, deadline)
+                if reason:
+                    raise self._cfg.gave_up(reason, deadline, started) from None
+                waited = True
+            try:
+                delay = self._cfg.next_attempt(err, attempt, deadline, METHOD)
+            except CifarServeError as final:
+                raise self._cfg.plainly(final) from None
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def _once(
+        self, request: pb.ClassifyRequest, deadline: float | None, wait_for_ready: bool
+    ) -> pb.ClassifyResponse:
+        if self.closed:
+            raise CifarServeError(grpc.StatusCode.CANCELLED, f"{METHOD}: the client was closed")
+        if deadline is not None and deadline <= time.monotonic():
+            raise DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{METHOD}: deadline exceeded")
+        limit = self._limit
+        if limit is None:
+            async with self._limit_lock:
+                if self._limit is None:
+                    self._limit = await self._stream_limit(deadline) or 2**62
+                limit = self._limit
+        await self._window.acquire(deadline)
+        answer: asyncio.Future[pb.ClassifyResponse] | None = None
+        try:
+            while answer is None:
+                answer = await self._stream(wait_for_ready, limit).submit(request)
+        except BaseException:
+            self._window.release()  # never sent: the slot is not held by the stream
+            raise
+        try:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, _ = await asyncio.wait([answer], timeout=left)
+            if not done:
+                raise DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{METHOD}: deadline exceeded")
+            return answer.result()
+        finally:
+            if not answer.done():
+                answer.cancel()  # the stream drops the answer when it comes
+
+    def _stream(self, wait_for_ready: bool, limit: int) -> _Stream:
+        current = self._current
+        if current is not None and current.writable:
+            return current
+        self._opened += 1
+        stream = _Stream(self._open_stream(wait_for_ready), limit, self._window, self._opened)
+        logger.debug("stream %d opened to %s", stream.number, self._cfg.address)
+        self._current = stream
+        self._streams.add(stream)
+        stream.reader.add_done_callback(lambda _task: self._ended(stream))
+        return stream
+
+    def _ended(self, stream: _Stream) -> None:
+        self._streams.discard(stream)
+        if self._current is stream:
+            self._current = None
+        if stream.hit_limit:
+            self._limit = None  # before ours: the server's limit has changed, ask it again
+
+    async def close(self) -> None:
+        """End every stream: half-closed when it owes no answers (the server ends it cleanly),
+        cancelled otherwise (its callers get CANCELLED, as a closed channel's calls do)."""
+        self.closed = True
+        streams = list(self._streams)
+        for stream in streams:
+            if stream.half_close_if_idle():
+                try:
+                    await stream.call.done_writing()
+                except (grpc.RpcError, asyncio.InvalidStateError):
+                    stream.call.cancel()
+            else:
+                stream.call.cancel()
+        readers = [s.reader for s in streams]
+        if readers:
+            # A server that does not end a half-closed stream promptly is not waited for long.
+            _, late = await asyncio.wait(readers, timeout=2.0)
+            for stream in streams:
+                if stream.reader in late:
+                    stream.call.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+        self._current = None
