@@ -22,6 +22,7 @@ from cifar_serve.v1 import classifier_pb2 as pb
 from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
 from cifar_serve.v1 import open_inference_pb2_grpc as oip_grpc
 
+from . import _stream
 from ._errors import CifarServeError, DeadlineExceededError, UnavailableError, error_from_rpc
 from ._inputs import DEFAULT_MAX_REQUEST_BYTES, Inputs, Part, build_request, chunk_parts, to_parts
 from ._shm import SharedMemorySession, check_mode, classifications, local_servers, open_session
@@ -766,7 +767,13 @@ class AsyncClient:
         if mode is False or (mode == "auto" and (self._inflight == 0 or not self._one_server)):
             return None
         if self._lane is None:
-            self._lane = StreamLane(self._cfg, self._open_stream, self._stream_limit, self._wait_serving)
+            self._lane = StreamLane(
+                self._cfg,
+                self._open_stream,
+                self._stream_limit,
+                self._wait_serving,
+                window=_stream.STREAM_WINDOW,
+            )
         return self._lane
 
     def _open_stream(
