@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -26,7 +26,7 @@ from . import _stream
 from ._errors import CifarServeError, DeadlineExceededError, UnavailableError, error_from_rpc
 from ._inputs import DEFAULT_MAX_REQUEST_BYTES, Inputs, Part, build_request, chunk_parts, to_parts
 from ._shm import SharedMemorySession, check_mode, classifications, local_servers, open_session
-from ._stream import StreamLane
+from ._stream import StreamLane, SyncStreamLane
 from ._targets import HEALTH_SERVICE, Servers, channel_options, resolve_target
 from ._types import Classification, ModelInfo
 
@@ -225,6 +225,16 @@ class _Config:
         return out
 
 
+STREAM_MODES = (False, True, "auto")
+
+
+def check_stream_mode(stream: object) -> bool | str:
+    """``stream`` when it is False, True or "auto"; ValueError otherwise."""
+    if not any(stream is m or (isinstance(m, str) and stream == m) for m in STREAM_MODES):
+        raise ValueError(f"stream must be False, True or 'auto', got {stream!r}")
+    return stream  # type: ignore[return-value]
+
+
 class Client:
     """A blocking client of one cifar-serve server or several replicas.
 
@@ -262,6 +272,28 @@ class Client:
     are the same either way; the server counts the requests as ``ModelInfer``, not ``Classify``.
     :meth:`close` unregisters and removes the regions. Off by default in the library, since it
     creates objects in ``/dev/shm`` for the life of the client; ``cifar-classify`` defaults to auto.
+    Requests that go through shared memory do not take the stream lane below.
+
+    ``stream`` picks how requests travel. Many concurrent small calls from one application are
+    cheapest over one long-lived ``ClassifyStream`` (the server spends about a third of the CPU
+    per request it spends on a unary ``Classify``; BENCHMARKS.md): the *stream lane*.
+
+    - ``"auto"`` (the default): a request goes over the lane while other requests of this client
+      are in flight, and only when the client has one server: a stream is pinned to one server,
+      so with several (a list, or ``dns:///``) per-call round robin spreads the load better. A
+      lone caller's requests stay unary calls.
+    - ``True``: every request goes over the lane (with several servers, to the one its stream
+      landed on). ``False``: every request is a unary ``Classify`` call.
+
+    Over the lane, a call behaves as a unary call would: ``timeout`` is its own deadline (kept by
+    the client: the stream itself has none; the server may still compute an answer the caller
+    no longer waits for), an error answer raises the same exception, and a request the stream
+    broke on (server restarted, unavailable, cancelled by a draining server) is retried with the
+    same ``retries`` and ``backoff``, on a fresh stream. A new stream replaces one before the
+    server's ``max_stream_requests`` (asked once with ``GetModelInfo``). At most 64 requests are in
+    flight on the lane (the server's window per stream); more wait in the client. Answers come
+    back in request order, so one slow request (a large encoded file) delays those behind it.
+    The server counts these requests as ``ClassifyStream`` messages, not ``Classify`` calls.
     """
 
     def __init__(
@@ -281,8 +313,10 @@ class Client:
         max_concurrent_requests: int = 4,
         options: Sequence[tuple[str, Any]] = (),
         shared_memory: str = "off",
+        stream: bool | str = "auto",
     ) -> None:
         self._shm_mode = check_mode(shared_memory)
+        self._stream_mode = check_stream_mode(stream)
         self._cfg = _Config(
             address,
             timeout=timeout,
@@ -318,6 +352,12 @@ class Client:
         self._shm_channels: list[grpc.Channel] = []
         self._probe_lock = threading.Lock()
         self._probe_channel: grpc.Channel | None = None
+        self._lane: SyncStreamLane | None = None
+        self._lane_lock = threading.Lock()
+        # "auto" carries requests over the lane only to one server (a stream is pinned to one).
+        target = self._cfg.target
+        self._one_server = len(target.servers) == 1 and not target.target.startswith("dns:")
+        self._inflight = 0  # requests of this client awaiting an answer, over all threads
 
     @property
     def address(self) -> str:
@@ -347,6 +387,7 @@ class Client:
         # server's refusal says why in its own words; no answer at all says it is unreachable.
         probe = {
             "Classify": pb_grpc.ClassifierStub(channel).Classify,
+            "ClassifyStream": pb_grpc.ClassifierStub(channel).Classify,  # the same request, unary
             "GetModelInfo": pb_grpc.ClassifierStub(channel).GetModelInfo,
         }.get(method)
         left = deadline - time.monotonic()
@@ -510,7 +551,17 @@ class Client:
                         raise
                     self._drop_shared_memory(exc)
             req = build_request(chunk, top_k, include_logits)
-            resp = self._call("Classify", self._stub.Classify, req, deadline)
+            with self._lane_lock:
+                lane = self._lane_for_next()
+                self._inflight += 1
+            try:
+                if lane is not None:
+                    resp = lane.classify(req, deadline)
+                else:
+                    resp = self._call("Classify", self._stub.Classify, req, deadline)
+            finally:
+                with self._lane_lock:
+                    self._inflight -= 1
             return _Config.results([resp], [req])
 
         workers = min(len(chunks), self._cfg.max_concurrent_requests)
@@ -524,6 +575,38 @@ class Client:
                 pool.shutdown(wait=True, cancel_futures=True)
         return [c for answer in answers for c in answer]
 
+    def _lane_for_next(self) -> SyncStreamLane | None:
+        """The stream lane, when the next request is to go over it (see the class docstring);
+        called holding ``_lane_lock``."""
+        mode = self._stream_mode
+        if mode is False or (mode == "auto" and (self._inflight == 0 or not self._one_server)):
+            return None
+        if self._lane is None:
+            self._lane = SyncStreamLane(
+                self._cfg,
+                self._open_stream,
+                self._stream_limit,
+                self._wait_serving,
+                window=_stream.STREAM_WINDOW,
+            )
+        return self._lane
+
+    def _open_stream(self, requests: Iterator[pb.ClassifyStreamRequest], wait_for_ready: bool) -> Any:
+        # No timeout: the stream outlives any one request; each request's deadline is the lane's.
+        return self._stub.ClassifyStream(
+            requests, metadata=self._cfg.metadata, wait_for_ready=wait_for_ready or None
+        )
+
+    def _stream_limit(self, deadline: float | None) -> int:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self.model_info(timeout=left).limits.max_stream_requests
+
+    @property
+    def streams_opened(self) -> int:
+        """How many ``ClassifyStream`` calls the stream lane has opened so far (0: not used)."""
+        lane = self._lane
+        return 0 if lane is None else lane.streams_opened
+
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """What the server serves: name, version, labels, input spec, device, batching and limits."""
         msg = self._call(
@@ -532,7 +615,13 @@ class Client:
         return ModelInfo.from_proto(msg)
 
     def close(self) -> None:
-        """Unregister and remove the shared memory regions (if any), then close the channel."""
+        """End the stream lane's streams, unregister and remove the shared memory regions (if any),
+        then close the channel."""
+        with self._lane_lock:
+            lane, self._lane = self._lane, None
+            self._stream_mode = False  # a call still running after close() gets no new lane
+        if lane is not None:
+            lane.close()
         with self._shm_lock:
             shm, self._shm, self._shm_decided = self._shm, None, True
         try:
@@ -554,16 +643,6 @@ class Client:
         self.close()
 
 
-STREAM_MODES = (False, True, "auto")
-
-
-def check_stream_mode(stream: object) -> bool | str:
-    """``stream`` when it is False, True or "auto"; ValueError otherwise."""
-    if not any(stream is m or (isinstance(m, str) and stream == m) for m in STREAM_MODES):
-        raise ValueError(f"stream must be False, True or 'auto', got {stream!r}")
-    return stream  # type: ignore[return-value]
-
-
 class AsyncClient:
     """The asyncio twin of :class:`Client` (``grpc.aio``): same arguments, awaitable methods.
 
@@ -571,26 +650,8 @@ class AsyncClient:
     ``await client.close()``. Requests of one large call run concurrently, up to
     ``max_concurrent_requests`` at a time.
 
-    ``stream`` picks how requests travel. Many concurrent small calls from one application are
-    cheapest over one long-lived ``ClassifyStream`` (the server spends about a third of the CPU
-    per request it spends on a unary ``Classify``; BENCHMARKS.md): the *stream lane*.
-
-    - ``"auto"`` (the default): a request goes over the lane while other requests of this client
-      are in flight, and only when the client has one server: a stream is pinned to one server,
-      so with several (a list, or ``dns:///``) per-call round robin spreads the load better. A
-      lone caller's requests stay unary calls.
-    - ``True``: every request goes over the lane (with several servers, to the one its stream
-      landed on). ``False``: every request is a unary ``Classify`` call.
-
-    Over the lane, a call behaves as a unary call would: ``timeout`` is its own deadline (kept by
-    the client: the stream itself has none; the server may still compute an answer the caller
-    no longer waits for), an error answer raises the same exception, and a request the stream
-    broke on (server restarted, unavailable, cancelled by a draining server) is retried with the
-    same ``retries`` and ``backoff``, on a fresh stream. A new stream replaces one before the
-    server's ``max_stream_requests`` (asked once with ``GetModelInfo``). At most 64 requests are in
-    flight on the lane (the server's window per stream); more wait in the client. Answers come
-    back in request order, so one slow request (a large encoded file) delays those behind it.
-    The server counts these requests as ``ClassifyStream`` messages, not ``Classify`` calls.
+    ``stream`` (``"auto"`` by default, ``True`` or ``False``): concurrent calls share one
+    long-lived ``ClassifyStream``, exactly as for :class:`Client` (see there).
     """
 
     def __init__(

@@ -29,9 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent import futures
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -50,7 +53,7 @@ from ._errors import (
 if TYPE_CHECKING:
     from ._client import _Config
 
-__all__ = ["STREAM_WINDOW", "StreamLane"]
+__all__ = ["STREAM_WINDOW", "StreamLane", "SyncStreamLane"]
 
 logger = logging.getLogger("cifar_serve.client.stream")
 
@@ -359,3 +362,248 @@ class StreamLane:
                     stream.call.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
         self._current = None
+
+
+# --------------------------------------------------------------------------- the blocking client's lane
+
+_END = None  # ends a stream's request iterator: the call is half-closed
+
+SyncOpenStream = Callable[[Iterator[pb.ClassifyStreamRequest], bool], Any]
+SyncStreamLimit = Callable[[float | None], int]
+SyncWaitServing = Callable[[str, Any, float], str]
+
+
+class _SyncStream:
+    """One ``ClassifyStream`` call of the blocking client: a request queue and one reader thread."""
+
+    def __init__(
+        self, open_stream: SyncOpenStream, wait_for_ready: bool, limit: int, lane: SyncStreamLane
+    ) -> None:
+        self.limit = limit
+        self.number = lane.streams_opened
+        self.sent = 0
+        self.writable = True
+        self.hit_limit = False
+        self._lane = lane
+        self._queue: queue.SimpleQueue[pb.ClassifyStreamRequest | None] = queue.SimpleQueue()
+        self._waiting: dict[str, futures.Future[pb.ClassifyResponse]] = {}
+        self._lock = threading.Lock()
+        self.call = open_stream(self._requests(), wait_for_ready)
+        self.reader = threading.Thread(target=self._read, name=f"cifar-stream-{self.number}", daemon=True)
+        self.reader.start()
+
+    def _requests(self) -> Iterator[pb.ClassifyStreamRequest]:
+        while (msg := self._queue.get()) is not _END:
+            yield msg
+
+    @property
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._waiting
+
+    def submit(self, request: pb.ClassifyRequest) -> futures.Future[pb.ClassifyResponse] | None:
+        """Queue ``request`` (its window slot already taken); None when this stream takes no more."""
+        with self._lock:
+            if not self.writable:
+                return None
+            self.sent += 1
+            rid = str(self.sent)
+            answer: futures.Future[pb.ClassifyResponse] = futures.Future()
+            self._waiting[rid] = answer
+            self._queue.put(pb.ClassifyStreamRequest(id=rid, request=request))
+            if self.sent >= self.limit:
+                self.writable = False  # the next request opens a new stream
+                self._queue.put(_END)
+            return answer
+
+    def half_close(self) -> None:
+        with self._lock:
+            if self.writable:
+                self.writable = False
+                self._queue.put(_END)
+
+    def _read(self) -> None:
+        ended: Exception = _Resend()
+        try:
+            for msg in self.call:
+                self._deliver(msg)
+        except grpc.RpcError as exc:
+            err = error_from_rpc(exc)
+            if err.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "open a new stream" in err.message:
+                logger.debug("stream %d ended by the server at its request limit", self.number)
+                self.hit_limit = True
+            elif self._lane.closed and err.code is grpc.StatusCode.CANCELLED:
+                ended = CifarServeError(grpc.StatusCode.CANCELLED, f"{METHOD}: the client was closed")
+            else:
+                ended = err
+                logger.debug("stream %d ended: %s", self.number, err)
+        finally:
+            with self._lock:
+                self.writable = False
+                waiting, self._waiting = self._waiting, {}
+            self._queue.put(_END)  # grpc's request-iterator thread stops too
+            for answer in waiting.values():
+                self._lane.window.release()
+                _settle(answer, ended)
+            self._lane.ended(self)
+
+    def _deliver(self, msg: pb.ClassifyStreamResponse) -> None:
+        with self._lock:
+            answer = self._waiting.pop(msg.id, None)
+        if answer is None:
+            logger.warning("stream %d: an answer for unknown request id %r dropped", self.number, msg.id)
+            return
+        self._lane.window.release()
+        if msg.error_code:
+            code = _CODES.get(msg.error_code, grpc.StatusCode.UNKNOWN)
+            _settle(answer, error_for(code, readable_message(msg.error_message or code.name)))
+        else:
+            _settle(answer, msg.response)
+
+
+def _settle(answer: futures.Future[pb.ClassifyResponse], outcome: pb.ClassifyResponse | Exception) -> None:
+    """Set ``answer`` unless its caller gave up on it (a deadline cancels the future)."""
+    if not answer.set_running_or_notify_cancel():
+        return
+    if isinstance(outcome, Exception):
+        answer.set_exception(outcome)
+    else:
+        answer.set_result(outcome)
+
+
+class SyncStreamLane:
+    """The blocking :class:`Client`'s stream lane: threads share one ``ClassifyStream``.
+
+    The same contract as :class:`StreamLane` (see the module docstring); the requests of a stream
+    go through a queue that grpc's request iterator drains, and one reader thread per stream
+    hands each answer to the thread waiting for it.
+    """
+
+    def __init__(
+        self,
+        cfg: _Config,
+        open_stream: SyncOpenStream,
+        stream_limit: SyncStreamLimit,
+        wait_serving: SyncWaitServing,
+        window: int = STREAM_WINDOW,
+    ) -> None:
+        if window < 1:
+            raise ValueError("the stream window must be at least 1")
+        self._cfg = cfg
+        self._open_stream = open_stream
+        self._stream_limit = stream_limit
+        self._wait_serving = wait_serving
+        self.window = threading.BoundedSemaphore(window)
+        self._limit: int | None = None
+        self._lock = threading.Lock()
+        self._limit_lock = threading.Lock()
+        self._current: _SyncStream | None = None
+        self._streams: set[_SyncStream] = set()
+        self.streams_opened = 0
+        self.closed = False
+
+    def classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
+        """``request``'s answer, retried as the client's unary calls are (see ``_Config.next_attempt``)."""
+        attempt = 0
+        resends = 0
+        started = time.monotonic()
+        waited = False
+        while True:
+            try:
+                return self._once(request, deadline, waited)
+            except _Resend:
+                if resends < _FREE_RESENDS:
+                    resends += 1
+                    continue
+                err: CifarServeError = UnavailableError(
+                    grpc.StatusCode.UNAVAILABLE, "the server ended the stream before answering"
+                )
+            except CifarServeError as exc:
+                err = exc
+            if self.closed:
+                raise err
+            if (
+                err.code is grpc.StatusCode.UNAVAILABLE
+                and deadline is not None
+                and attempt < self._cfg.retries
+            ):
+                reason = self._wait_serving(METHOD, request, deadline)
+                if reason:
+                    raise self._cfg.gave_up(reason, deadline, started) from None
+                waited = True
+            try:
+                delay = self._cfg.next_attempt(err, attempt, deadline, METHOD)
+            except CifarServeError as final:
+                raise self._cfg.plainly(final) from None
+            time.sleep(delay)
+            attempt += 1
+
+    def _once(
+        self, request: pb.ClassifyRequest, deadline: float | None, wait_for_ready: bool
+    ) -> pb.ClassifyResponse:
+        if self.closed:
+            raise CifarServeError(grpc.StatusCode.CANCELLED, f"{METHOD}: the client was closed")
+        late = DeadlineExceededError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{METHOD}: deadline exceeded")
+        limit = self._limit
+        if limit is None:
+            with self._limit_lock:
+                if self._limit is None:
+                    self._limit = self._stream_limit(deadline) or 2**62
+                limit = self._limit
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise late
+        if not self.window.acquire(timeout=left):
+            raise late
+        answer: futures.Future[pb.ClassifyResponse] | None = None
+        try:
+            while answer is None:
+                answer = self._stream(wait_for_ready, limit).submit(request)
+        except BaseException:
+            self.window.release()
+            raise
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            return answer.result(timeout=left)
+        except futures.TimeoutError:
+            answer.cancel()  # the reader drops the answer when it comes
+            raise late from None
+
+    def _stream(self, wait_for_ready: bool, limit: int) -> _SyncStream:
+        with self._lock:
+            current = self._current
+            if current is not None and current.writable:
+                return current
+            if self.closed:
+                raise CifarServeError(grpc.StatusCode.CANCELLED, f"{METHOD}: the client was closed")
+            self.streams_opened += 1
+            stream = _SyncStream(self._open_stream, wait_for_ready, limit, self)
+            logger.debug("stream %d opened to %s", stream.number, self._cfg.address)
+            self._current = stream
+            self._streams.add(stream)
+            return stream
+
+    def ended(self, stream: _SyncStream) -> None:
+        with self._lock:
+            self._streams.discard(stream)
+            if self._current is stream:
+                self._current = None
+            if stream.hit_limit:
+                self._limit = None  # before ours: the server's limit has changed, ask it again
+
+    def close(self) -> None:
+        """End every stream: half-closed when it owes no answers, cancelled otherwise."""
+        with self._lock:
+            self.closed = True
+            streams = list(self._streams)
+        for stream in streams:
+            if stream.idle:
+                stream.half_close()
+            else:
+                stream.call.cancel()
+        for stream in streams:
+            # A server that does not end a half-closed stream promptly is not waited for long.
+            stream.reader.join(2.0)
+            if stream.reader.is_alive():
+                stream.call.cancel()
+                stream.reader.join()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from cifar_serve.client import (
     AsyncClient,
     CifarServeError,
     Classification,
+    Client,
     DeadlineExceededError,
     InvalidArgumentError,
     UnauthenticatedError,
@@ -383,3 +385,119 @@ def test_close_with_a_caller_waiting_fails_it_and_leaves_no_tasks(
     assert isinstance(err, CifarServeError) and err.code is grpc.StatusCode.CANCELLED
     assert not left
     assert not [r for r in caplog.records if "destroyed but it is pending" in r.getMessage()]
+
+
+# ------------------------------------------------------------------ the blocking client, many threads
+
+
+def _in_threads(n: int, work: Callable[[int], T]) -> list[T | BaseException]:
+    """``work(j)`` in ``n`` threads started together; each one's result or exception."""
+    barrier = threading.Barrier(n)
+    out: list[T | BaseException | None] = [None] * n
+
+    def run(j: int) -> None:
+        try:
+            barrier.wait(60)
+            out[j] = work(j)
+        except BaseException as exc:
+            out[j] = exc
+
+    threads = [threading.Thread(target=run, args=(j,)) for j in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(r is not None for r in out)
+    return out  # type: ignore[return-value]
+
+
+def _lane_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("cifar-stream-")]
+
+
+def test_threads_share_one_stream_and_a_bad_request_fails_only_its_caller(
+    server: Any, sample: Any, offline_logits: np.ndarray
+) -> None:
+    n = 32
+    with Client(server.address, timeout=60, stream=False) as unary:
+        with pytest.raises(InvalidArgumentError) as ref:
+            unary.classify(b"definitely not an image")
+    before = _stream_ok(server)
+    with Client(server.address, timeout=60, stream=True) as c:
+
+        def work(j: int) -> list[Classification]:
+            if j == 5:
+                return c.classify(b"definitely not an image")
+            return c.classify(sample.images[[j, j + 300]], include_logits=True)
+
+        got = _in_threads(n, work)
+        opened = c.streams_opened
+    assert opened == 1
+    assert not _lane_threads()  # close() ended the reader thread
+    assert _stream_ok(server) - before == n - 1
+    err = got[5]
+    assert type(err) is type(ref.value) and str(err) == str(ref.value)
+    for j, g in enumerate(got):
+        if j != 5:
+            assert isinstance(g, list)
+            np.testing.assert_allclose(_logits(g), offline_logits[[j, j + 300]], atol=ATOL, rtol=0)
+
+
+def test_threads_auto_mode_and_the_servers_limit(limited_server: Any, sample: Any) -> None:
+    with Client(limited_server.address, token=TOKEN, timeout=60) as c:  # stream="auto"
+        for i in range(3):
+            c.classify(sample.images[i])
+        assert c.streams_opened == 0  # one thread at a time: unary calls
+        before = _calls(limited_server, "ClassifyStream", "RESOURCE_EXHAUSTED")
+        got = _in_threads(24, lambda j: c.classify(sample.images[j]))
+        assert all(isinstance(g, list) and len(g) == 1 for g in got)
+        assert c.streams_opened >= 2  # at most 23 of them on the lane, 5 a stream
+        assert _calls(limited_server, "ClassifyStream", "RESOURCE_EXHAUSTED") == before
+
+
+def test_a_thread_past_its_deadline_raises_and_the_stream_carries_on(
+    fake_server: Callable[..., Any], fake_runtime: Any
+) -> None:
+    srv = fake_server()
+    images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    with Client(srv.address, stream=True, timeout=60) as c:
+        c.classify(images[0])
+        fake_runtime.gate.clear()
+        with pytest.raises(DeadlineExceededError) as info:
+            c.classify(images[1], timeout=0.3)
+        fake_runtime.gate.set()
+        (after,) = c.classify(images[2])
+        assert c.streams_opened == 1
+    assert info.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert after.class_index == int(np.argmax(fake_runtime.expected(images[2:3])[0]))
+    assert not _lane_threads()
+
+
+def test_threads_requests_survive_a_server_restart(
+    fake_server: Callable[..., Any], fake_runtime: Any, free_port: Callable[[], int]
+) -> None:
+    port = free_port()
+    first = fake_server(port=port)
+    images = np.random.default_rng(2).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    with Client(f"127.0.0.1:{port}", stream=True, timeout=60, backoff=0.05) as c:
+        c.classify(images[0])
+        fake_runtime.gate.clear()
+        fake_runtime.entered.clear()
+        results: list[Any] = []
+        callers = threading.Thread(
+            target=lambda: results.extend(_in_threads(8, lambda j: c.classify(images[j])))
+        )
+        callers.start()
+        assert fake_runtime.entered.wait(30)
+        stopper = threading.Thread(target=first.stop, kwargs={"grace": 0.0})
+        stopper.start()
+        time.sleep(0.05)
+        fake_runtime.gate.set()
+        stopper.join(60)
+        second = fake_server(port=port)
+        callers.join(120)
+        opened = c.streams_opened
+    assert opened >= 2
+    expected = np.argmax(fake_runtime.expected(images), axis=1)
+    assert [r[0].class_index for r in results] == expected.tolist()
+    assert _stream_ok(second) >= 1
