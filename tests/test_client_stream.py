@@ -423,6 +423,7 @@ def test_threads_share_one_stream_and_a_bad_request_fails_only_its_caller(
         with pytest.raises(InvalidArgumentError) as ref:
             unary.classify(b"definitely not an image")
     before = _stream_ok(server)
+    ended_ok, cancelled = _calls(server, "ClassifyStream"), _calls(server, "ClassifyStream", "CANCELLED")
     with Client(server.address, timeout=60, stream=True) as c:
 
         def work(j: int) -> list[Classification]:
@@ -435,6 +436,9 @@ def test_threads_share_one_stream_and_a_bad_request_fails_only_its_caller(
     assert opened == 1
     assert not _lane_threads()  # close() ended the reader thread
     assert _stream_ok(server) - before == n - 1
+    # Half-closed by close(): the server ended the stream OK, nothing was cancelled.
+    _wait_for("the server to finish the stream", lambda: _calls(server, "ClassifyStream") > ended_ok)
+    assert _calls(server, "ClassifyStream", "CANCELLED") == cancelled
     err = got[5]
     assert type(err) is type(ref.value) and str(err) == str(ref.value)
     for j, g in enumerate(got):
