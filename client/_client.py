@@ -278,10 +278,11 @@ class Client:
     cheapest over one long-lived ``ClassifyStream`` (the server spends about a third of the CPU
     per request it spends on a unary ``Classify``; BENCHMARKS.md): the *stream lane*.
 
-    - ``"auto"`` (the default): a request goes over the lane while other requests of this client
-      are in flight, and only when the client has one server: a stream is pinned to one server,
-      so with several (a list, or ``dns:///``) per-call round robin spreads the load better. A
-      lone caller's requests stay unary calls.
+    - ``"auto"`` (the default): a request goes over the lane while other ``classify()`` calls of
+      this client are under way (other threads' or tasks'), and only when the client has one
+      server: a stream is pinned to one server, so with several (a list, or ``dns:///``)
+      per-call round robin spreads the load better. A lone caller's requests, those of one
+      large call split in several included, stay unary calls.
     - ``True``: every request goes over the lane (with several servers, to the one its stream
       landed on). ``False``: every request is a unary ``Classify`` call.
 
@@ -357,7 +358,7 @@ class Client:
         # "auto" carries requests over the lane only to one server (a stream is pinned to one).
         target = self._cfg.target
         self._one_server = len(target.servers) == 1 and not target.target.startswith("dns:")
-        self._inflight = 0  # requests of this client awaiting an answer, over all threads
+        self._calls = 0  # classify() calls of this client under way, over all threads
 
     @property
     def address(self) -> str:
@@ -553,33 +554,34 @@ class Client:
             req = build_request(chunk, top_k, include_logits)
             with self._lane_lock:
                 lane = self._lane_for_next()
-                self._inflight += 1
-            try:
-                if lane is not None:
-                    resp = lane.classify(req, deadline)
-                else:
-                    resp = self._call("Classify", self._stub.Classify, req, deadline)
-            finally:
-                with self._lane_lock:
-                    self._inflight -= 1
+            if lane is not None:
+                resp = lane.classify(req, deadline)
+            else:
+                resp = self._call("Classify", self._stub.Classify, req, deadline)
             return _Config.results([resp], [req])
 
-        workers = min(len(chunks), self._cfg.max_concurrent_requests)
-        if workers == 1:
-            answers = [send(c) for c in chunks]
-        else:
-            pool = ThreadPoolExecutor(workers, thread_name_prefix="cifar-classify")
-            try:
-                answers = list(pool.map(send, chunks))
-            finally:  # on a failure, drop the requests not yet sent
-                pool.shutdown(wait=True, cancel_futures=True)
+        with self._lane_lock:
+            self._calls += 1
+        try:
+            workers = min(len(chunks), self._cfg.max_concurrent_requests)
+            if workers == 1:
+                answers = [send(c) for c in chunks]
+            else:
+                pool = ThreadPoolExecutor(workers, thread_name_prefix="cifar-classify")
+                try:
+                    answers = list(pool.map(send, chunks))
+                finally:  # on a failure, drop the requests not yet sent
+                    pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            with self._lane_lock:
+                self._calls -= 1
         return [c for answer in answers for c in answer]
 
     def _lane_for_next(self) -> SyncStreamLane | None:
         """The stream lane, when the next request is to go over it (see the class docstring);
         called holding ``_lane_lock``."""
         mode = self._stream_mode
-        if mode is False or (mode == "auto" and (self._inflight == 0 or not self._one_server)):
+        if mode is False or (mode == "auto" and (self._calls < 2 or not self._one_server)):
             return None
         if self._lane is None:
             self._lane = SyncStreamLane(
@@ -695,7 +697,7 @@ class AsyncClient:
         # "auto" carries requests over the lane only to one server (a stream is pinned to one).
         target = self._cfg.target
         self._one_server = len(target.servers) == 1 and not target.target.startswith("dns:")
-        self._inflight = 0  # requests of this client awaiting an answer
+        self._calls = 0  # classify() calls of this client under way
 
     @property
     def address(self) -> str:
@@ -803,29 +805,29 @@ class AsyncClient:
         async def send(req: pb.ClassifyRequest) -> pb.ClassifyResponse:
             async with gate:
                 lane = self._lane_for_next()
-                self._inflight += 1
-                try:
-                    if lane is not None:
-                        return await lane.classify(req, deadline)
-                    return await self._call("Classify", stub.Classify, req, deadline)
-                finally:
-                    self._inflight -= 1
+                if lane is not None:
+                    return await lane.classify(req, deadline)
+                return await self._call("Classify", stub.Classify, req, deadline)
 
-        if len(requests) == 1:
-            responses = [await send(requests[0])]
-        else:
-            tasks = [asyncio.ensure_future(send(r)) for r in requests]
-            try:
-                responses = await asyncio.gather(*tasks)
-            finally:
-                for t in tasks:
-                    t.cancel()
+        self._calls += 1
+        try:
+            if len(requests) == 1:
+                responses = [await send(requests[0])]
+            else:
+                tasks = [asyncio.ensure_future(send(r)) for r in requests]
+                try:
+                    responses = await asyncio.gather(*tasks)
+                finally:
+                    for t in tasks:
+                        t.cancel()
+        finally:
+            self._calls -= 1
         return _Config.results(responses, requests)
 
     def _lane_for_next(self) -> StreamLane | None:
         """The stream lane, when the next request is to go over it (see the class docstring)."""
         mode = self._stream_mode
-        if mode is False or (mode == "auto" and (self._inflight == 0 or not self._one_server)):
+        if mode is False or (mode == "auto" and (self._calls < 2 or not self._one_server)):
             return None
         if self._lane is None:
             self._lane = StreamLane(

@@ -132,12 +132,14 @@ def test_a_large_call_split_over_the_stream_keeps_input_order(
 
 def test_auto_uses_the_stream_only_for_concurrent_calls_to_one_server(server: Any, sample: Any) -> None:
     async def go(address: str, concurrent: bool) -> int:
-        async with AsyncClient(address, timeout=60) as c:  # stream="auto", the default
+        # stream="auto", the default
+        async with AsyncClient(address, timeout=60, max_images_per_request=4) as c:
             if concurrent:
                 await asyncio.gather(*(c.classify(sample.images[i]) for i in range(16)))
             else:
                 for i in range(4):
                     await c.classify(sample.images[i])
+                await c.classify(sample.images[:16])  # one call, four requests at once
             return c.streams_opened
 
     assert _run(lambda: go(server.address, concurrent=False)) == 0
@@ -505,3 +507,24 @@ def test_threads_requests_survive_a_server_restart(
     expected = np.argmax(fake_runtime.expected(images), axis=1)
     assert [r[0].class_index for r in results] == expected.tolist()
     assert _stream_ok(second) >= 1
+
+
+# --------------------------------------------------------------------------------- cifar-bench --lane
+
+
+@pytest.mark.parametrize("lane", ["unary", "stream"])
+def test_bench_drives_the_client_library(server: Any, lane: str) -> None:
+    from cifar_serve.client.bench import BenchConfig, format_report, run_bench
+
+    before_stream, before_unary = _stream_ok(server), _calls(server, "Classify")
+    cfg = BenchConfig(
+        address=server.address, lane=lane, concurrency=8, batch_size=3, requests=40, warmup=0, verify="all"
+    )
+    r = run_bench(cfg)
+    assert r.error_count == 0 and r.requests == 40 and r.lane == lane
+    assert r.accuracy is not None and r.accuracy > 0.75  # the shipped model: ~83%
+    streamed, unary = _stream_ok(server) - before_stream, _calls(server, "Classify") - before_unary
+    assert (streamed, unary) == ((41, 0) if lane == "stream" else (0, 41))  # with the first, checked call
+    assert f"through the client library ({lane})" in format_report(r)
+    with pytest.raises(ValueError, match="native"):
+        run_bench(BenchConfig(address=server.address, lane=lane, api="v2"))
