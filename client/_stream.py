@@ -145,43 +145,51 @@ class _Stream:
         self.hit_limit = False  # the server ended it at its max_stream_requests
         self._window = window
         self._waiting: dict[str, asyncio.Future[pb.ClassifyResponse]] = {}
-        self._write_lock = asyncio.Lock()
+        # Callers hand their requests to one writer task: a write can wait (for a connection,
+        # for HTTP/2 flow control), and a caller waits only for its answer, until its deadline.
+        self._outbox: asyncio.Queue[tuple[pb.ClassifyStreamRequest, asyncio.Future[Any]] | None]
+        self._outbox = asyncio.Queue()
+        self._half_closed = False
         self.reader = asyncio.ensure_future(self._read())
+        self.writer = asyncio.ensure_future(self._write())
 
     @property
     def idle(self) -> bool:
         return not self._waiting
 
-    async def submit(self, request: pb.ClassifyRequest) -> asyncio.Future[pb.ClassifyResponse] | None:
-        """Send ``request`` (its window slot already taken); None when this stream takes no more."""
-        async with self._write_lock:  # grpc.aio allows one write at a time per call
-            if not self.writable:
-                return None
-            self.sent += 1
-            rid = str(self.sent)
-            answer: asyncio.Future[pb.ClassifyResponse] = asyncio.get_running_loop().create_future()
-            self._waiting[rid] = answer
-            last = self.sent >= self.limit
-            if last:
-                self.writable = False  # the next request opens a new stream
-            try:
-                await self.call.write(pb.ClassifyStreamRequest(id=rid, request=request))
-                if last:
-                    await self.call.done_writing()
-            except (grpc.RpcError, asyncio.InvalidStateError):
-                # The call has ended: its reader reports the status, which decides the retry.
-                self.writable = False
-                if self._waiting.pop(rid, None) is not None:
-                    self._window.release()
-                    answer.cancel()
-                await asyncio.shield(self.reader)
-                raise self.error or _Resend() from None
-            return answer
+    def submit(self, request: pb.ClassifyRequest) -> asyncio.Future[pb.ClassifyResponse] | None:
+        """Queue ``request`` (its window slot already taken); None when this stream takes no more."""
+        if not self.writable:
+            return None
+        self.sent += 1
+        rid = str(self.sent)
+        answer: asyncio.Future[pb.ClassifyResponse] = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = answer
+        self._outbox.put_nowait((pb.ClassifyStreamRequest(id=rid, request=request), answer))
+        if self.sent >= self.limit:
+            self.half_close()  # the next request opens a new stream
+        return answer
 
-    def half_close_if_idle(self) -> bool:
-        """Stop writing (the server then ends the stream cleanly); False while answers are owed."""
+    def half_close(self) -> None:
+        """Take no more requests; once the queued ones are written, the server ends the stream."""
         self.writable = False
-        return self.idle
+        if not self._half_closed:
+            self._half_closed = True
+            self._outbox.put_nowait(None)
+
+    async def _write(self) -> None:
+        try:
+            while (item := await self._outbox.get()) is not None:
+                msg, answer = item
+                if answer.done():  # its caller gave up before it was sent: never sent at all
+                    if self._waiting.pop(msg.id, None) is not None:
+                        self._window.release()
+                    continue
+                await self.call.write(msg)
+            await self.call.done_writing()
+        except (grpc.RpcError, asyncio.InvalidStateError, asyncio.CancelledError):
+            # The call has ended: its reader reports the status and fails what it owed.
+            self.writable = False
 
     async def _read(self) -> None:
         ended: Exception = _Resend()
@@ -204,7 +212,9 @@ class _Stream:
             self.error = CifarServeError(grpc.StatusCode.CANCELLED, f"{METHOD}: the client was closed")
             ended = self.error
         finally:
-            self.writable = False
+            self.half_close()
+            # A write still waiting for the call to start is not woken by its end (grpc.aio).
+            self.writer.cancel()
             waiting, self._waiting = self._waiting, {}
             for answer in waiting.values():
                 self._window.release()
@@ -314,9 +324,9 @@ class StreamLane:
         answer: asyncio.Future[pb.ClassifyResponse] | None = None
         try:
             while answer is None:
-                answer = await self._stream(wait_for_ready, limit).submit(request)
+                answer = self._stream(wait_for_ready, limit).submit(request)
         except BaseException:
-            self._window.release()  # never sent: the slot is not held by the stream
+            self._window.release()  # never queued: the slot is not held by the stream
             raise
         if deadline is None:
             return await answer  # a cancelled caller cancels it: the stream drops its answer
@@ -353,21 +363,19 @@ class StreamLane:
         self.closed = True
         streams = list(self._streams)
         for stream in streams:
-            if stream.half_close_if_idle():
-                try:
-                    await stream.call.done_writing()
-                except (grpc.RpcError, asyncio.InvalidStateError):
-                    stream.call.cancel()
+            if stream.idle:
+                stream.half_close()
             else:
                 stream.call.cancel()
-        readers = [s.reader for s in streams]
-        if readers:
+        tasks = [t for s in streams for t in (s.reader, s.writer)]
+        if tasks:
             # A server that does not end a half-closed stream promptly is not waited for long.
-            _, late = await asyncio.wait(readers, timeout=2.0)
+            _, late = await asyncio.wait(tasks, timeout=2.0)
             for stream in streams:
-                if stream.reader in late:
+                if stream.reader in late or stream.writer in late:
                     stream.call.cancel()
-            await asyncio.gather(*readers, return_exceptions=True)
+                    stream.writer.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         self._current = None
 
 
