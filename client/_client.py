@@ -359,6 +359,7 @@ class Client:
         target = self._cfg.target
         self._one_server = len(target.servers) == 1 and not target.target.startswith("dns:")
         self._calls = 0  # classify() calls of this client under way, over all threads
+        self._streams_closed = 0  # streams opened by lanes that close() has ended
 
     @property
     def address(self) -> str:
@@ -605,9 +606,9 @@ class Client:
 
     @property
     def streams_opened(self) -> int:
-        """How many ``ClassifyStream`` calls the stream lane has opened so far (0: not used)."""
+        """How many ``ClassifyStream`` calls the stream lane has opened (0: not used), closed ones too."""
         lane = self._lane
-        return 0 if lane is None else lane.streams_opened
+        return self._streams_closed + (0 if lane is None else lane.streams_opened)
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """What the server serves: name, version, labels, input spec, device, batching and limits."""
@@ -623,6 +624,7 @@ class Client:
             lane, self._lane = self._lane, None
             self._stream_mode = False  # a call still running after close() gets no new lane
         if lane is not None:
+            self._streams_closed += lane.streams_opened
             lane.close()
         with self._shm_lock:
             shm, self._shm, self._shm_decided = self._shm, None, True
@@ -698,6 +700,7 @@ class AsyncClient:
         target = self._cfg.target
         self._one_server = len(target.servers) == 1 and not target.target.startswith("dns:")
         self._calls = 0  # classify() calls of this client under way
+        self._streams_closed = 0  # streams opened by lanes that close() has ended
 
     @property
     def address(self) -> str:
@@ -855,8 +858,8 @@ class AsyncClient:
 
     @property
     def streams_opened(self) -> int:
-        """How many ``ClassifyStream`` calls the stream lane has opened so far (0: not used)."""
-        return 0 if self._lane is None else self._lane.streams_opened
+        """How many ``ClassifyStream`` calls the stream lane has opened (0: not used), closed ones too."""
+        return self._streams_closed + (0 if self._lane is None else self._lane.streams_opened)
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """What the server serves; see :meth:`Client.model_info`."""
@@ -870,6 +873,7 @@ class AsyncClient:
         """End the stream lane's streams (half-closed: the server ends them cleanly), then the channels."""
         lane, self._lane = self._lane, None
         if lane is not None:
+            self._streams_closed += lane.streams_opened
             await lane.close()
         if self._probe_channel is not None:
             await self._probe_channel.close()
