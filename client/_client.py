@@ -275,7 +275,7 @@ class Client:
     Requests that go through shared memory do not take the stream lane below.
 
     ``stream`` picks how requests travel. Many concurrent small calls from one application are
-    cheapest over one long-lived ``ClassifyStream`` (the server spends about a third of the CPU
+    cheapest over one long-lived ``ClassifyStream`` (the server spends a little over half the CPU
     per request it spends on a unary ``Classify``; BENCHMARKS.md): the *stream lane*.
 
     - ``"auto"`` (the default): a request goes over the lane while other ``classify()`` calls of

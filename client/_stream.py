@@ -1,9 +1,12 @@
 """The stream lane: concurrent ``classify()`` requests of one client carried by one ``ClassifyStream``.
 
-Why: a request on an open stream costs the server about a third of the CPU of a unary
-``Classify`` call (0.13 ms against 0.36 ms with the null model, BENCHMARKS.md): no call set-up,
-no per-call metadata, no per-call admission. An application that sends many small requests at
-once gains the most, so the clients route those through one long-lived stream.
+Why: a request on an open stream costs the server a little over half the CPU of a unary
+``Classify`` call (0.33-0.40 ms against 0.56-0.65 through the library with the null model, single
+images, BENCHMARKS.md): no call set-up, no per-call metadata, no per-call admission. An
+application that sends many small requests at once gains the most, so the clients route those
+through one long-lived stream: :class:`StreamLane` for ``AsyncClient`` (one writer task and one
+reader task per stream), :class:`SyncStreamLane` for ``Client`` (a request queue that grpc's
+request iterator drains, and one reader thread per stream).
 
 What the lane keeps of a unary call's contract:
 
@@ -119,6 +122,27 @@ class _Window:
         self._free += 1
 
 
+def _broken(err: CifarServeError) -> CifarServeError:
+    """A stream's end as its unanswered requests see it.
+
+    grpc's core ends a call whose transport went away, or whose server ended it, under a write
+    still in progress with INTERNAL "Internal error from Core" instead of the status (seen with a
+    server cut off at a restart, and at its --max-stream-requests): the requests were not
+    answered, so it counts as UNAVAILABLE, which the retry policy resends. The server's own errors
+    come as error answers, never as the stream's status.
+    """
+    if err.code is grpc.StatusCode.INTERNAL and err.message == "Internal error from Core":
+        return UnavailableError(grpc.StatusCode.UNAVAILABLE, f"the stream broke ({err.message})")
+    return err
+
+
+def _fresh(exc: Exception) -> Exception:
+    """A copy of ``exc`` for one caller: one instance raised in many would share its traceback."""
+    if isinstance(exc, CifarServeError):
+        return error_for(exc.code, exc.message)
+    return type(exc)(*exc.args)
+
+
 def _expire(answer: asyncio.Future[pb.ClassifyResponse]) -> None:
     if not answer.done():
         answer.set_exception(
@@ -200,7 +224,7 @@ class _Stream:
                     break
                 self._deliver(answer)
         except grpc.RpcError as exc:
-            err = error_from_rpc(exc)
+            err = _broken(error_from_rpc(exc))
             if err.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "open a new stream" in err.message:
                 logger.debug("stream %d ended by the server at its request limit", self.number)
                 self.hit_limit = True
@@ -219,7 +243,7 @@ class _Stream:
             for answer in waiting.values():
                 self._window.release()
                 if not answer.done():
-                    answer.set_exception(ended)
+                    answer.set_exception(_fresh(ended))
 
     def _deliver(self, msg: pb.ClassifyStreamResponse) -> None:
         answer = self._waiting.pop(msg.id, None)
@@ -443,7 +467,7 @@ class _SyncStream:
             for msg in self.call:
                 self._deliver(msg)
         except grpc.RpcError as exc:
-            err = error_from_rpc(exc)
+            err = _broken(error_from_rpc(exc))
             if err.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "open a new stream" in err.message:
                 logger.debug("stream %d ended by the server at its request limit", self.number)
                 self.hit_limit = True
@@ -459,7 +483,7 @@ class _SyncStream:
             self._queue.put(_END)  # grpc's request-iterator thread stops too
             for answer in waiting.values():
                 self._lane.window.release()
-                _settle(answer, ended)
+                _settle(answer, _fresh(ended))
             self._lane.ended(self)
 
     def _deliver(self, msg: pb.ClassifyStreamResponse) -> None:
