@@ -542,48 +542,10 @@ def test_bench_drives_the_client_library(server: Any, lane: str) -> None:
 # ------------------------------------------------------------------------------------------------ TLS
 
 
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    """A throwaway self-signed certificate for localhost/127.0.0.1 and its key (PEM files)."""
-    x509 = pytest.importorskip("cryptography.x509")
-    import datetime
-    import ipaddress
-
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    crt, pem = tmp / "server.crt", tmp / "server.key"
-    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pem.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return crt, pem
-
-
-def test_the_stream_over_tls(fake_server: Callable[..., Any], fake_runtime: Any, tmp_path: Path) -> None:
-    crt, key = _self_signed(tmp_path)
+def test_the_stream_over_tls(
+    fake_server: Callable[..., Any], fake_runtime: Any, self_signed: Callable[..., Any], tmp_path: Path
+) -> None:
+    crt, key = self_signed(tmp_path, "localhost", ca=True)
     srv = fake_server(tls_cert=str(crt), tls_key=str(key), metrics_port=-1)
     images = np.random.default_rng(3).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     expected = np.argmax(fake_runtime.expected(images), axis=1).tolist()
