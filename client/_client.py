@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -22,9 +22,11 @@ from cifar_serve.v1 import classifier_pb2 as pb
 from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
 from cifar_serve.v1 import open_inference_pb2_grpc as oip_grpc
 
+from . import _stream
 from ._errors import CifarServeError, DeadlineExceededError, UnavailableError, error_from_rpc
 from ._inputs import DEFAULT_MAX_REQUEST_BYTES, Inputs, Part, build_request, chunk_parts, to_parts
 from ._shm import SharedMemorySession, check_mode, classifications, local_servers, open_session
+from ._stream import StreamLane, SyncStreamLane
 from ._targets import HEALTH_SERVICE, Servers, channel_options, resolve_target
 from ._types import Classification, ModelInfo
 
@@ -223,6 +225,16 @@ class _Config:
         return out
 
 
+STREAM_MODES = (False, True, "auto")
+
+
+def check_stream_mode(stream: object) -> bool | str:
+    """``stream`` when it is False, True or "auto"; ValueError otherwise."""
+    if not any(stream is m or (isinstance(m, str) and stream == m) for m in STREAM_MODES):
+        raise ValueError(f"stream must be False, True or 'auto', got {stream!r}")
+    return stream  # type: ignore[return-value]
+
+
 class Client:
     """A blocking client of one cifar-serve server or several replicas.
 
@@ -260,6 +272,29 @@ class Client:
     are the same either way; the server counts the requests as ``ModelInfer``, not ``Classify``.
     :meth:`close` unregisters and removes the regions. Off by default in the library, since it
     creates objects in ``/dev/shm`` for the life of the client; ``cifar-classify`` defaults to auto.
+    Requests that go through shared memory do not take the stream lane below.
+
+    ``stream`` picks how requests travel. Many concurrent small calls from one application are
+    cheapest over one long-lived ``ClassifyStream`` (the server spends a little over half the CPU
+    per request it spends on a unary ``Classify``; BENCHMARKS.md): the *stream lane*.
+
+    - ``"auto"`` (the default): a request goes over the lane while other ``classify()`` calls of
+      this client are under way (other threads' or tasks'), and only when the client has one
+      server: a stream is pinned to one server, so with several (a list, or ``dns:///``)
+      per-call round robin spreads the load better. A lone caller's requests, those of one
+      large call split in several included, stay unary calls.
+    - ``True``: every request goes over the lane (with several servers, to the one its stream
+      landed on). ``False``: every request is a unary ``Classify`` call.
+
+    Over the lane, a call behaves as a unary call would: ``timeout`` is its own deadline (kept by
+    the client: the stream itself has none; the server may still compute an answer the caller
+    no longer waits for), an error answer raises the same exception, and a request the stream
+    broke on (server restarted, unavailable, cancelled by a draining server) is retried with the
+    same ``retries`` and ``backoff``, on a fresh stream. A new stream replaces one before the
+    server's ``max_stream_requests`` (asked once with ``GetModelInfo``). At most 64 requests are in
+    flight on the lane (the server's window per stream); more wait in the client. Answers come
+    back in request order, so one slow request (a large encoded file) delays those behind it.
+    The server counts these requests as ``ClassifyStream`` messages, not ``Classify`` calls.
     """
 
     def __init__(
@@ -279,8 +314,10 @@ class Client:
         max_concurrent_requests: int = 4,
         options: Sequence[tuple[str, Any]] = (),
         shared_memory: str = "off",
+        stream: bool | str = "auto",
     ) -> None:
         self._shm_mode = check_mode(shared_memory)
+        self._stream_mode = check_stream_mode(stream)
         self._cfg = _Config(
             address,
             timeout=timeout,
@@ -316,6 +353,13 @@ class Client:
         self._shm_channels: list[grpc.Channel] = []
         self._probe_lock = threading.Lock()
         self._probe_channel: grpc.Channel | None = None
+        self._lane: SyncStreamLane | None = None
+        self._lane_lock = threading.Lock()
+        # "auto" carries requests over the lane only to one server (a stream is pinned to one).
+        target = self._cfg.target
+        self._one_server = len(target.servers) == 1 and not target.target.startswith("dns:")
+        self._calls = 0  # classify() calls of this client under way, over all threads
+        self._streams_closed = 0  # streams opened by lanes that close() has ended
 
     @property
     def address(self) -> str:
@@ -345,6 +389,7 @@ class Client:
         # server's refusal says why in its own words; no answer at all says it is unreachable.
         probe = {
             "Classify": pb_grpc.ClassifierStub(channel).Classify,
+            "ClassifyStream": pb_grpc.ClassifierStub(channel).Classify,  # the same request, unary
             "GetModelInfo": pb_grpc.ClassifierStub(channel).GetModelInfo,
         }.get(method)
         left = deadline - time.monotonic()
@@ -508,19 +553,62 @@ class Client:
                         raise
                     self._drop_shared_memory(exc)
             req = build_request(chunk, top_k, include_logits)
-            resp = self._call("Classify", self._stub.Classify, req, deadline)
+            with self._lane_lock:
+                lane = self._lane_for_next()
+            if lane is not None:
+                resp = lane.classify(req, deadline)
+            else:
+                resp = self._call("Classify", self._stub.Classify, req, deadline)
             return _Config.results([resp], [req])
 
-        workers = min(len(chunks), self._cfg.max_concurrent_requests)
-        if workers == 1:
-            answers = [send(c) for c in chunks]
-        else:
-            pool = ThreadPoolExecutor(workers, thread_name_prefix="cifar-classify")
-            try:
-                answers = list(pool.map(send, chunks))
-            finally:  # on a failure, drop the requests not yet sent
-                pool.shutdown(wait=True, cancel_futures=True)
+        with self._lane_lock:
+            self._calls += 1
+        try:
+            workers = min(len(chunks), self._cfg.max_concurrent_requests)
+            if workers == 1:
+                answers = [send(c) for c in chunks]
+            else:
+                pool = ThreadPoolExecutor(workers, thread_name_prefix="cifar-classify")
+                try:
+                    answers = list(pool.map(send, chunks))
+                finally:  # on a failure, drop the requests not yet sent
+                    pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            with self._lane_lock:
+                self._calls -= 1
         return [c for answer in answers for c in answer]
+
+    def _lane_for_next(self) -> SyncStreamLane | None:
+        """The stream lane, when the next request is to go over it (see the class docstring);
+        called holding ``_lane_lock``."""
+        mode = self._stream_mode
+        if mode is False or (mode == "auto" and (self._calls < 2 or not self._one_server)):
+            return None
+        if self._lane is None:
+            self._lane = SyncStreamLane(
+                self._cfg,
+                self._open_stream,
+                self._stream_limit,
+                self._wait_serving,
+                window=_stream.STREAM_WINDOW,
+            )
+        return self._lane
+
+    def _open_stream(self, requests: Iterator[pb.ClassifyStreamRequest], wait_for_ready: bool) -> Any:
+        # No timeout: the stream outlives any one request; each request's deadline is the lane's.
+        return self._stub.ClassifyStream(
+            requests, metadata=self._cfg.metadata, wait_for_ready=wait_for_ready or None
+        )
+
+    def _stream_limit(self, deadline: float | None) -> int:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self.model_info(timeout=left).limits.max_stream_requests
+
+    @property
+    def streams_opened(self) -> int:
+        """How many ``ClassifyStream`` calls the stream lane has opened (0: not used), closed ones too."""
+        lane = self._lane
+        return self._streams_closed + (0 if lane is None else lane.streams_opened)
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """What the server serves: name, version, labels, input spec, device, batching and limits."""
@@ -530,7 +618,14 @@ class Client:
         return ModelInfo.from_proto(msg)
 
     def close(self) -> None:
-        """Unregister and remove the shared memory regions (if any), then close the channel."""
+        """End the stream lane's streams, unregister and remove the shared memory regions (if any),
+        then close the channel."""
+        with self._lane_lock:
+            lane, self._lane = self._lane, None
+            self._stream_mode = False  # a call still running after close() gets no new lane
+        if lane is not None:
+            self._streams_closed += lane.streams_opened
+            lane.close()
         with self._shm_lock:
             shm, self._shm, self._shm_decided = self._shm, None, True
         try:
@@ -558,6 +653,9 @@ class AsyncClient:
     The channel is opened on first use, inside the running event loop; use ``async with`` or
     ``await client.close()``. Requests of one large call run concurrently, up to
     ``max_concurrent_requests`` at a time.
+
+    ``stream`` (``"auto"`` by default, ``True`` or ``False``): concurrent calls share one
+    long-lived ``ClassifyStream``, exactly as for :class:`Client` (see there).
     """
 
     def __init__(
@@ -576,7 +674,9 @@ class AsyncClient:
         max_images_per_request: int = 256,
         max_concurrent_requests: int = 4,
         options: Sequence[tuple[str, Any]] = (),
+        stream: bool | str = "auto",
     ) -> None:
+        self._stream_mode = check_stream_mode(stream)
         self._cfg = _Config(
             address,
             timeout=timeout,
@@ -595,6 +695,12 @@ class AsyncClient:
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.ClassifierStub | None = None
         self._probe_channel: grpc.aio.Channel | None = None
+        self._lane: StreamLane | None = None
+        # "auto" carries requests over the lane only to one server (a stream is pinned to one).
+        target = self._cfg.target
+        self._one_server = len(target.servers) == 1 and not target.target.startswith("dns:")
+        self._calls = 0  # classify() calls of this client under way
+        self._streams_closed = 0  # streams opened by lanes that close() has ended
 
     @property
     def address(self) -> str:
@@ -622,6 +728,7 @@ class AsyncClient:
         reason = "it does not report SERVING"
         probe = {
             "Classify": pb_grpc.ClassifierStub(channel).Classify,
+            "ClassifyStream": pb_grpc.ClassifierStub(channel).Classify,  # the same request, unary
             "GetModelInfo": pb_grpc.ClassifierStub(channel).GetModelInfo,
         }.get(method)
         left = deadline - time.monotonic()
@@ -700,18 +807,59 @@ class AsyncClient:
 
         async def send(req: pb.ClassifyRequest) -> pb.ClassifyResponse:
             async with gate:
+                lane = self._lane_for_next()
+                if lane is not None:
+                    return await lane.classify(req, deadline)
                 return await self._call("Classify", stub.Classify, req, deadline)
 
-        if len(requests) == 1:
-            responses = [await send(requests[0])]
-        else:
-            tasks = [asyncio.ensure_future(send(r)) for r in requests]
-            try:
-                responses = await asyncio.gather(*tasks)
-            finally:
-                for t in tasks:
-                    t.cancel()
+        self._calls += 1
+        try:
+            if len(requests) == 1:
+                responses = [await send(requests[0])]
+            else:
+                tasks = [asyncio.ensure_future(send(r)) for r in requests]
+                try:
+                    responses = await asyncio.gather(*tasks)
+                finally:
+                    for t in tasks:
+                        t.cancel()
+        finally:
+            self._calls -= 1
         return _Config.results(responses, requests)
+
+    def _lane_for_next(self) -> StreamLane | None:
+        """The stream lane, when the next request is to go over it (see the class docstring)."""
+        mode = self._stream_mode
+        if mode is False or (mode == "auto" and (self._calls < 2 or not self._one_server)):
+            return None
+        if self._lane is None:
+            self._lane = StreamLane(
+                self._cfg,
+                self._open_stream,
+                self._stream_limit,
+                self._wait_serving,
+                window=_stream.STREAM_WINDOW,
+            )
+        return self._lane
+
+    def _open_stream(
+        self, wait_for_ready: bool
+    ) -> grpc.aio.StreamStreamCall[pb.ClassifyStreamRequest, pb.ClassifyStreamResponse]:
+        # No timeout: the stream outlives any one request; each request's deadline is the lane's.
+        call: grpc.aio.StreamStreamCall[pb.ClassifyStreamRequest, pb.ClassifyStreamResponse]
+        call = self._get_stub().ClassifyStream(
+            metadata=self._cfg.metadata, wait_for_ready=wait_for_ready or None
+        )
+        return call
+
+    async def _stream_limit(self, deadline: float | None) -> int:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return (await self.model_info(timeout=left)).limits.max_stream_requests
+
+    @property
+    def streams_opened(self) -> int:
+        """How many ``ClassifyStream`` calls the stream lane has opened (0: not used), closed ones too."""
+        return self._streams_closed + (0 if self._lane is None else self._lane.streams_opened)
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """What the server serves; see :meth:`Client.model_info`."""
@@ -722,6 +870,11 @@ class AsyncClient:
         return ModelInfo.from_proto(msg)
 
     async def close(self) -> None:
+        """End the stream lane's streams (half-closed: the server ends them cleanly), then the channels."""
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            self._streams_closed += lane.streams_opened
+            await lane.close()
         if self._probe_channel is not None:
             await self._probe_channel.close()
         if self._channel is not None:

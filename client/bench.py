@@ -16,6 +16,13 @@ Two modes:
 * ``--requests N``: after the warm-up, send exactly ``N`` requests (all of them counted,
   waited for) and report over them.
 
+``--lane unary|stream`` drives the native API through the client library instead
+(:class:`cifar_serve.client.AsyncClient`, one per process, every caller's ``classify()`` on it):
+``unary`` makes one ``Classify`` call per request, ``stream`` carries every request over the
+client's stream lane (one long-lived ``ClassifyStream``). Run both, side by side, to see what the
+lane saves the server and the client; both include the library's own work (building requests,
+parsing answers into :class:`Classification` objects), which the raw generator skips.
+
 With ``--api v2`` and the server on this host (loopback or a unix socket), the images and
 logits pass through system shared memory by default (``--shared-memory auto``): each concurrent
 caller registers one region, writes its request's images into it before each call (as a real
@@ -50,9 +57,11 @@ import numpy as np
 
 from cifar_serve.v1 import classifier_pb2, open_inference_pb2, open_inference_pb2_grpc
 
+from ._client import AsyncClient
 from ._errors import CifarServeError
 from ._shm import SHARED_MEMORY_MODES, SharedMemorySession, _Slot, local_servers
 from ._targets import channel_options, resolve_target
+from ._types import Classification
 
 __all__ = [
     "APIS",
@@ -72,6 +81,7 @@ APIS = {
     "native": "/cifar_serve.v1.Classifier/Classify",
     "v2": "/inference.GRPCInferenceService/ModelInfer",
 }
+LANES = ("", "unary", "stream")
 DEFAULT_MODEL_NAME = "cifar10_resnet18"
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
@@ -102,6 +112,7 @@ class BenchConfig:
     connect_timeout: float = 30.0
     shared_memory: str = "auto"  # v2 only: auto (when the server is on this host), on, off
     keep_latencies: bool = False  # the result lists every measured request's latency
+    lane: str = ""  # "": raw gRPC bytes; "unary" or "stream": through AsyncClient (native API)
 
     def check(self) -> None:
         if self.api not in APIS:
@@ -116,6 +127,10 @@ class BenchConfig:
             raise ValueError("verify must be first, all or none")
         if self.shared_memory not in SHARED_MEMORY_MODES:
             raise ValueError(f"shared memory must be one of {', '.join(SHARED_MEMORY_MODES)}")
+        if self.lane not in LANES:
+            raise ValueError(f"lane must be one of {', '.join(LANES[1:])}")
+        if self.lane and self.api != "native":
+            raise ValueError("--lane drives the client library, which speaks the native API: drop --api v2")
         if self.shared_memory == "on" and self.api != "v2":
             raise ValueError("shared memory needs the Open Inference Protocol: add --api v2")
 
@@ -143,6 +158,7 @@ class BenchResult:
     verified: bool = True
     notes: list[str] = field(default_factory=list)
     shared_memory: bool = False  # the images and logits went through system shared memory
+    lane: str = ""  # through the client library: "unary" calls or its "stream" lane
     latencies_ms: list[float] | None = None  # every measured request, when asked for (keep_latencies)
 
     def as_dict(self) -> dict[str, Any]:
@@ -201,7 +217,7 @@ class Payload:
 
     body: bytes
     labels: np.ndarray | None
-    images: np.ndarray | None = None  # the request's pixels (v2), for shared memory
+    images: np.ndarray | None = None  # the request's pixels: for shared memory and --lane
 
 
 def build_payloads(
@@ -238,7 +254,7 @@ def build_payloads(
             body = req.SerializeToString()
         else:
             raise ValueError(f"unknown api {api!r}")
-        out.append(Payload(body, None if labels is None else labels[idx], batch if api == "v2" else None))
+        out.append(Payload(body, None if labels is None else labels[idx], batch))
     return out
 
 
@@ -353,6 +369,15 @@ async def _drive(
         for i in range(cfg.channels)
     ]
     samples = _Samples(shared_memory=shm is not None)
+    lib: AsyncClient | None = None
+    if cfg.lane:
+        lib = AsyncClient(
+            cfg.address,
+            stream=cfg.lane == "stream",
+            retries=0,
+            max_images_per_request=max(cfg.batch_size, 256),
+            options=[("grpc.max_send_message_length", _MESSAGE_LIMIT)],
+        )
     # With shared memory each caller sends the same small request, naming its own region; the
     # pixels go into the region before each call.
     bodies: list[bytes] = []
@@ -369,7 +394,13 @@ async def _drive(
         shm[0].write_images(shm[1][worker], p.images)
         return bodies[worker]
 
-    def predicted(worker: int, answer: bytes) -> np.ndarray:
+    async def library_call(p: Payload, timeout: float) -> list[Classification]:
+        assert lib is not None and p.images is not None
+        return await lib.classify(p.images, top_k=cfg.top_k, timeout=timeout)
+
+    def predicted(worker: int, answer: Any) -> np.ndarray:
+        if lib is not None:
+            return np.array([r.class_index for r in answer], dtype=np.int64)
         if shm is None:
             return predicted_classes(cfg.api, answer, cfg.batch_size)
         return _shm_predicted(shm[0], shm[1][worker], answer, cfg.batch_size)
@@ -380,7 +411,11 @@ async def _drive(
             await asyncio.wait_for(ch.channel_ready(), cfg.connect_timeout)
         # One checked call before anything is timed: the server answers what we asked.
         first = payloads[first_offset % len(payloads)]
-        answer = await calls[0](send_payload(0, first), timeout=cfg.timeout)
+        answer: Any
+        if lib is not None:
+            answer = await library_call(first, cfg.timeout)
+        else:
+            answer = await calls[0](send_payload(0, first), timeout=cfg.timeout)
         if cfg.verify != "none":
             try:
                 predicted(0, answer)
@@ -411,11 +446,15 @@ async def _drive(
                 p = payloads[i % len(payloads)]
                 i += concurrency
                 try:
-                    answer = await call(send_payload(worker, p), timeout=cfg.timeout)
-                except grpc.aio.AioRpcError as exc:
+                    if lib is not None:
+                        answer = await library_call(p, cfg.timeout)
+                    else:
+                        answer = await call(send_payload(worker, p), timeout=cfg.timeout)
+                except (grpc.aio.AioRpcError, CifarServeError) as exc:
                     t1 = time.monotonic()
                     if requests == 0 or counted:
-                        samples.errors.append((t1, exc.code().name))
+                        code = exc.code if isinstance(exc, CifarServeError) else exc.code()
+                        samples.errors.append((t1, code.name))
                     continue
                 t1 = time.monotonic()
                 if requests and not counted:
@@ -441,6 +480,8 @@ async def _drive(
         samples.elapsed_s = time.monotonic() - started
         return samples
     finally:
+        if lib is not None:
+            await lib.close()
         for ch in channels:
             await ch.close()
 
@@ -525,6 +566,7 @@ def _collect(cfg: BenchConfig, parts: list[_Samples]) -> BenchResult:
         verified=not notes,
         notes=notes,
         shared_memory=bool(parts) and all(p.shared_memory for p in parts),
+        lane=cfg.lane,
         latencies_ms=lat.tolist() if cfg.keep_latencies else None,
     )
 
@@ -571,7 +613,8 @@ def run_bench(cfg: BenchConfig, payloads: list[Payload] | None = None) -> BenchR
 def format_report(r: BenchResult) -> str:
     lat = r.latency_ms
     lines = [
-        f"cifar-bench: {r.api} API at {r.address}{' through shared memory' if r.shared_memory else ''}, "
+        f"cifar-bench: {r.api} API at {r.address}{' through shared memory' if r.shared_memory else ''}"
+        f"{f' through the client library ({r.lane})' if r.lane else ''}, "
         f"concurrency {r.concurrency}, "
         f"{r.batch_size} image(s)/request, {r.processes} process(es), {r.mode} mode, "
         f"warm-up {r.warmup_s:g}s excluded",
@@ -664,6 +707,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="v2 only: pass images and logits through system shared memory; auto: when every server is "
         "on this host and accepts a region (default), on: fail if not, off: through the socket",
     )
+    p.add_argument(
+        "--lane",
+        choices=LANES[1:],
+        default=None,
+        help="native API through the client library's AsyncClient instead of raw gRPC bytes: unary "
+        "Classify calls, or its stream lane (one ClassifyStream); run both to compare",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p
 
@@ -709,6 +759,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         processes=args.processes,
         verify=args.verify,
         shared_memory=args.shared_memory,
+        lane=args.lane or "",
     )
     try:
         cfg.check()
