@@ -24,7 +24,16 @@ from typing import Any, TypeVar
 import grpc
 
 from .admission import Admission, ByteBudget, Call, grpc_status
-from .errors import Code, InferenceError, InternalError, InvalidInput, ResourceExhausted, status_for
+from .errors import (
+    Code,
+    InferenceError,
+    InternalError,
+    InvalidInput,
+    ResourceExhausted,
+    Unavailable,
+    status_for,
+)
+from .lifecycle import Lifecycle, State
 from .metrics import Metrics
 
 __all__ = ["Edge", "Received", "ordered_stream"]
@@ -263,6 +272,9 @@ class Edge:
         return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
 
 
+_DRAINED = "shutting down: this stream takes no more requests; use another replica"
+
+
 def _releaser(item: Received) -> Callable[[asyncio.Task[Any]], None]:
     def release(_task: asyncio.Task[Any]) -> None:
         item.release()
@@ -279,6 +291,7 @@ async def ordered_stream(
     metrics: Metrics,
     limit: int,
     window: int,
+    lifecycle: Lifecycle | None = None,
 ) -> AsyncIterator[Resp]:
     """Answer a request stream in order, up to ``window`` requests computing at once.
 
@@ -287,7 +300,9 @@ async def ordered_stream(
     then holds the client back), and answers never pile up. A failed request is answered in
     the stream with ``error_answer`` and the stream carries on; a malformed message or more than
     ``limit`` requests ends the stream with a status. When the client goes away every task of
-    the stream is cancelled.
+    the stream is cancelled. When ``lifecycle`` starts draining, the stream reads no more: it
+    answers what it has read, then ends UNAVAILABLE, so its client moves to another replica
+    at once instead of when the grace period runs out.
     """
     slots = asyncio.Semaphore(window)  # requests read and not yet delivered
     pending: asyncio.Queue[asyncio.Task[Resp] | Exception | None] = asyncio.Queue()
@@ -340,10 +355,25 @@ async def ordered_stream(
                 task.add_done_callback(_releaser(item))
                 pending.put_nowait(task)
             pending.put_nowait(None)
+        except asyncio.CancelledError:
+            if not draining:
+                raise
+            # After the answers to what was read: the client resends the rest elsewhere.
+            pending.put_nowait(Unavailable(_DRAINED))
         except Exception as exc:
             pending.put_nowait(exc)
 
+    draining = False
     reader = asyncio.ensure_future(read())
+
+    def on_change(life: Lifecycle) -> None:
+        nonlocal draining
+        if life.state in (State.DRAINING, State.STOPPED) and not draining:
+            draining = True
+            reader.cancel()
+
+    if lifecycle is not None:
+        lifecycle.subscribe(on_change)
     try:
         while True:
             got = await pending.get()
@@ -357,6 +387,8 @@ async def ordered_stream(
             metrics.streamed.add(-1)
             slots.release()
     finally:
+        if lifecycle is not None:
+            lifecycle.unsubscribe(on_change)
         reader.cancel()
         for task in list(tasks):
             task.cancel()

@@ -105,6 +105,10 @@ class Lifecycle:
         self._listeners.append(listener)
         listener(self)
 
+    def unsubscribe(self, listener: Listener) -> None:
+        """Stop calling ``listener`` (one that lives shorter than the server: a stream)."""
+        self._listeners.remove(listener)
+
     def to(self, state: State, reason: str = "") -> bool:
         """Move to ``state``; False (and nothing changes) where the machine has no such edge.
 

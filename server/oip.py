@@ -243,6 +243,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             metrics=self.core.metrics,
             limit=self.core.settings.max_stream_requests,
             window=STREAM_WINDOW,
+            lifecycle=self.core.lifecycle,
         )
 
     # ------------------------------------------------------------------ model repository

@@ -120,6 +120,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             metrics=self.core.metrics,
             limit=self.core.settings.max_stream_requests,
             window=STREAM_WINDOW,
+            lifecycle=self.core.lifecycle,
         )
 
     async def GetModelInfo(

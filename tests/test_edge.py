@@ -489,3 +489,56 @@ def test_each_event_loop_serves_unary_streams_and_rest_alike(
     with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=30) as resp:
         answer = json.loads(resp.read())
     np.testing.assert_allclose(np.array(answer["outputs"][0]["data"], np.float32), want[0], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- streams when draining
+
+
+@pytest.mark.parametrize("api", ["ClassifyStream", "ModelStreamInfer"])
+def test_a_draining_server_answers_what_a_stream_sent_then_ends_it(
+    fake_server: Any, fake_runtime: Any, channel_to: Any, api: str
+) -> None:
+    import queue
+
+    from cifar_serve.server.lifecycle import State
+
+    srv = fake_server(grace_period_s=60.0)
+    life = srv.server.lifecycle
+    outgoing: queue.Queue[Any] = queue.Queue()
+
+    def requests() -> Any:
+        while (item := outgoing.get()) is not None:
+            yield item
+
+    def request(i: int) -> Any:
+        if api == "ClassifyStream":
+            return pb.ClassifyStreamRequest(id=str(i), request=_classify(1, i))
+        return _infer(1, i, id=str(i))
+
+    ch = channel_to(srv)
+    if api == "ClassifyStream":
+        answers = pb_grpc.ClassifierStub(ch).ClassifyStream(requests(), timeout=60)
+    else:
+        answers = oip_grpc.GRPCInferenceServiceStub(ch).ModelStreamInfer(requests(), timeout=60)
+    fake_runtime.gate.clear()
+    fake_runtime.entered.clear()
+    outgoing.put(request(0))
+    outgoing.put(request(1))
+    assert fake_runtime.entered.wait(10)
+    stopper = threading.Thread(target=srv.stop, kwargs={"grace": 60.0})
+    stopper.start()
+    _wait_for(lambda: life.state is State.DRAINING, "the drain")
+    outgoing.put(request(2))  # sent after the drain began: never read
+    fake_runtime.gate.set()
+    got: list[str] = []
+    with pytest.raises(grpc.RpcError) as info:
+        for a in answers:
+            got.append(a.id if api == "ClassifyStream" else a.infer_response.id)
+    # The two requests read before the drain were answered; then the stream ended on its own,
+    # long before the 60 s grace period (which the test's bounds do not leave time for).
+    assert got == ["0", "1"]
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "this stream takes no more requests" in (info.value.details() or "")
+    outgoing.put(None)
+    stopper.join(30)
+    assert not stopper.is_alive()
