@@ -369,20 +369,6 @@ def _runtime_args(plan: Plan) -> list[str]:
     ]
 
 
-def runtime_env(server_args: Sequence[str]) -> dict[str, str]:
-    """The environment a measuring child runs the model in: the server's thread wait policy.
-
-    cifar-serve sets ``OMP_WAIT_POLICY=PASSIVE`` unless ``--spin-wait true`` (its ``__main__``):
-    a child left at OpenMP's default spins between batches, and on shared cores that costs it
-    several times the CPU per image the server's model pays.
-    """
-    spin = any(a.replace(" ", "=") in ("--spin-wait=true", "--spin-wait=True") for a in server_args)
-    env = dict(os.environ)
-    if not spin:
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    return env
-
-
 def run_raw(plan: Plan, threads: int, logdir: Path) -> dict[str, Any]:
     cmd = [
         sys.executable,
@@ -400,9 +386,7 @@ def run_raw(plan: Plan, threads: int, logdir: Path) -> dict[str, Any]:
         cmd += ["--data", plan.data]
     log = logdir / f"raw-t{threads}.log"
     with log.open("w") as err:
-        proc = subprocess.run(
-            cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=900, env=runtime_env(plan.server_args)
-        )
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"raw measurement failed (rc {proc.returncode}):\n{_tail(log)}")
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])

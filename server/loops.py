@@ -1,9 +1,10 @@
 """The event loop every server process runs on: uvloop where it is installed, else asyncio's own.
 
 uvloop (libuv) is chosen by measurement, not taste: on the 2-core CPU machine, grpc.aio's bare
-unary floor fell from 0.172 to 0.146 ms of CPU per request under it, and the whole server's
-path on the null model from 0.37 to 0.33 ms (BENCHMARKS.md). ``--event-loop asyncio`` keeps the
-standard loop, for debugging or a platform uvloop does not build on.
+unary floor fell from 0.172 to 0.146 ms of CPU per request under it; the whole server, served by
+turns with asyncio's loop, took 0.92x the CPU per single-image request at c=32 (1.12x the images)
+and 0.97-0.99x on the null model, where grpc's own core dominates (BENCHMARKS.md). ``--event-loop
+asyncio`` keeps the standard loop, for debugging or a platform uvloop does not build on.
 """
 
 from __future__ import annotations

@@ -63,8 +63,8 @@ class Settings:
         True,
         "with --idle-dispatch: after a batch, wait (at most half its compute time) for as many images "
         "as it answered before running what queued meanwhile, so callers that come straight back join "
-        "it (on 2 CPU cores, single images at c=32: batches of 28-32 instead of 16, 0.7-0.8x the "
-        "server CPU per request; BENCHMARKS.md)",
+        "it (served by turns on 2 CPU cores, single images at c=32: batches of 28 instead of 16, 1.31x "
+        "the images at 0.70x the server CPU per request; BENCHMARKS.md)",
     )
     max_queue_images: int = _opt(4096, "images allowed to wait; beyond it new work gets RESOURCE_EXHAUSTED")
     max_inflight_batches: int = _opt(0, "batches computing at once (0: 1 on CPU, 2 on GPU)")
@@ -116,8 +116,9 @@ class Settings:
     )
     event_loop: str = _opt(
         "auto",
-        "event loop of every server process: uvloop, asyncio, or auto (uvloop where installed: on 2 "
-        "cores it cut the null model's server CPU per request from 0.37 to 0.33 ms; BENCHMARKS.md)",
+        "event loop of every server process: uvloop, asyncio, or auto (uvloop where installed: served "
+        "by turns on 2 cores, 1.12x the single images at c=32 with 0.92x the server CPU per request, "
+        "and 0.97-0.99x the CPU per request on the null model; BENCHMARKS.md)",
         choices=("auto", "uvloop", "asyncio"),
     )
     log_level: str = _opt(
