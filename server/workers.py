@@ -135,19 +135,24 @@ def _watch_parent(conn: Connection, on_message: Any) -> None:
     ``("link", socket)``: a socket to a restarted peer, which follows its message over the pipe.
     """
     loop = asyncio.get_running_loop()
+    fd = conn.fileno()
 
     def readable() -> None:
         try:
+            # uvloop's add_reader makes the descriptor non-blocking (libuv's uv_poll_init); a
+            # "link" message's socket follows it in a second write, so a non-blocking read could
+            # find it not there yet, and take the error for the supervisor's end.
+            os.set_blocking(fd, True)
             message = conn.recv()
             if isinstance(message, tuple) and message[:1] == ("link",):
                 message = ("link", socket.socket(fileno=reduction.recv_handle(conn)))
         except (EOFError, OSError):
-            loop.remove_reader(conn.fileno())
+            loop.remove_reader(fd)
             on_message(None)
             return
         on_message(message)
 
-    loop.add_reader(conn.fileno(), readable)
+    loop.add_reader(fd, readable)
 
 
 # ---------------------------------------------------------------------------- the model process

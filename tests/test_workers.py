@@ -207,3 +207,50 @@ def test_a_shared_memory_region_registered_through_one_worker_serves_through_all
     finally:
         region.close()
         region.unlink()
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("kind", ["uvloop", "asyncio"])
+def test_a_link_whose_socket_arrives_late_is_still_a_link(kind: str) -> None:
+    # The supervisor sends ("link",) and then the socket in a second write: a process reading the
+    # pipe between the two must wait for the socket, not take the gap for the supervisor's end.
+    import asyncio
+    import multiprocessing
+    import socket
+    import threading
+    from multiprocessing import reduction
+
+    from cifar_serve.server.loops import new_event_loop
+    from cifar_serve.server.workers import _watch_parent
+
+    ours, theirs = multiprocessing.Pipe()
+    peer_a, peer_b = socket.socketpair()
+    got: list[Any] = []
+    loop = new_event_loop(kind)
+
+    def supervisor() -> None:
+        ours.send(("link",))
+        time.sleep(0.3)  # the reader is woken by the first write and reads before the second
+        reduction.send_handle(ours, peer_a.fileno(), os.getpid())
+
+    async def child() -> None:
+        done = asyncio.Event()
+
+        def on_message(message: Any) -> None:
+            got.append(message)
+            done.set()
+
+        _watch_parent(theirs, on_message)
+        threading.Thread(target=supervisor, daemon=True).start()
+        await asyncio.wait_for(done.wait(), 10)
+
+    try:
+        loop.run_until_complete(child())
+    finally:
+        loop.close()
+    assert len(got) == 1 and got[0] is not None and got[0][0] == "link", got
+    received = got[0][1]
+    received.sendall(b"x")
+    assert peer_b.recv(1) == b"x"
+    for s in (received, peer_a, peer_b):
+        s.close()
