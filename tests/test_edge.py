@@ -525,6 +525,10 @@ def test_a_draining_server_answers_what_a_stream_sent_then_ends_it(
     outgoing.put(request(0))
     outgoing.put(request(1))
     assert fake_runtime.entered.wait(10)
+    # Wait until the server has read request 1 too (in the model's batch or queued behind it),
+    # or the drain may begin while 1 is still in flight and rightly leave it unread.
+    batcher = srv.server.core.batcher
+    _wait_for(lambda: fake_runtime.batches[-1] + batcher.queued_images == 2, "the server to read both")
     stopper = threading.Thread(target=srv.stop, kwargs={"grace": 60.0})
     stopper.start()
     _wait_for(lambda: life.state is State.DRAINING, "the drain")
