@@ -69,6 +69,15 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 # retry, a few times: a server that keeps ending streams at once then fails it as unavailable.
 _FREE_RESENDS = 2
 
+
+def _timeout_us(deadline: float | None) -> int:
+    """What is left of the caller's deadline, for the server: the stream's own deadline cannot
+    say it, and work whose caller gave up is then dropped uncomputed, not run for nobody."""
+    if deadline is None:
+        return 0
+    return max(1, int((deadline - time.monotonic()) * 1e6))
+
+
 OpenStream = Callable[
     [bool], "grpc.aio.StreamStreamCall[pb.ClassifyStreamRequest, pb.ClassifyStreamResponse]"
 ]
@@ -181,7 +190,9 @@ class _Stream:
     def idle(self) -> bool:
         return not self._waiting
 
-    def submit(self, request: pb.ClassifyRequest) -> asyncio.Future[pb.ClassifyResponse] | None:
+    def submit(
+        self, request: pb.ClassifyRequest, deadline: float | None
+    ) -> asyncio.Future[pb.ClassifyResponse] | None:
         """Queue ``request`` (its window slot already taken); None when this stream takes no more."""
         if not self.writable:
             return None
@@ -189,7 +200,8 @@ class _Stream:
         rid = str(self.sent)
         answer: asyncio.Future[pb.ClassifyResponse] = asyncio.get_running_loop().create_future()
         self._waiting[rid] = answer
-        self._outbox.put_nowait((pb.ClassifyStreamRequest(id=rid, request=request), answer))
+        item = pb.ClassifyStreamRequest(id=rid, request=request, timeout_us=_timeout_us(deadline))
+        self._outbox.put_nowait((item, answer))
         if self.sent >= self.limit:
             self.half_close()  # the next request opens a new stream
         return answer
@@ -348,7 +360,7 @@ class StreamLane:
         answer: asyncio.Future[pb.ClassifyResponse] | None = None
         try:
             while answer is None:
-                answer = self._stream(wait_for_ready, limit).submit(request)
+                answer = self._stream(wait_for_ready, limit).submit(request, deadline)
         except BaseException:
             self._window.release()  # never queued: the slot is not held by the stream
             raise
@@ -440,7 +452,9 @@ class _SyncStream:
         with self._lock:
             return not self._waiting
 
-    def submit(self, request: pb.ClassifyRequest) -> futures.Future[pb.ClassifyResponse] | None:
+    def submit(
+        self, request: pb.ClassifyRequest, deadline: float | None
+    ) -> futures.Future[pb.ClassifyResponse] | None:
         """Queue ``request`` (its window slot already taken); None when this stream takes no more."""
         with self._lock:
             if not self.writable:
@@ -449,7 +463,9 @@ class _SyncStream:
             rid = str(self.sent)
             answer: futures.Future[pb.ClassifyResponse] = futures.Future()
             self._waiting[rid] = answer
-            self._queue.put(pb.ClassifyStreamRequest(id=rid, request=request))
+            self._queue.put(
+                pb.ClassifyStreamRequest(id=rid, request=request, timeout_us=_timeout_us(deadline))
+            )
             if self.sent >= self.limit:
                 self.writable = False  # the next request opens a new stream
                 self._queue.put(_END)
@@ -597,7 +613,7 @@ class SyncStreamLane:
         answer: futures.Future[pb.ClassifyResponse] | None = None
         try:
             while answer is None:
-                answer = self._stream(wait_for_ready, limit).submit(request)
+                answer = self._stream(wait_for_ready, limit).submit(request, deadline)
         except BaseException:
             self.window.release()
             raise

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 from .errors import InvalidInput
 
-__all__ = ["check_image_count"]
+__all__ = ["check_image_count", "sooner_deadline"]
 
 
 def check_image_count(n: int, limit: int, what: str = "request") -> None:
@@ -20,3 +22,14 @@ def check_image_count(n: int, limit: int, what: str = "request") -> None:
             f"{what} holds {n} images, more than the limit of {limit} per request "
             "(--max-images-per-request); split it"
         )
+
+
+def sooner_deadline(deadline: float | None, timeout_us: int) -> float | None:
+    """``deadline`` (a ``time.monotonic()`` instant, or None), or ``timeout_us`` microseconds from
+    now when that is sooner; a timeout of 0 is none. How every API applies a request's own
+    timeout (v2's ``timeout`` parameter, a native stream item's ``timeout_us``) on top of the
+    call's deadline."""
+    if not timeout_us:
+        return deadline
+    ends = time.monotonic() + timeout_us / 1e6
+    return ends if deadline is None else min(deadline, ends)

@@ -48,6 +48,7 @@ from .protocol import (
     check_input_names,
     infer_outputs,
     parse_request,
+    request_deadline,
     server_version,
     write_shm_outputs,
 )
@@ -205,7 +206,7 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
         core.check_model(request.model_name, request.model_version)
         req = decode_request(request)
         plan = parse_request(req, core.num_classes, core.settings.max_images_per_request, self.shm)
-        logits, version = await core.infer(plan.images, deadline)
+        logits, version = await core.infer(plan.images, request_deadline(req.parameters, deadline))
         if plan.shm_outputs:
             write_shm_outputs(self.shm, plan, logits)
         args = (req.id, core.model_name, version, plan, logits, core.labels)

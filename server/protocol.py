@@ -14,14 +14,15 @@ for both transports, but the types are plain Python.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 
 import numpy as np
 
-from .errors import InvalidInput
-from .limits import check_image_count
+from .errors import DeadlineExceeded, InvalidInput
+from .limits import check_image_count, sooner_deadline
 from .shm import SharedMemoryRegistry
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "param_kind",
     "parse_request",
     "platform_name",
+    "request_deadline",
     "serialize_bytes_tensor",
     "server_version",
     "write_shm_outputs",
@@ -345,6 +347,23 @@ def parse_request(
     return InferPlan(
         images, outputs, raw=tensor.data is not None or binary or from_shm, shm_outputs=shm_outputs
     )
+
+
+def request_deadline(parameters: Mapping[str, ParamValue], deadline: float | None) -> float | None:
+    """The request's deadline: the transport's (``deadline``, a ``time.monotonic()`` instant or
+    None) or, when sooner, its ``timeout`` parameter (microseconds; Triton's request timeout, which
+    ``tritonclient``'s ``infer(timeout=...)`` sets). Work still queued at the deadline is dropped
+    uncomputed; raises if it has passed already. Call it just before the work is queued.
+    """
+    timeout_us = parameters.get("timeout", 0)  # 0: no timeout, as Triton reads it
+    if not isinstance(timeout_us, int) or isinstance(timeout_us, bool) or timeout_us < 0:
+        raise InvalidInput("parameter 'timeout' must be a non-negative integer (microseconds)")
+    deadline = sooner_deadline(deadline, timeout_us)
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceeded(
+            "the request's deadline (its 'timeout' or the call's) passed before it was queued"
+        )
+    return deadline
 
 
 # ---------------------------------------------------------------------------- the answer

@@ -35,7 +35,6 @@ import json
 import logging
 import socket
 import ssl
-import time
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -57,7 +56,6 @@ from .errors import (
     BodyTimeout,
     BodyTooLarge,
     Code,
-    DeadlineExceeded,
     InvalidInput,
     Unavailable,
 )
@@ -71,6 +69,7 @@ from .protocol import (
     ParamValue,
     infer_outputs,
     parse_request,
+    request_deadline,
     server_version,
     write_shm_outputs,
 )
@@ -186,7 +185,6 @@ def _typed_uint8(data: Any, count: int | None, what: str) -> list[int]:
 class _Decoded:
     request: InferRequest
     binary_outputs: tuple[bool, ...]  # per requested output (or one entry when none is named)
-    deadline: float | None
 
 
 def decode_infer(doc: Any, binary: memoryview, model: str, version: str, max_images: int) -> _Decoded:
@@ -203,13 +201,6 @@ def decode_infer(doc: Any, binary: memoryview, model: str, version: str, max_ima
     params = doc.get("parameters", {})
     if not isinstance(params, dict):
         raise InvalidInput("'parameters' must be an object")
-    deadline = None
-    if "timeout" in params:
-        timeout_us = params["timeout"]
-        if not isinstance(timeout_us, int) or isinstance(timeout_us, bool) or timeout_us < 0:
-            raise InvalidInput("parameter 'timeout' must be a non-negative integer (microseconds)")
-        if timeout_us:
-            deadline = time.monotonic() + timeout_us / 1e6
     binary_all = params.get("binary_data_output", False)
     if not isinstance(binary_all, bool):
         raise InvalidInput("parameter 'binary_data_output' must be a boolean")
@@ -280,8 +271,8 @@ def decode_infer(doc: Any, binary: memoryview, model: str, version: str, max_ima
         if not isinstance(flag, bool):
             raise InvalidInput(f"output {name!r}: parameter 'binary_data' must be a boolean")
         flags.append(flag)
-    # Request-level parameters the server reads (timeout, binary_data_output) are read above; the
-    # rest pass through as they are, unchecked, as the server never reads them.
+    # binary_data_output is read above and timeout by request_deadline; the other request-level
+    # parameters pass through as they are, unchecked, as the server never reads them.
     request = InferRequest(
         model_name=model,
         model_version=version,
@@ -290,7 +281,7 @@ def decode_infer(doc: Any, binary: memoryview, model: str, version: str, max_ima
         outputs=outputs,
         parameters={k: v for k, v in params.items() if isinstance(v, bool | int | float | str)},
     )
-    return _Decoded(request, tuple(flags) or (binary_all,), deadline)
+    return _Decoded(request, tuple(flags) or (binary_all,))
 
 
 def encode_infer(
@@ -505,9 +496,8 @@ class _Api:
             held.take(JSON_MEMORY_FACTOR * split)
             decoded = await asyncio.to_thread(decode)
         plan = parse_request(decoded.request, core.num_classes, max_images, self.shm)
-        if decoded.deadline is not None and time.monotonic() >= decoded.deadline:
-            raise DeadlineExceeded("the request's timeout passed before it was queued")
-        logits, version = await core.infer(plan.images, decoded.deadline)  # the version that computed them
+        deadline = request_deadline(decoded.request.parameters, None)
+        logits, version = await core.infer(plan.images, deadline)  # the version that computed them
         if plan.shm_outputs:
             write_shm_outputs(self.shm, plan, logits)
         binary = decoded.binary_outputs

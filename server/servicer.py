@@ -16,7 +16,7 @@ from cifar_serve.v1 import classifier_pb2_grpc as pb_grpc
 from .core import ServingCore, rank
 from .edge import Received, ordered_stream
 from .errors import InferenceError, InvalidInput
-from .limits import check_image_count
+from .limits import check_image_count, sooner_deadline
 from .preprocess import decode_image, packed_to_array, raw_to_array
 
 __all__ = ["ClassifierServicer", "deadline_of", "request_images"]
@@ -107,7 +107,10 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         deadline = deadline_of(context)
 
         async def handle(req: pb.ClassifyStreamRequest) -> pb.ClassifyStreamResponse:
-            return pb.ClassifyStreamResponse(id=req.id, response=await self._classify(req.request, deadline))
+            return pb.ClassifyStreamResponse(
+                id=req.id,
+                response=await self._classify(req.request, sooner_deadline(deadline, req.timeout_us)),
+            )
 
         def error_answer(req: pb.ClassifyStreamRequest, exc: InferenceError) -> pb.ClassifyStreamResponse:
             return pb.ClassifyStreamResponse(id=req.id, error_code=exc.code.value, error_message=exc.message)

@@ -106,7 +106,14 @@ def sync_checks(address: str, model: str, images: np.ndarray) -> dict[str, Any]:
             client.get_model_metadata("no_such_model")
         except InferenceServerException as exc:
             errors["unknown_model_metadata"] = _error(exc)
+        try:  # Triton's request timeout (microseconds): one is over before the request queues
+            client.infer(model, [_images_input(images)], timeout=1, client_timeout=TIMEOUT_S)
+        except InferenceServerException as exc:
+            errors["request_timeout"] = _error(exc)
         out["errors"] = errors
+        # A timeout with room to spare is no error.
+        res = client.infer(model, [_images_input(images)], timeout=60_000_000, client_timeout=TIMEOUT_S)
+        out["infer_with_timeout"] = res.as_numpy("logits").tolist()
         # The server is still fine after those.
         res = client.infer(model, [_images_input(images)], client_timeout=TIMEOUT_S)
         out["after_errors"] = res.as_numpy("logits").tolist()

@@ -227,8 +227,12 @@ def test_a_call_past_its_deadline_raises_and_the_stream_carries_on(
             fake_runtime.gate.clear()  # forward passes now wait
             fake_runtime.entered.clear()
             patient = asyncio.ensure_future(c.classify(images[1]))
+            assert await asyncio.to_thread(fake_runtime.entered.wait, 10)  # it holds the model
             with pytest.raises(DeadlineExceededError) as info:
                 await c.classify(images[2], timeout=0.3)
+            # The server's clock for the request's timeout started when it read the request, a
+            # moment after the caller's: the model stays held until that has run out too.
+            await asyncio.sleep(0.2)
             fake_runtime.gate.set()
             late = await patient
             after = await c.classify(images[3])
@@ -241,6 +245,9 @@ def test_a_call_past_its_deadline_raises_and_the_stream_carries_on(
     np.testing.assert_array_equal(np.argmax(expected[1]), late[0].class_index)
     np.testing.assert_array_equal(np.argmax(expected[3]), after[0].class_index)
     assert opened == 1  # the late answer was dropped; the stream went on
+    # The stream told the server what was left of the caller's deadline: the server dropped
+    # the late request uncomputed instead of running it for nobody.
+    assert sum(fake_runtime.batches) == 3
 
 
 def test_requests_in_flight_never_exceed_the_window(

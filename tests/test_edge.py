@@ -546,3 +546,92 @@ def test_a_draining_server_answers_what_a_stream_sent_then_ends_it(
     outgoing.put(None)
     stopper.join(30)
     assert not stopper.is_alive()
+
+
+# --------------------------------------------------------------------------- a request's own timeout
+
+
+@pytest.mark.parametrize("api", ["ClassifyStream", "ModelStreamInfer", "ModelInfer"])
+def test_a_request_whose_own_timeout_runs_out_in_the_queue_is_answered_and_never_computed(
+    fake_server: Any, fake_runtime: Any, channel_to: Any, api: str
+) -> None:
+    """A stream item's ``timeout_us`` (native) or v2's ``timeout`` parameter (Triton's, in
+    microseconds) is its deadline in the queue, where the stream's or call's deadline is far."""
+    import queue
+
+    srv = fake_server()
+    ch = channel_to(srv)
+    native = pb_grpc.ClassifierStub(ch)
+    v2 = oip_grpc.GRPCInferenceServiceStub(ch)
+    fake_runtime.gate.clear()
+    fake_runtime.entered.clear()
+    blocker = native.Classify.future(_classify(1, 0), timeout=60)  # holds the model
+    assert fake_runtime.entered.wait(10)
+
+    def request(i: int, timeout_us: int) -> Any:
+        if api == "ClassifyStream":
+            return pb.ClassifyStreamRequest(id=str(i), request=_classify(2, i), timeout_us=timeout_us)
+        req = _infer(2, i, id=str(i))
+        if timeout_us:
+            req.parameters["timeout"].int64_param = timeout_us
+        return req
+
+    batcher = srv.server.core.batcher
+    if api == "ModelInfer":
+        late = v2.ModelInfer.future(request(1, 200_000), timeout=60)
+        _wait_for(lambda: batcher.queued_images == 2, "the request to queue")
+        time.sleep(0.3)  # past its own timeout, far from the call's
+        fake_runtime.gate.set()
+        with pytest.raises(grpc.RpcError) as info:
+            late.result(timeout=30)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
+        assert "not computed" in (info.value.details() or "")
+        answered = v2.ModelInfer(request(3, 0), timeout=30)
+        assert answered.id == "3"
+    else:
+        outgoing: queue.Queue[Any] = queue.Queue()
+
+        def requests() -> Any:
+            while (item := outgoing.get()) is not None:
+                yield item
+
+        if api == "ClassifyStream":
+            answers = native.ClassifyStream(requests(), timeout=60)
+        else:
+            answers = v2.ModelStreamInfer(requests(), timeout=60)
+        outgoing.put(request(1, 200_000))
+        _wait_for(lambda: batcher.queued_images == 2, "the stream's first request to queue")
+        time.sleep(0.3)
+        fake_runtime.gate.set()
+        outgoing.put(request(3, 0))  # no timeout of its own: the stream carries on and answers it
+        outgoing.put(None)
+        got = list(answers)
+        assert len(got) == 2
+        if api == "ClassifyStream":
+            assert (got[0].id, got[0].error_code) == ("1", grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
+            assert "not computed" in got[0].error_message
+            assert (got[1].id, got[1].error_code) == ("3", 0)
+        else:
+            assert got[0].infer_response.id == "1" and "not computed" in got[0].error_message
+            assert got[1].infer_response.id == "3" and not got[1].error_message
+    blocker.result(timeout=30)
+    # The model saw the blocker and the last request, never the one that ran out of time.
+    assert fake_runtime.batches == [1, 2]
+
+
+def test_a_v2_timeout_that_is_not_a_count_of_microseconds_is_invalid(
+    fake_server: Any, channel_to: Any
+) -> None:
+    v2 = oip_grpc.GRPCInferenceServiceStub(channel_to(fake_server()))
+    req = _infer(1)
+    req.parameters["timeout"].string_param = "soon"
+    with pytest.raises(grpc.RpcError) as info:
+        v2.ModelInfer(req, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'timeout'" in (info.value.details() or "")
+    req.parameters["timeout"].int64_param = -5
+    with pytest.raises(grpc.RpcError) as info:
+        v2.ModelInfer(req, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    req.parameters["timeout"].int64_param = 0  # none, as Triton reads it
+    assert v2.ModelInfer(req, timeout=30).outputs[0].name == "logits"

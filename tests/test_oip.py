@@ -677,7 +677,12 @@ def test_triton_client_errors(triton_report: dict[str, Any], expected: np.ndarra
     assert "'images'" in errors["wrong_datatype"]["message"]
     assert errors["unknown_output"]["status"] == "StatusCode.INVALID_ARGUMENT"
     assert "'probs'" in errors["unknown_output"]["message"]
+    assert errors["request_timeout"]["status"] == "StatusCode.DEADLINE_EXCEEDED"
+    assert "'timeout'" in errors["request_timeout"]["message"]
     np.testing.assert_allclose(np.array(triton_report["sync"]["after_errors"]), expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        np.array(triton_report["sync"]["infer_with_timeout"]), expected, atol=1e-4, rtol=0
+    )
 
 
 def test_triton_client_stream(triton_report: dict[str, Any], expected: np.ndarray) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63ifar_serve/v1/classifier.proto\x12\x0e\x63ifar_serve.v1\"5\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\x11\n\x07raw_rgb\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"+\n\x0cPackedImages\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x9c\x01\n\x0f\x43lassifyRequest\x12%\n\x06images\x18\x01 \x03(\x0b\x32\x15.cifar_serve.v1.Image\x12,\n\x06packed\x18\x02 \x01(\x0b\x32\x1c.cifar_serve.v1.PackedImages\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0einclude_logits\x18\x04 \x01(\x08\x42\x08\n\x06_top_k\"J\n\x0f\x43lassPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0b\x63lass_index\x18\x02 \x01(\r\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"V\n\x0e\x43lassification\x12\x34\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x1f.cifar_serve.v1.ClassPrediction\x12\x0e\n\x06logits\x18\x02 \x03(\x02\"n\n\x10\x43lassifyResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.cifar_serve.v1.Classification\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"U\n\x15\x43lassifyStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x30\n\x07request\x18\x02 \x01(\x0b\x32\x1f.cifar_serve.v1.ClassifyRequest\"\x83\x01\n\x16\x43lassifyStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x32\n\x08response\x18\x02 \x01(\x0b\x32 .cifar_serve.v1.ClassifyResponse\x12\x12\n\nerror_code\x18\x03 \x01(\x05\x12\x15\n\rerror_message\x18\x04 \x01(\t\"\x15\n\x13GetModelInfoRequest\"K\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06layout\x18\x04 \x01(\t\"\\\n\x0c\x42\x61tchingInfo\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x1a\n\x12max_batch_delay_ms\x18\x02 \x01(\x01\x12\x18\n\x10max_queue_images\x18\x03 \x01(\r\"\x82\x01\n\x06Limits\x12\x1e\n\x16max_images_per_request\x18\x01 \x01(\r\x12\x18\n\x10max_image_pixels\x18\x02 \x01(\x04\x12!\n\x19max_receive_message_bytes\x18\x03 \x01(\x04\x12\x1b\n\x13max_stream_requests\x18\x04 \x01(\r\"\x83\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12)\n\x05input\x18\x04 \x01(\x0b\x32\x1a.cifar_serve.v1.TensorSpec\x12*\n\x06output\x18\x05 \x01(\x0b\x32\x1a.cifar_serve.v1.TensorSpec\x12\x17\n\x0f\x61rtifact_sha256\x18\x06 \x01(\t\x12\x15\n\rtest_accuracy\x18\x07 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\t \x01(\t\x12\x11\n\tprecision\x18\n \x01(\t\x12.\n\x08\x62\x61tching\x18\x0b \x01(\x0b\x32\x1c.cifar_serve.v1.BatchingInfo\x12&\n\x06limits\x18\x0c \x01(\x0b\x32\x16.cifar_serve.v1.Limits\x12\x34\n\rruntime_table\x18\r \x03(\x0b\x32\x1d.cifar_serve.v1.RuntimeBucket\"\xac\x01\n\rRuntimeBucket\x12\x12\n\nbatch_size\x18\x01 \x01(\r\x12\x0f\n\x07runtime\x18\x02 \x01(\t\x12\x43\n\x0cms_per_batch\x18\x03 \x03(\x0b\x32-.cifar_serve.v1.RuntimeBucket.MsPerBatchEntry\x1a\x31\n\x0fMsPerBatchEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x90\x02\n\nClassifier\x12M\n\x08\x43lassify\x12\x1f.cifar_serve.v1.ClassifyRequest\x1a .cifar_serve.v1.ClassifyResponse\x12\x63\n\x0e\x43lassifyStream\x12%.cifar_serve.v1.ClassifyStreamRequest\x1a&.cifar_serve.v1.ClassifyStreamResponse(\x01\x30\x01\x12N\n\x0cGetModelInfo\x12#.cifar_serve.v1.GetModelInfoRequest\x1a\x19.cifar_serve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63ifar_serve/v1/classifier.proto\x12\x0e\x63ifar_serve.v1\"5\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\x11\n\x07raw_rgb\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"+\n\x0cPackedImages\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x9c\x01\n\x0f\x43lassifyRequest\x12%\n\x06images\x18\x01 \x03(\x0b\x32\x15.cifar_serve.v1.Image\x12,\n\x06packed\x18\x02 \x01(\x0b\x32\x1c.cifar_serve.v1.PackedImages\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0einclude_logits\x18\x04 \x01(\x08\x42\x08\n\x06_top_k\"J\n\x0f\x43lassPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0b\x63lass_index\x18\x02 \x01(\r\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"V\n\x0e\x43lassification\x12\x34\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x1f.cifar_serve.v1.ClassPrediction\x12\x0e\n\x06logits\x18\x02 \x03(\x02\"n\n\x10\x43lassifyResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.cifar_serve.v1.Classification\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"i\n\x15\x43lassifyStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x30\n\x07request\x18\x02 \x01(\x0b\x32\x1f.cifar_serve.v1.ClassifyRequest\x12\x12\n\ntimeout_us\x18\x03 \x01(\x04\"\x83\x01\n\x16\x43lassifyStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x32\n\x08response\x18\x02 \x01(\x0b\x32 .cifar_serve.v1.ClassifyResponse\x12\x12\n\nerror_code\x18\x03 \x01(\x05\x12\x15\n\rerror_message\x18\x04 \x01(\t\"\x15\n\x13GetModelInfoRequest\"K\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06layout\x18\x04 \x01(\t\"\\\n\x0c\x42\x61tchingInfo\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x1a\n\x12max_batch_delay_ms\x18\x02 \x01(\x01\x12\x18\n\x10max_queue_images\x18\x03 \x01(\r\"\x82\x01\n\x06Limits\x12\x1e\n\x16max_images_per_request\x18\x01 \x01(\r\x12\x18\n\x10max_image_pixels\x18\x02 \x01(\x04\x12!\n\x19max_receive_message_bytes\x18\x03 \x01(\x04\x12\x1b\n\x13max_stream_requests\x18\x04 \x01(\r\"\x83\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12)\n\x05input\x18\x04 \x01(\x0b\x32\x1a.cifar_serve.v1.TensorSpec\x12*\n\x06output\x18\x05 \x01(\x0b\x32\x1a.cifar_serve.v1.TensorSpec\x12\x17\n\x0f\x61rtifact_sha256\x18\x06 \x01(\t\x12\x15\n\rtest_accuracy\x18\x07 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\t \x01(\t\x12\x11\n\tprecision\x18\n \x01(\t\x12.\n\x08\x62\x61tching\x18\x0b \x01(\x0b\x32\x1c.cifar_serve.v1.BatchingInfo\x12&\n\x06limits\x18\x0c \x01(\x0b\x32\x16.cifar_serve.v1.Limits\x12\x34\n\rruntime_table\x18\r \x03(\x0b\x32\x1d.cifar_serve.v1.RuntimeBucket\"\xac\x01\n\rRuntimeBucket\x12\x12\n\nbatch_size\x18\x01 \x01(\r\x12\x0f\n\x07runtime\x18\x02 \x01(\t\x12\x43\n\x0cms_per_batch\x18\x03 \x03(\x0b\x32-.cifar_serve.v1.RuntimeBucket.MsPerBatchEntry\x1a\x31\n\x0fMsPerBatchEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x90\x02\n\nClassifier\x12M\n\x08\x43lassify\x12\x1f.cifar_serve.v1.ClassifyRequest\x1a .cifar_serve.v1.ClassifyResponse\x12\x63\n\x0e\x43lassifyStream\x12%.cifar_serve.v1.ClassifyStreamRequest\x1a&.cifar_serve.v1.ClassifyStreamResponse(\x01\x30\x01\x12N\n\x0cGetModelInfo\x12#.cifar_serve.v1.GetModelInfoRequest\x1a\x19.cifar_serve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,23 +46,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFYRESPONSE']._serialized_start=474
   _globals['_CLASSIFYRESPONSE']._serialized_end=584
   _globals['_CLASSIFYSTREAMREQUEST']._serialized_start=586
-  _globals['_CLASSIFYSTREAMREQUEST']._serialized_end=671
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=674
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=805
-  _globals['_GETMODELINFOREQUEST']._serialized_start=807
-  _globals['_GETMODELINFOREQUEST']._serialized_end=828
-  _globals['_TENSORSPEC']._serialized_start=830
-  _globals['_TENSORSPEC']._serialized_end=905
-  _globals['_BATCHINGINFO']._serialized_start=907
-  _globals['_BATCHINGINFO']._serialized_end=999
-  _globals['_LIMITS']._serialized_start=1002
-  _globals['_LIMITS']._serialized_end=1132
-  _globals['_MODELINFO']._serialized_start=1135
-  _globals['_MODELINFO']._serialized_end=1522
-  _globals['_RUNTIMEBUCKET']._serialized_start=1525
-  _globals['_RUNTIMEBUCKET']._serialized_end=1697
-  _globals['_RUNTIMEBUCKET_MSPERBATCHENTRY']._serialized_start=1648
-  _globals['_RUNTIMEBUCKET_MSPERBATCHENTRY']._serialized_end=1697
-  _globals['_CLASSIFIER']._serialized_start=1700
-  _globals['_CLASSIFIER']._serialized_end=1972
+  _globals['_CLASSIFYSTREAMREQUEST']._serialized_end=691
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=694
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=825
+  _globals['_GETMODELINFOREQUEST']._serialized_start=827
+  _globals['_GETMODELINFOREQUEST']._serialized_end=848
+  _globals['_TENSORSPEC']._serialized_start=850
+  _globals['_TENSORSPEC']._serialized_end=925
+  _globals['_BATCHINGINFO']._serialized_start=927
+  _globals['_BATCHINGINFO']._serialized_end=1019
+  _globals['_LIMITS']._serialized_start=1022
+  _globals['_LIMITS']._serialized_end=1152
+  _globals['_MODELINFO']._serialized_start=1155
+  _globals['_MODELINFO']._serialized_end=1542
+  _globals['_RUNTIMEBUCKET']._serialized_start=1545
+  _globals['_RUNTIMEBUCKET']._serialized_end=1717
+  _globals['_RUNTIMEBUCKET_MSPERBATCHENTRY']._serialized_start=1668
+  _globals['_RUNTIMEBUCKET_MSPERBATCHENTRY']._serialized_end=1717
+  _globals['_CLASSIFIER']._serialized_start=1720
+  _globals['_CLASSIFIER']._serialized_end=1992
 # @@protoc_insertion_point(module_scope)

@@ -63,12 +63,14 @@ class ClassifyResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class ClassifyStreamRequest(_message.Message):
-    __slots__ = ("id", "request")
+    __slots__ = ("id", "request", "timeout_us")
     ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_US_FIELD_NUMBER: _ClassVar[int]
     id: str
     request: ClassifyRequest
-    def __init__(self, id: _Optional[str] = ..., request: _Optional[_Union[ClassifyRequest, _Mapping]] = ...) -> None: ...
+    timeout_us: int
+    def __init__(self, id: _Optional[str] = ..., request: _Optional[_Union[ClassifyRequest, _Mapping]] = ..., timeout_us: _Optional[int] = ...) -> None: ...
 
 class ClassifyStreamResponse(_message.Message):
     __slots__ = ("id", "response", "error_code", "error_message")
