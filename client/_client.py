@@ -193,6 +193,9 @@ class _Config:
             return err
         return UnavailableError(err.code, f"{self.address}: {why_not_serving(err)}")
 
+    def retry(self, method: str, deadline: float | None) -> Retry:
+        return Retry(self, method, deadline)
+
     def gave_up(self, reason: str, deadline: float, started: float) -> UnavailableError:
         waited = deadline - started
         return UnavailableError(
@@ -223,6 +226,53 @@ class _Config:
                 )
             out.extend(Classification.from_proto(r) for r in resp.results)
         return out
+
+
+class Retry:
+    """One call's way through the retry policy, as plain state: each calling loop (threads or
+    asyncio, unary or stream) does only the waiting and the calls it is told to.
+
+    The loop makes an attempt and, on an error, asks :meth:`wait_first` whether to wait for the
+    server to report SERVING (handing the outcome to :meth:`waited_for`), then sleeps
+    :meth:`delay` before the next attempt; both raise when the call is to fail instead.
+    """
+
+    __slots__ = ("_cfg", "_deadline", "_method", "attempt", "started", "waited")
+
+    def __init__(self, cfg: _Config, method: str, deadline: float | None) -> None:
+        self._cfg = cfg
+        self._method = method
+        self._deadline = deadline
+        self.attempt = 0
+        self.started = time.monotonic()
+        # Once a server has reported SERVING, the channel's own health check may lag it by a
+        # moment: the next attempt then waits for a connection (wait_for_ready) instead of failing.
+        self.waited = False
+
+    def wait_first(self, err: CifarServeError) -> bool:
+        """Whether to wait for the server to report SERVING before retrying ``err``: an
+        unavailable server usually comes back (warming up, restarting), and its health says when."""
+        return (
+            err.code is grpc.StatusCode.UNAVAILABLE
+            and self._deadline is not None
+            and self.attempt < self._cfg.retries
+        )
+
+    def waited_for(self, reason: str) -> None:
+        """The outcome of waiting for SERVING: "" when it came; else why not, and the call fails."""
+        if reason:
+            assert self._deadline is not None  # wait_first asks for a wait only with a deadline
+            raise self._cfg.gave_up(reason, self._deadline, self.started)
+        self.waited = True
+
+    def delay(self, err: CifarServeError) -> float:
+        """Seconds to wait before the next attempt; raises the error the call fails with instead."""
+        try:
+            delay = self._cfg.next_attempt(err, self.attempt, self._deadline, self._method)
+        except CifarServeError as final:
+            raise self._cfg.plainly(final) from None
+        self.attempt += 1
+        return delay
 
 
 STREAM_MODES = (False, True, "auto")
@@ -488,32 +538,19 @@ class Client:
         return classifications(logits, top_k, shm.labels, include_logits)
 
     def _call(self, method: str, fn: Callable[..., Resp], request: Any, deadline: float | None) -> Resp:
-        attempt = 0
-        started = time.monotonic()
-        waited = False
+        retry = self._cfg.retry(method, deadline)
         while True:
             try:
-                # Once a server has reported SERVING, the channel's own health check may lag it by
-                # a moment: wait_for_ready lets the retry wait for that instead of failing again.
                 left = _Config.remaining(deadline, method)
-                return fn(request, timeout=left, metadata=self._cfg.metadata, wait_for_ready=waited or None)
+                return fn(
+                    request, timeout=left, metadata=self._cfg.metadata, wait_for_ready=retry.waited or None
+                )
             except grpc.RpcError as exc:
                 err = error_from_rpc(exc)
-            if (
-                err.code is grpc.StatusCode.UNAVAILABLE
-                and deadline is not None
-                and attempt < self._cfg.retries
-            ):
-                reason = self._wait_serving(method, request, deadline)
-                if reason:
-                    raise self._cfg.gave_up(reason, deadline, started) from None
-                waited = True
-            try:
-                delay = self._cfg.next_attempt(err, attempt, deadline, method)
-            except CifarServeError as final:
-                raise self._cfg.plainly(final) from None
-            time.sleep(delay)
-            attempt += 1
+            if retry.wait_first(err):
+                assert deadline is not None
+                retry.waited_for(self._wait_serving(method, request, deadline))
+            time.sleep(retry.delay(err))
 
     def classify(
         self,
@@ -761,32 +798,19 @@ class AsyncClient:
     async def _call(
         self, method: str, fn: Callable[..., Awaitable[Resp]], request: Any, deadline: float | None
     ) -> Resp:
-        attempt = 0
-        started = time.monotonic()
-        waited = False
+        retry = self._cfg.retry(method, deadline)
         while True:
             try:
                 left = _Config.remaining(deadline, method)
                 return await fn(
-                    request, timeout=left, metadata=self._cfg.metadata, wait_for_ready=waited or None
+                    request, timeout=left, metadata=self._cfg.metadata, wait_for_ready=retry.waited or None
                 )
             except grpc.RpcError as exc:  # grpc.aio.AioRpcError is one
                 err = error_from_rpc(exc)
-            if (
-                err.code is grpc.StatusCode.UNAVAILABLE
-                and deadline is not None
-                and attempt < self._cfg.retries
-            ):
-                reason = await self._wait_serving(method, request, deadline)
-                if reason:
-                    raise self._cfg.gave_up(reason, deadline, started) from None
-                waited = True
-            try:
-                delay = self._cfg.next_attempt(err, attempt, deadline, method)
-            except CifarServeError as final:
-                raise self._cfg.plainly(final) from None
-            await asyncio.sleep(delay)
-            attempt += 1
+            if retry.wait_first(err):
+                assert deadline is not None
+                retry.waited_for(await self._wait_serving(method, request, deadline))
+            await asyncio.sleep(retry.delay(err))
 
     async def classify(
         self,

@@ -309,13 +309,11 @@ class StreamLane:
 
     async def classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
         """``request``'s answer, retried as the client's unary calls are (see ``_Config.next_attempt``)."""
-        attempt = 0
+        retry = self._cfg.retry(METHOD, deadline)
         resends = 0
-        started = time.monotonic()
-        waited = False
         while True:
             try:
-                return await self._once(request, deadline, waited)
+                return await self._once(request, deadline, retry.waited)
             except _Resend:
                 if resends < _FREE_RESENDS:
                     resends += 1
@@ -327,21 +325,10 @@ class StreamLane:
                 err = exc
             if self.closed:
                 raise err
-            if (
-                err.code is grpc.StatusCode.UNAVAILABLE
-                and deadline is not None
-                and attempt < self._cfg.retries
-            ):
-                reason = await self._wait_serving(METHOD, request, deadline)
-                if reason:
-                    raise self._cfg.gave_up(reason, deadline, started) from None
-                waited = True
-            try:
-                delay = self._cfg.next_attempt(err, attempt, deadline, METHOD)
-            except CifarServeError as final:
-                raise self._cfg.plainly(final) from None
-            await asyncio.sleep(delay)
-            attempt += 1
+            if retry.wait_first(err):
+                assert deadline is not None
+                retry.waited_for(await self._wait_serving(METHOD, request, deadline))
+            await asyncio.sleep(retry.delay(err))
 
     async def _once(
         self, request: pb.ClassifyRequest, deadline: float | None, wait_for_ready: bool
@@ -559,13 +546,11 @@ class SyncStreamLane:
 
     def classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
         """``request``'s answer, retried as the client's unary calls are (see ``_Config.next_attempt``)."""
-        attempt = 0
+        retry = self._cfg.retry(METHOD, deadline)
         resends = 0
-        started = time.monotonic()
-        waited = False
         while True:
             try:
-                return self._once(request, deadline, waited)
+                return self._once(request, deadline, retry.waited)
             except _Resend:
                 if resends < _FREE_RESENDS:
                     resends += 1
@@ -577,21 +562,10 @@ class SyncStreamLane:
                 err = exc
             if self.closed:
                 raise err
-            if (
-                err.code is grpc.StatusCode.UNAVAILABLE
-                and deadline is not None
-                and attempt < self._cfg.retries
-            ):
-                reason = self._wait_serving(METHOD, request, deadline)
-                if reason:
-                    raise self._cfg.gave_up(reason, deadline, started) from None
-                waited = True
-            try:
-                delay = self._cfg.next_attempt(err, attempt, deadline, METHOD)
-            except CifarServeError as final:
-                raise self._cfg.plainly(final) from None
-            time.sleep(delay)
-            attempt += 1
+            if retry.wait_first(err):
+                assert deadline is not None
+                retry.waited_for(self._wait_serving(METHOD, request, deadline))
+            time.sleep(retry.delay(err))
 
     def _once(
         self, request: pb.ClassifyRequest, deadline: float | None, wait_for_ready: bool
