@@ -83,6 +83,7 @@ check-gen: $(STAMP)
 # The null model first: the request path alone (issue 20), in ~4 minutes, before the long runs.
 bench: artifacts artifacts-null
 	$(PY) benchmarks/null_model.py --model-dir $(NULL_MODEL_DIR)
+	$(PY) benchmarks/two_processes.py --model-dir $(NULL_MODEL_DIR)
 	$(PY) benchmarks/run_benchmark.py
 	$(PY) benchmarks/perf_analyzer.py --profile
 	$(PY) benchmarks/int8_rates.py --json benchmarks/int8-rates.json
@@ -97,6 +98,7 @@ bench: artifacts artifacts-null
 
 bench-null: artifacts-null
 	$(PY) benchmarks/null_model.py --model-dir $(NULL_MODEL_DIR)
+	$(PY) benchmarks/two_processes.py --model-dir $(NULL_MODEL_DIR)
 
 # Seconds-scale, numbers meaningless: checks the null-model benchmark's plumbing (prints its section).
 bench-null-quick: artifacts-null

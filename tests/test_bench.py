@@ -366,6 +366,21 @@ def test_markdown_section_is_replaced_not_appended(tmp_path: Path) -> None:
     assert text.index("second") < text.index("other")  # replaced in place
 
 
+def test_two_processes_splits_the_workers_cost_into_cores_and_hop() -> None:
+    """The ratios come from each setup's median over the rounds (an even count: the middle two)."""
+    tp = _script("two_processes")
+    cpu = {"one process": [0.40, 0.36], "--workers 2": [0.60, 0.62, 0.58], "two replicas": [0.50, 0.54]}
+    points = [
+        {"setup": setup, "round": i + 1, "server_cpu_ms_per_request": v}
+        for setup, values in cpu.items()
+        for i, v in enumerate(values)
+    ]
+    s = tp.summary(points)
+    assert s["median_ms"] == pytest.approx({"one process": 0.38, "--workers 2": 0.60, "two replicas": 0.52})
+    assert s["workers_over_one"] == pytest.approx(0.60 / 0.38)
+    assert s["replicas_over_one"] * s["workers_over_replicas"] == pytest.approx(s["workers_over_one"])
+
+
 def test_runtimes_quick_compares_against_fp32(tmp_path: Path, model_dir: Path) -> None:
     out = tmp_path / "runtimes.json"
     cmd = [
