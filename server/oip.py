@@ -72,6 +72,8 @@ def _parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, ParamValue
     """InferParameters as plain values. A parameter with no value set is left out, as if absent:
     the neutral type has no value for it, and no parameter the server reads means anything empty."""
     out: dict[str, ParamValue] = {}
+    if not params:  # the common case; iterating an empty protobuf map still costs a microsecond
+        return out
     for key, param in params.items():
         kind = param.WhichOneof("parameter_choice")
         if kind is not None:

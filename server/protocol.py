@@ -191,7 +191,7 @@ def _int_param(value: ParamValue, what: str) -> int:
 
 
 def _has_shm(params: Mapping[str, ParamValue]) -> bool:
-    return any(k in params for k in _SHARED_MEMORY)
+    return bool(params) and any(k in params for k in _SHARED_MEMORY)
 
 
 def _shm_ref(params: Mapping[str, ParamValue], what: str) -> ShmRef | None:
