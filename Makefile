@@ -80,7 +80,8 @@ gen: $(STAMP)
 check-gen: $(STAMP)
 	$(PY) tools/gen_protos.py --check
 
-# The null model first: the request path alone (issue 20), in ~4 minutes, before the long runs.
+# The null model first: the request path alone (issue 20), in ~6 minutes with two_processes.py,
+# before the long runs.
 bench: artifacts artifacts-null
 	$(PY) benchmarks/null_model.py --model-dir $(NULL_MODEL_DIR)
 	$(PY) benchmarks/two_processes.py --model-dir $(NULL_MODEL_DIR)

@@ -126,10 +126,16 @@ def _drive(
             fh = stack.enter_context(log.open("w"))
             procs.append((subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env), csv, log))
         rows = []
-        for proc, csv, log in procs:
-            if proc.wait(timeout=args.point_timeout) != 0:
-                raise RuntimeError(f"perf_analyzer failed at {name}:\n{rb._tail(log)}")
-            rows.append(pa.parse_csv(csv))
+        try:
+            for proc, csv, log in procs:
+                if proc.wait(timeout=args.point_timeout) != 0:
+                    raise RuntimeError(f"perf_analyzer failed at {name}:\n{rb._tail(log)}")
+                rows.append(pa.parse_csv(csv))
+        finally:  # a failed or stuck one must not leave the other loading the next setup
+            for proc, _csv, _log in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
     return rows
 
 
@@ -159,6 +165,7 @@ def _point(
         "server_cpu_s": cpu,
         "server_cpu_ms_per_request": 1000 * cpu / max(1, requests),
         "requests_per_s": sum(r.get("Inferences/Second", 0.0) for r in rows),
+        # The worse of the two generators' percentiles (perf_analyzer reports no joint one).
         "p50_ms": max(r.get("p50 latency", float("nan")) for r in rows) / 1000,
         "p99_ms": max(r.get("p99 latency", float("nan")) for r in rows) / 1000,
         "mean_batch": images / max(1, executions),
@@ -190,7 +197,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['machine'].get('cpus', '?')} cores). The null model, single-image unary `ModelInfer`, "
         f"two perf_analyzer processes at c={results['concurrency'] // 2} each, the setups by turns.",
         "",
-        "| round | setup | server CPU ms/request | req/s | p50 ms | p99 ms | mean batch |",
+        "| round | setup | server CPU ms/request | req/s | p50 ms (worse of two) | p99 ms (worse of two) "
+        "| mean batch |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for p in results["points"]:
@@ -219,7 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     exe = pa.find_perf_analyzer(args.perf_analyzer)
     libdir = pa.prepare(exe)
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    if rounds < 1:
+        logger.error("--rounds must be at least 1")
+        return 2
     args.request_count = args.request_count or (200 if args.quick else 3000)
     if args.markdown is None and not args.quick:
         args.markdown = str(REPO / "BENCHMARKS.md")

@@ -262,7 +262,7 @@ class Retry:
         """The outcome of waiting for SERVING: "" when it came; else why not, and the call fails."""
         if reason:
             assert self._deadline is not None  # wait_first asks for a wait only with a deadline
-            raise self._cfg.gave_up(reason, self._deadline, self.started)
+            raise self._cfg.gave_up(reason, self._deadline, self.started) from None
         self.waited = True
 
     def delay(self, err: CifarServeError) -> float:

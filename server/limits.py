@@ -24,12 +24,12 @@ def check_image_count(n: int, limit: int, what: str = "request") -> None:
         )
 
 
-def sooner_deadline(deadline: float | None, timeout_us: int) -> float | None:
+def sooner_deadline(deadline: float | None, timeout_us: int, since: float | None = None) -> float | None:
     """``deadline`` (a ``time.monotonic()`` instant, or None), or ``timeout_us`` microseconds from
-    now when that is sooner; a timeout of 0 is none. How every API applies a request's own
-    timeout (v2's ``timeout`` parameter, a native stream item's ``timeout_us``) on top of the
-    call's deadline."""
+    ``since`` (default: now) when that is sooner; a timeout of 0 is none. How every API applies a
+    request's own timeout (v2's ``timeout`` parameter, a native stream item's ``timeout_us``) on
+    top of the call's deadline."""
     if not timeout_us:
         return deadline
-    ends = time.monotonic() + timeout_us / 1e6
+    ends = (time.monotonic() if since is None else since) + timeout_us / 1e6
     return ends if deadline is None else min(deadline, ends)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -204,11 +205,12 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     # ------------------------------------------------------------------ inference
 
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+        received = time.monotonic()  # a 'timeout' parameter counts from here
         core = self.core
         core.check_model(request.model_name, request.model_version)
         req = decode_request(request)
         plan = parse_request(req, core.num_classes, core.settings.max_images_per_request, self.shm)
-        logits, version = await core.infer(plan.images, request_deadline(req.parameters, deadline))
+        logits, version = await core.infer(plan.images, request_deadline(req.parameters, deadline, received))
         if plan.shm_outputs:
             write_shm_outputs(self.shm, plan, logits)
         args = (req.id, core.model_name, version, plan, logits, core.labels)

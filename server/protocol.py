@@ -50,6 +50,7 @@ __all__ = [
     "request_deadline",
     "serialize_bytes_tensor",
     "server_version",
+    "timeout_us_of",
     "write_shm_outputs",
 ]
 
@@ -349,16 +350,23 @@ def parse_request(
     )
 
 
-def request_deadline(parameters: Mapping[str, ParamValue], deadline: float | None) -> float | None:
+def timeout_us_of(value: object) -> int:
+    """A ``timeout`` parameter's microseconds (0: none, as Triton reads it), or INVALID_ARGUMENT."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidInput("parameter 'timeout' must be a non-negative integer (microseconds)")
+    return value
+
+
+def request_deadline(
+    parameters: Mapping[str, ParamValue], deadline: float | None, received: float
+) -> float | None:
     """The request's deadline: the transport's (``deadline``, a ``time.monotonic()`` instant or
     None) or, when sooner, its ``timeout`` parameter (microseconds; Triton's request timeout, which
-    ``tritonclient``'s ``infer(timeout=...)`` sets). Work still queued at the deadline is dropped
-    uncomputed; raises if it has passed already. Call it just before the work is queued.
+    ``tritonclient``'s ``infer(timeout=...)`` sets) counted from ``received``, when the transport
+    had the request. Work still queued at the deadline is dropped uncomputed; raises if it has
+    passed already. Call it just before the work is queued.
     """
-    timeout_us = parameters.get("timeout", 0)  # 0: no timeout, as Triton reads it
-    if not isinstance(timeout_us, int) or isinstance(timeout_us, bool) or timeout_us < 0:
-        raise InvalidInput("parameter 'timeout' must be a non-negative integer (microseconds)")
-    deadline = sooner_deadline(deadline, timeout_us)
+    deadline = sooner_deadline(deadline, timeout_us_of(parameters.get("timeout", 0)), received)
     if deadline is not None and time.monotonic() >= deadline:
         raise DeadlineExceeded(
             "the request's deadline (its 'timeout' or the call's) passed before it was queued"

@@ -35,6 +35,7 @@ import json
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,7 @@ from .protocol import (
     parse_request,
     request_deadline,
     server_version,
+    timeout_us_of,
     write_shm_outputs,
 )
 from .settings import Settings
@@ -201,6 +203,8 @@ def decode_infer(doc: Any, binary: memoryview, model: str, version: str, max_ima
     params = doc.get("parameters", {})
     if not isinstance(params, dict):
         raise InvalidInput("'parameters' must be an object")
+    if "timeout" in params:  # here too: a null, list or object would not reach the neutral request
+        timeout_us_of(params["timeout"])
     binary_all = params.get("binary_data_output", False)
     if not isinstance(binary_all, bool):
         raise InvalidInput("parameter 'binary_data_output' must be a boolean")
@@ -486,6 +490,8 @@ class _Api:
             split = int(header)
         max_images = self.settings.max_images_per_request
 
+        received = time.monotonic()  # a 'timeout' parameter counts from here
+
         def decode() -> _Decoded:
             doc = _loads(view[:split])
             return decode_infer(doc, view[split:], p["model"], p.get("version", ""), max_images)
@@ -496,7 +502,7 @@ class _Api:
             held.take(JSON_MEMORY_FACTOR * split)
             decoded = await asyncio.to_thread(decode)
         plan = parse_request(decoded.request, core.num_classes, max_images, self.shm)
-        deadline = request_deadline(decoded.request.parameters, None)
+        deadline = request_deadline(decoded.request.parameters, None, received)
         logits, version = await core.infer(plan.images, deadline)  # the version that computed them
         if plan.shm_outputs:
             write_shm_outputs(self.shm, plan, logits)

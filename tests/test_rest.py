@@ -388,6 +388,13 @@ REST_ERRORS: list[tuple[str, tuple[bytes, dict[str, str]], str, int, str]] = [
         "'timeout'",
     ),
     (
+        "timeout_null",
+        _req({"inputs": [_tensor([1, 32, 32, 3], data=[0] * 3072)], "parameters": {"timeout": None}}),
+        "M",
+        400,
+        "'timeout'",
+    ),
+    (
         "unknown_model",
         _req({"inputs": [_tensor([1, 32, 32, 3], data=[0] * 3072)]}),
         "no_such_model",
