@@ -76,6 +76,56 @@ def _watch_status(status: int, reason: str) -> str:
     return reason
 
 
+class _ServingWait:
+    """One wait for a server to report SERVING, as plain state: what to ask, what was heard, when
+    to stop. :class:`Client` and :class:`AsyncClient` make the calls (blocking or awaited).
+
+    First the request itself, once (:attr:`probe`), over a connection that reaches a NOT_SERVING
+    server: the server's refusal says why in its own words; no answer at all says it is
+    unreachable. Then its health Watch stream, no polling, until SERVING or the deadline.
+    """
+
+    __slots__ = ("probe", "reason")
+
+    def __init__(self, channel: Any, method: str) -> None:
+        stub = pb_grpc.ClassifierStub(channel)  # the same stub class serves both kinds of channel
+        probes = {
+            "Classify": stub.Classify,
+            "ClassifyStream": stub.Classify,  # the same request, unary
+            "GetModelInfo": stub.GetModelInfo,
+        }
+        self.probe: Any = probes.get(method)
+        self.reason = "it does not report SERVING"
+
+    def refused(self, exc: grpc.RpcError) -> None:
+        """The probe's failure: an UNAVAILABLE answer says why the server does not serve."""
+        err = error_from_rpc(exc)
+        if err.code is grpc.StatusCode.UNAVAILABLE:
+            self.reason = why_not_serving(err)
+
+    def heard(self, status: int) -> bool:
+        """Whether a Watch answer of ``status`` ends the wait (SERVING)."""
+        if status == _SERVING:
+            return True
+        self.reason = _watch_status(status, self.reason)
+        return False
+
+    def watch_failed(self, exc: grpc.RpcError) -> str | None:
+        """The wait's answer after a failed Watch, or None to watch again after :func:`pause`."""
+        code = error_from_rpc(exc).code
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            return self.reason
+        if code is not grpc.StatusCode.UNAVAILABLE:
+            return ""  # no health service to watch (UNIMPLEMENTED...): the retries decide
+        return None
+
+    @staticmethod
+    def pause(backoff: float, left: float) -> float:
+        """Seconds before watching again: a server ends its watches as it shuts down, the next
+        Watch waits for a connection, and this pause keeps a flapping one from spinning."""
+        return min(max(backoff, 0.05), max(left, 0.0))
+
+
 def _pixels(chunk: Sequence[Part]) -> np.ndarray | None:
     """The chunk's images as one uint8 ``[n,32,32,3]`` block, or None when it holds encoded files."""
     blocks = [p for p in chunk if isinstance(p, np.ndarray)]
@@ -431,45 +481,31 @@ class Client:
             return self._probe_channel
 
     def _wait_serving(self, method: str, request: Any, deadline: float) -> str:
-        """Block until a server reports SERVING (its health Watch stream, no polling): "" then;
-        at the deadline, why it never did (warming up, draining, unreachable)."""
+        """Block until a server reports SERVING (see :class:`_ServingWait`): "" then; at the
+        deadline, why it never did (warming up, draining, unreachable)."""
         channel = self._probe()
-        reason = "it does not report SERVING"
-        # The request itself, once, over a connection that reaches a NOT_SERVING server: the
-        # server's refusal says why in its own words; no answer at all says it is unreachable.
-        probe = {
-            "Classify": pb_grpc.ClassifierStub(channel).Classify,
-            "ClassifyStream": pb_grpc.ClassifierStub(channel).Classify,  # the same request, unary
-            "GetModelInfo": pb_grpc.ClassifierStub(channel).GetModelInfo,
-        }.get(method)
+        wait = _ServingWait(channel, method)
         left = deadline - time.monotonic()
-        if probe is not None and left > 0:
+        if wait.probe is not None and left > 0:
             try:
-                probe(request, timeout=left, metadata=self._cfg.metadata)
+                wait.probe(request, timeout=left, metadata=self._cfg.metadata)
             except grpc.RpcError as exc:
-                err = error_from_rpc(exc)
-                if err.code is grpc.StatusCode.UNAVAILABLE:
-                    reason = why_not_serving(err)
-        logger.info("%s: %s; waiting up to %.3gs for SERVING", self.address, reason, max(left, 0.0))
+                wait.refused(exc)
+        logger.info("%s: %s; waiting up to %.3gs for SERVING", self.address, wait.reason, max(left, 0.0))
         health = health_pb2_grpc.HealthStub(channel)
         while (left := deadline - time.monotonic()) > 0:
             try:
                 for answer in health.Watch(
                     _WATCH, timeout=left, wait_for_ready=True, metadata=self._cfg.metadata
                 ):
-                    if answer.status == _SERVING:
+                    if wait.heard(answer.status):
                         return ""
-                    reason = _watch_status(answer.status, reason)
             except grpc.RpcError as exc:
-                code = error_from_rpc(exc).code
-                if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-                    break
-                if code is not grpc.StatusCode.UNAVAILABLE:
-                    return ""  # no health service to watch (UNIMPLEMENTED...): the retries decide
-            # The stream ended (a server ends its watches as it shuts down): watch again; the
-            # next Watch waits for a connection, and this pause keeps a flapping one from spinning.
-            time.sleep(min(max(self._cfg.backoff, 0.05), max(left, 0.0)))
-        return reason
+                ended = wait.watch_failed(exc)
+                if ended is not None:
+                    return ended
+            time.sleep(wait.pause(self._cfg.backoff, left))
+        return wait.reason
 
     def _shared_memory(self) -> SharedMemorySession | None:
         """The shared memory session, set up on first use; None when requests go through the socket."""
@@ -762,38 +798,28 @@ class AsyncClient:
         if self._probe_channel is None:
             self._probe_channel = self._open_channel(self._cfg.probe_options)
         channel = self._probe_channel
-        reason = "it does not report SERVING"
-        probe = {
-            "Classify": pb_grpc.ClassifierStub(channel).Classify,
-            "ClassifyStream": pb_grpc.ClassifierStub(channel).Classify,  # the same request, unary
-            "GetModelInfo": pb_grpc.ClassifierStub(channel).GetModelInfo,
-        }.get(method)
+        wait = _ServingWait(channel, method)
         left = deadline - time.monotonic()
-        if probe is not None and left > 0:
+        if wait.probe is not None and left > 0:
             try:
-                await probe(request, timeout=left, metadata=self._cfg.metadata)
+                await wait.probe(request, timeout=left, metadata=self._cfg.metadata)
             except grpc.RpcError as exc:
-                err = error_from_rpc(exc)
-                if err.code is grpc.StatusCode.UNAVAILABLE:
-                    reason = why_not_serving(err)
-        logger.info("%s: %s; waiting up to %.3gs for SERVING", self.address, reason, max(left, 0.0))
+                wait.refused(exc)
+        logger.info("%s: %s; waiting up to %.3gs for SERVING", self.address, wait.reason, max(left, 0.0))
         health = health_pb2_grpc.HealthStub(channel)
         while (left := deadline - time.monotonic()) > 0:
             try:
                 watch = health.Watch(_WATCH, timeout=left, wait_for_ready=True, metadata=self._cfg.metadata)
                 async for answer in watch:
-                    if answer.status == _SERVING:
+                    if wait.heard(answer.status):
                         watch.cancel()
                         return ""
-                    reason = _watch_status(answer.status, reason)
             except grpc.RpcError as exc:
-                code = error_from_rpc(exc).code
-                if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-                    break
-                if code is not grpc.StatusCode.UNAVAILABLE:
-                    return ""
-            await asyncio.sleep(min(max(self._cfg.backoff, 0.05), max(left, 0.0)))
-        return reason
+                ended = wait.watch_failed(exc)
+                if ended is not None:
+                    return ended
+            await asyncio.sleep(wait.pause(self._cfg.backoff, left))
+        return wait.reason
 
     async def _call(
         self, method: str, fn: Callable[..., Awaitable[Resp]], request: Any, deadline: float | None
