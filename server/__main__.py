@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    _grpc_experiments(settings.grpc_experiments)
     # torch.jit is deprecated upstream but TorchScript is the artifact we are asked to serve.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
     from .app import StartupError
@@ -34,6 +35,21 @@ def main(argv: list[str] | None = None) -> int:
     except (ArtifactError, StartupError) as exc:
         logger.error("cannot start: %s", exc)
         return 2
+
+
+def _grpc_experiments(wanted: str) -> None:
+    """Hand ``--grpc-experiments`` to gRPC core, which reads ``GRPC_EXPERIMENTS`` once, when grpc is
+    imported (worker processes inherit it); a variable already set is the operator's and wins."""
+    if not wanted or "GRPC_EXPERIMENTS" in os.environ:
+        return
+    if "grpc" in sys.modules:  # main() called in a process that imported grpc: too late to apply
+        logger.warning(
+            "--grpc-experiments %r not applied: grpc was imported before cifar-serve started; "
+            "set GRPC_EXPERIMENTS before the process starts instead",
+            wanted,
+        )
+        return
+    os.environ["GRPC_EXPERIMENTS"] = wanted
 
 
 if __name__ == "__main__":

@@ -121,6 +121,14 @@ class Settings:
         "and 0.97-0.99x the CPU per request on the null model; BENCHMARKS.md)",
         choices=("auto", "uvloop", "asyncio"),
     )
+    grpc_experiments: str = _opt(
+        "",
+        "gRPC core experiments of every server process, in GRPC_EXPERIMENTS' syntax, applied where "
+        "that variable is unset (yours wins; '': gRPC's defaults). '-event_engine_listener' has the "
+        "completion queue's poller read the connections instead of gRPC's EventEngine threads: by "
+        "turns on 2 cores, 0.91x the server CPU per single-image request where the model is nearly "
+        "free (the null model, a GPU's case) but 1.06x for the ResNet18 on the CPU at c=32; BENCHMARKS.md",
+    )
     log_level: str = _opt(
         "INFO", "DEBUG, INFO, WARNING or ERROR", choices=("DEBUG", "INFO", "WARNING", "ERROR")
     )
@@ -222,7 +230,7 @@ _GROUPS: dict[str, tuple[str, ...]] = {
         "grace_period_s",
     ),
     "security": ("tls_cert", "tls_key", "tls_client_ca", "auth_token", "admin_token"),
-    "workers": ("workers", "max_restarts", "restart_window_s", "event_loop"),
+    "workers": ("workers", "max_restarts", "restart_window_s", "event_loop", "grpc_experiments"),
     "logging and process": ("log_level", "pid_file"),
 }
 

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,6 +55,27 @@ def test_cifar_serve_with_a_bad_environment_exits_at_once_with_one_line() -> Non
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "CIFAR_SERVE_PRECISION" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_grpc_experiments_reach_grpc_core_unless_the_operator_set_them(tmp_path: Path) -> None:
+    # gRPC core reads GRPC_EXPERIMENTS once, when grpc is imported, and names each experiment it
+    # does not know: an unknown name in its complaint shows whose value got there.
+    base = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+
+    def start(*flags: str, **env: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "cifar_serve.server", "--model-dir", str(tmp_path / "none"), *flags]
+        return subprocess.run(argv, env={**base, **env}, capture_output=True, text=True, timeout=120)
+
+    ours = start("--grpc-experiments", "cifar_serve_flag_check")
+    assert ours.returncode == 2 and "no manifest" in ours.stderr, ours.stderr
+    assert "Unknown experiment: cifar_serve_flag_check" in ours.stderr, ours.stderr
+    from_env = start(CIFAR_SERVE_GRPC_EXPERIMENTS="cifar_serve_env_check")
+    assert "Unknown experiment: cifar_serve_env_check" in from_env.stderr, from_env.stderr
+    theirs = start("--grpc-experiments", "cifar_serve_flag_check", GRPC_EXPERIMENTS="operator_check")
+    assert "Unknown experiment: operator_check" in theirs.stderr, theirs.stderr
+    assert "cifar_serve_flag_check" not in theirs.stderr
+    documented = start("--grpc-experiments", "-event_engine_listener")  # the one README names
+    assert documented.returncode == 2 and "Unknown experiment" not in documented.stderr, documented.stderr
 
 
 def test_restart_limits_come_from_flags_and_environment_and_are_checked() -> None:
