@@ -95,6 +95,11 @@ bench: artifacts artifacts-null
 	$(PY) benchmarks/flag_compare.py --flag event-loop --values asyncio,uvloop --title 'The event loop' --rounds 2
 	$(PY) benchmarks/flag_compare.py --flag event-loop --values asyncio,uvloop --title 'The event loop, null model' \
 		--section event-loop-null --model-dir $(NULL_MODEL_DIR) --rounds 2
+	$(PY) benchmarks/flag_compare.py --flag grpc-experiments --values=,-event_engine_listener \
+		--title "gRPC's EventEngine listener" --rounds 2
+	$(PY) benchmarks/flag_compare.py --flag grpc-experiments --values=,-event_engine_listener \
+		--title "gRPC's EventEngine listener, null model" --section grpc-experiments-null \
+		--model-dir $(NULL_MODEL_DIR) --rounds 2
 	$(PY) benchmarks/shm_bench.py --json benchmarks/results-shm.json
 
 bench-null: artifacts-null

@@ -46,7 +46,7 @@ def run_rounds(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     out_dir = Path(args.out_dir)
     for i in range(1, args.rounds + 1):
         for value in values if i % 2 else tuple(reversed(values)):
-            label = f"{args.section}-{value}-r{i}"
+            label = f"{args.section}-{value or 'empty'}-r{i}"
             cmd = [sys.executable, str(HERE / "perf_analyzer.py"), "--model-dir", args.model_dir]
             cmd += ["--label", label, "--out-dir", str(out_dir), "--markdown", ""]
             cmd += [f"--server-arg=--{args.flag}={value}", "--concurrency", args.concurrency]
@@ -95,15 +95,16 @@ def markdown(results: dict[str, Any]) -> str:
     first = runs[a_name][0]
     server = first["server_command"].replace(f" --{flag}={a_name}", "")
     loads = ", ".join(f"{r['loadavg_start'][0]:.2f}" for v in (a_name, b_name) for r in runs[v])
-    a, b = f"`{a_name}`", f"`{b_name}`"
+    a_shown, b_shown = (v or "''" for v in (a_name, b_name))  # an empty setting is a value too
+    a, b = f"`{a_shown}`", f"`{b_shown}`"
     lines = [
-        f"### {results['title']}: `--{flag} {a_name}` against `{b_name}`"
+        f"### {results['title']}: `--{flag} {a_shown}` against `{b_shown}`"
         + (" (--quick smoke run: numbers meaningless)" if results["quick"] else ""),
         "",
         f"Command: `{results['command']}` — {results['started']}, took {results['wall_s']:.0f} s; "
         f"{len(runs[a_name])} perf_analyzer run(s) per setting, taking turns; server "
         f"`{server}` with `--{flag}` added. Median over the runs (range in brackets). "
-        f"1-minute load average at the start of each run ({a_name}, then {b_name}): {loads}.",
+        f"1-minute load average at the start of each run ({a_shown}, then {b_shown}): {loads}.",
         "",
         f"| images/request | concurrency | {a} img/s | {b} img/s | {b} / {a} | {a} server CPU "
         f"ms/request | {b} server CPU ms/request | {a} p50 / p99 ms | {b} p50 / p99 ms | mean batch, "
