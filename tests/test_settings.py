@@ -66,16 +66,17 @@ def test_grpc_experiments_reach_grpc_core_unless_the_operator_set_them(tmp_path:
         argv = [sys.executable, "-m", "cifar_serve.server", "--model-dir", str(tmp_path / "none"), *flags]
         return subprocess.run(argv, env={**base, **env}, capture_output=True, text=True, timeout=120)
 
+    # Each start ends early (no model here, and no torch where the fast tier runs alone): gRPC
+    # has read the variable by then.
     ours = start("--grpc-experiments", "cifar_serve_flag_check")
-    assert ours.returncode == 2 and "no manifest" in ours.stderr, ours.stderr
-    assert "Unknown experiment: cifar_serve_flag_check" in ours.stderr, ours.stderr
+    assert ours.returncode != 0 and "Unknown experiment: cifar_serve_flag_check" in ours.stderr, ours.stderr
     from_env = start(CIFAR_SERVE_GRPC_EXPERIMENTS="cifar_serve_env_check")
     assert "Unknown experiment: cifar_serve_env_check" in from_env.stderr, from_env.stderr
     theirs = start("--grpc-experiments", "cifar_serve_flag_check", GRPC_EXPERIMENTS="operator_check")
     assert "Unknown experiment: operator_check" in theirs.stderr, theirs.stderr
     assert "cifar_serve_flag_check" not in theirs.stderr
     documented = start("--grpc-experiments", "-event_engine_listener")  # the one README names
-    assert documented.returncode == 2 and "Unknown experiment" not in documented.stderr, documented.stderr
+    assert documented.returncode != 0 and "Unknown experiment" not in documented.stderr, documented.stderr
 
 
 def test_restart_limits_come_from_flags_and_environment_and_are_checked() -> None:
