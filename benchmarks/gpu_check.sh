@@ -141,9 +141,9 @@ if [ "$DEVICE" = cuda ]; then
     --device cuda --model-dir "$NULL_USE_DIR" --label cuda --workers "$WORKER_COUNTS" --concurrency 128,512 \
     --client-processes 8 --duration 4 --warmup 1.5 --request-count 12000 --max-trials 2 \
     --out-dir "$OUT" --markdown "$OUT/BENCHMARKS-cuda.md"
-  # gRPC's EventEngine listener off (--grpc-experiments): 0.91x the CPU per request on the null
-  # model on 2 CPU cores, 1.06x for the ResNet18 at c=32 there; which way a GPU host goes decides
-  # whether a GPU server should default to it.
+  # gRPC's EventEngine listener off (--grpc-experiments): 0.91-0.93x the CPU per request on the null
+  # model on 2 CPU cores in every run, no steady effect on the ResNet18 there; which way a GPU host
+  # goes decides whether a GPU server should default to it.
   step "null model on cuda, EventEngine listener off" timeout 120 $PY benchmarks/null_model.py \
     --device cuda --model-dir "$NULL_USE_DIR" --label cuda-grpc-poller --workers 1 --concurrency 128,512 \
     --client-processes 8 --duration 4 --warmup 1.5 --request-count 12000 --max-trials 2 \

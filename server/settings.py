@@ -127,8 +127,8 @@ class Settings:
         "that variable is unset (yours wins; '': gRPC's defaults). '-event_engine_listener' has the "
         "completion queue's poller read the connections instead of gRPC's EventEngine threads: by "
         "turns on 2 cores, 0.91-0.93x the server CPU per single-image request where the model is "
-        "nearly free (the null model, a GPU's case) in every run; for the ResNet18 on the CPU two runs "
-        "disagreed (0.93x and 1.06x at c=32), so it is not the default; BENCHMARKS.md",
+        "nearly free (the null model, a GPU's case) in every run; for the ResNet18 on the CPU three runs "
+        "gave 1.06x, 0.93x and 0.98x at c=32 (noise), so it is not the default; BENCHMARKS.md",
     )
     log_level: str = _opt(
         "INFO", "DEBUG, INFO, WARNING or ERROR", choices=("DEBUG", "INFO", "WARNING", "ERROR")
