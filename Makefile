@@ -92,6 +92,11 @@ bench: artifacts artifacts-null
 	$(PY) benchmarks/perf_analyzer.py --label workers2 --server-arg=--workers=2
 	$(PY) benchmarks/flag_compare.py --flag spin-wait --values true,false --title 'Spin-waiting under load' --rounds 2
 	$(PY) benchmarks/flag_compare.py --flag batch-regroup --values false,true --title 'Regrouping after a batch' --rounds 2
+	$(PY) benchmarks/flag_compare.py --flag batch-regroup --values false,true --title 'Regrouping after a batch, null model' \
+		--section batch-regroup-null --model-dir $(NULL_MODEL_DIR) --rounds 2
+	$(PY) benchmarks/flag_compare.py --flag max-batch-delay-ms --values 2,5 --title 'The batch delay' --rounds 2
+	$(PY) benchmarks/flag_compare.py --flag max-batch-delay-ms --values 2,5 --title 'The batch delay, null model' \
+		--section max-batch-delay-null --model-dir $(NULL_MODEL_DIR) --rounds 2
 	$(PY) benchmarks/flag_compare.py --flag event-loop --values asyncio,uvloop --title 'The event loop' --rounds 2
 	$(PY) benchmarks/flag_compare.py --flag event-loop --values asyncio,uvloop --title 'The event loop, null model' \
 		--section event-loop-null --model-dir $(NULL_MODEL_DIR) --rounds 2

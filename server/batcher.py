@@ -1,7 +1,8 @@
 """Dynamic batching: images from concurrent callers share forward passes.
 
 A batch runs at once when the model is idle (waiting would only add latency: nothing else is
-using it); while a batch computes, the next one gathers until it holds ``max_batch_size``
+using it), unless the callers of the batch that just finished are expected back (``regroup``:
+see ``_finish``); while a batch computes, the next one gathers until it holds ``max_batch_size``
 images or ``max_delay`` has passed since its oldest image arrived, whichever is first. A
 request larger than a batch is split across batches, and each caller gets its own rows back
 in order. Forward passes run in the batcher's own compute threads, never on the event loop, and
@@ -386,9 +387,14 @@ class DynamicBatcher:
                 # would form the next, so under steady load the batches stay half the size they
                 # could be. Waiting for as many images as just left regroups them; a batch of 1
                 # expects 1, so a lone caller never waits. The wait is at most half the batch's
-                # own compute time, so the model idles at most a third of the time.
+                # own compute time (the model idles at most a third of the time) or the batch
+                # delay, whichever is longer: where the model is nearly free (the null model, a
+                # GPU) a batch's cost is the thread hop and the GIL hand-over around it, not its
+                # compute, and a wait of microseconds would keep the batches at the few images
+                # the event loop parses between two hops.
+                wait = max((job.t2 - job.t1) / 2e9, self.max_delay_s)
                 self._expect = min(self.max_batch_size, len(job.x) + self._queued)
-                self._expect_until = time.monotonic() + (job.t2 - job.t1) / 2e9
+                self._expect_until = time.monotonic() + wait
             self._inflight.release()
             self._arrived.set()
 

@@ -55,13 +55,20 @@ class Settings:
         "CPU it needs 0.87x the CPU per image of 64, larger ones save at most 0.03x more, and a full "
         "one runs in ~50 ms; BENCHMARKS.md)",
     )
-    max_batch_delay_ms: float = _opt(2.0, "longest wait after the oldest queued image before a batch runs")
+    max_batch_delay_ms: float = _opt(
+        5.0,
+        "longest wait for more images: after the oldest queued image while a batch computes, and for "
+        "the callers of the batch just answered (--batch-regroup) (5: by turns on 2 CPU cores, 0.85-0.93x "
+        "the server CPU per request of 2 ms for the null model at c=8-128, 1.01-1.08x the images for "
+        "the ResNet18; BENCHMARKS.md)",
+    )
     idle_dispatch: bool = _opt(
         True, "when no batch is computing, run queued work at once instead of waiting for the delay"
     )
     batch_regroup: bool = _opt(
         True,
-        "with --idle-dispatch: after a batch, wait (at most half its compute time) for as many images "
+        "with --idle-dispatch: after a batch, wait (at most half its compute time or "
+        "--max-batch-delay-ms, whichever is longer) for as many images "
         "as it answered before running what queued meanwhile, so callers that come straight back join "
         "it (served by turns on 2 CPU cores, single images at c=32: batches of 28 instead of 16, 1.31x "
         "the images at 0.70x the server CPU per request; BENCHMARKS.md)",

@@ -254,11 +254,12 @@ def test_without_regroup_the_queued_work_leaves_alone() -> None:
 
 def test_regroup_waits_for_no_one_when_the_callers_do_not_come_back() -> None:
     # A batch's callers that have nothing more to send cost the queued work at most half that
-    # batch's compute time: with the model held for 0.2 s, B still runs (and the test ends).
+    # batch's compute time (here longer than the batch delay): with the model held for 0.2 s, B
+    # still runs (and the test ends).
     async def go() -> list[int]:
         model = Model()
         model.gate.clear()
-        b = DynamicBatcher(model, max_batch_size=8, max_delay_s=NEVER, max_queue_images=100, regroup=True)
+        b = DynamicBatcher(model, max_batch_size=8, max_delay_s=0.0, max_queue_images=100, regroup=True)
         b.start()
         a = asyncio.ensure_future(b.submit(IMAGES[:1]))
         assert await asyncio.to_thread(model.entered.wait, 10)
@@ -270,3 +271,30 @@ def test_regroup_waits_for_no_one_when_the_callers_do_not_come_back() -> None:
         return model.sizes
 
     assert run(go()) == [1, 1]
+
+
+async def _after_a_fast_batch(max_delay_s: float, back_after_s: float) -> list[int]:
+    """Batch sizes when a batch of two computes in microseconds and its callers come back one at a time."""
+    model = Model()
+    b = DynamicBatcher(model, max_batch_size=8, max_delay_s=max_delay_s, max_queue_images=100, regroup=True)
+    b.start()
+    # Both queue before the collector runs: one batch of two.
+    first = await asyncio.gather(b.submit(IMAGES[:1]), b.submit(IMAGES[1:2]))
+    np.testing.assert_array_equal(np.concatenate(first), _expected(IMAGES[:2]))
+    c = asyncio.ensure_future(b.submit(IMAGES[2:3]))  # one caller back at once...
+    await asyncio.sleep(back_after_s)
+    d = asyncio.ensure_future(b.submit(IMAGES[3:4]))  # ...the other one later
+    np.testing.assert_array_equal(np.concatenate(await asyncio.gather(c, d)), _expected(IMAGES[2:4]))
+    await b.stop()
+    return model.sizes
+
+
+def test_after_a_batch_that_cost_nothing_regroup_waits_up_to_the_batch_delay() -> None:
+    # Where the model is nearly free (the null model, a GPU) the hop around a batch is its cost:
+    # C waits for D although the batch before them computed for microseconds, 0.3 s ago.
+    assert run(_after_a_fast_batch(max_delay_s=NEVER, back_after_s=0.3)) == [2, 2]
+
+
+def test_regroup_after_a_fast_batch_waits_no_longer_than_the_batch_delay() -> None:
+    # With a delay of 10 ms, C leaves alone long before D comes back.
+    assert run(_after_a_fast_batch(max_delay_s=0.01, back_after_s=0.5)) == [2, 1, 1]
