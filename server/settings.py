@@ -59,8 +59,8 @@ class Settings:
         5.0,
         "longest wait for more images: after the oldest queued image while a batch computes, and for "
         "the callers of the batch just answered (--batch-regroup) (5: by turns on 2 CPU cores, 0.85-0.93x "
-        "the server CPU per request of 2 ms for the null model at c=8-128, 1.01-1.08x the images for "
-        "the ResNet18; BENCHMARKS.md)",
+        "the server CPU per request of 2 ms for the null model at c=8-128; the ResNet18's batches of 8 "
+        "or more compute for longer than twice the delay, so it does not change them; BENCHMARKS.md)",
     )
     idle_dispatch: bool = _opt(
         True, "when no batch is computing, run queued work at once instead of waiting for the delay"
