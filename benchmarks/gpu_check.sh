@@ -152,6 +152,14 @@ if [ "$DEVICE" = cuda ]; then
     --device cuda --model-dir "$USE_DIR" --label cuda-real --workers "$WORKER_COUNTS" --concurrency 128,512 \
     --batch-sizes 1,64 --batch-concurrency 16 --stream-concurrency "" --client-processes 8 --duration 4 \
     --warmup 1.5 --request-count 12000 --max-trials 2 --out-dir "$OUT" --markdown "$OUT/BENCHMARKS-cuda.md"
+  # Regrouping's wait is at least --max-batch-delay-ms (5 ms by default; 2 before 73e875a): on a GPU the
+  # ResNet18's batches compute in a few ms, so there the delay, not half the compute time, bounds it.
+  # The old delay on the real model, one process, for the A/B against the step above.
+  step "real model on cuda, --max-batch-delay-ms 2" timeout 120 $PY benchmarks/null_model.py \
+    --device cuda --model-dir "$USE_DIR" --label cuda-real-delay2 --workers 1 --concurrency 128,512 \
+    --batch-sizes 1 --stream-concurrency "" --client-processes 8 --duration 4 --warmup 1.5 \
+    --request-count 12000 --max-trials 2 --server-arg=--max-batch-delay-ms=2 \
+    --out-dir "$OUT" --markdown "$OUT/BENCHMARKS-cuda.md"
 else
   # CPU smoke runs: the same steps, seconds each, numbers meaningless.
   step "null model, CPU smoke run (1 and 2 workers)" timeout 240 $PY benchmarks/null_model.py --quick \
