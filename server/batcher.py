@@ -112,6 +112,10 @@ class DynamicBatcher:
         self._queue: collections.deque[_Work] = collections.deque()
         self._queued = 0
         self._arrived = asyncio.Event()
+        # How many queued images wake the gathering collector (see _gather): an arrival below
+        # it only queues, so a batch of n costs the collector one wake-up, not n.
+        self._wake_at = 1
+        self._timed_out = False
         self._inflight = asyncio.Semaphore(max_inflight)
         self._computing = 0
         self._none_computing = asyncio.Event()
@@ -173,7 +177,8 @@ class DynamicBatcher:
         self._queue.append(work)
         self._queued += n
         self._gauge()
-        self._arrived.set()
+        if self._queued >= self._wake_at:
+            self._arrived.set()
         try:
             return await work.future
         except asyncio.CancelledError:
@@ -282,20 +287,40 @@ class DynamicBatcher:
                         break
                     # The work queued behind the last batch has waited past its delay already.
                     due = self._expect_until - now
+                    enough = self._expect
                 else:
                     due = self._queue[0].enqueued + self.max_delay_s - now
-                if due <= 0:
-                    break
-                self._arrived.clear()
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), due)
-                except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
+                    enough = self.max_batch_size
+                if due <= 0 or not await self._gather(due, enough):
                     break
             batch = self._take()
             if not batch:
                 self._inflight.release()
                 continue
             self._dispatch(batch)
+
+    async def _gather(self, due: float, enough: int) -> bool:
+        """Wait until ``enough`` images are queued or anything else wakes the collector (a batch
+        finished, a stop); False when ``due`` seconds pass first.
+
+        Arrivals below ``enough`` do not wake it: under load a batch of n images would otherwise
+        cost n wake-ups of the collector, each sweeping the queue, where it needs one.
+        """
+        loop = asyncio.get_running_loop()
+        self._arrived.clear()
+        self._wake_at = enough
+        self._timed_out = False
+        timer = loop.call_later(due, self._due)
+        try:
+            await self._arrived.wait()
+        finally:
+            timer.cancel()
+            self._wake_at = 1
+        return not self._timed_out
+
+    def _due(self) -> None:
+        self._timed_out = True
+        self._arrived.set()
 
     def _take(self) -> list[_Slice]:
         space = self.max_batch_size
