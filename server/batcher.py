@@ -54,6 +54,7 @@ class _Work:
     enqueued: float
     deadline: float | None
     times: RequestTimes | None = None
+    requests: int = 1  # callers whose images travel together (a worker's group)
     next: int = 0
     running: int = 0
     failed: bool = field(default=False)
@@ -147,7 +148,11 @@ class DynamicBatcher:
         self._collector.add_done_callback(self._collector_done)
 
     async def submit(
-        self, images: np.ndarray, deadline: float | None = None, times: RequestTimes | None = None
+        self,
+        images: np.ndarray,
+        deadline: float | None = None,
+        times: RequestTimes | None = None,
+        requests: int = 1,
     ) -> np.ndarray:
         """Logits ``[n, classes]`` for uint8 ``images [n,32,32,3]``.
 
@@ -173,6 +178,7 @@ class DynamicBatcher:
             time.monotonic(),
             deadline,
             times,
+            requests,
         )
         self._queue.append(work)
         self._queued += n
@@ -332,7 +338,8 @@ class DynamicBatcher:
             batch.append((work, work.next, count))
             if work.next == 0:
                 if self._metrics is not None:
-                    self._metrics.queue_time.observe(now - work.enqueued)
+                    for _ in range(work.requests):
+                        self._metrics.queue_time.observe(now - work.enqueued)
                 if work.times is not None:
                     work.times.queue_ns = int((now - work.enqueued) * 1e9)
             work.next += count

@@ -359,11 +359,14 @@ class InferenceCore(RequestChecks):
         if self._active.batcher is not None:
             await self._active.batcher.stop()
 
-    async def infer(self, images: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, str]:
+    async def infer(
+        self, images: np.ndarray, deadline: float | None = None, *, requests: int = 1
+    ) -> tuple[np.ndarray, str]:
         """Logits for uint8 ``[n,32,32,3]`` images, and the model version that computed them.
 
         A request runs wholly on the version serving when it arrives, even if a new one is
-        swapped in meanwhile: the old version's batcher finishes what it accepted.
+        swapped in meanwhile: the old version's batcher finishes what it accepted. ``requests``
+        counts the callers whose images travel together (a worker's group), for the statistics.
         """
         n = int(images.shape[0])
         self.check_count(n)
@@ -380,11 +383,11 @@ class InferenceCore(RequestChecks):
         started = time.perf_counter_ns()
         times = RequestTimes()
         try:
-            logits = await active.batcher.submit(images, deadline, times)
+            logits = await active.batcher.submit(images, deadline, times, requests)
         except BaseException:  # refused, expired, cancelled or failed: all failed inferences
-            stats.request_failed(time.perf_counter_ns() - started)
+            stats.request_failed(time.perf_counter_ns() - started, requests)
             raise
-        stats.request_succeeded(n, time.perf_counter_ns() - started, times)
+        stats.request_succeeded(n, time.perf_counter_ns() - started, times, requests)
         return logits, active.version
 
     def stats_for(self, version: str) -> ModelStats:

@@ -7,6 +7,12 @@ crosses the Unix socket, the model process batches the images of every worker to
 writes the logits back into the same slot. Requests too large for a slot, or arriving when
 every slot is taken, get a segment file of their own for their lifetime.
 
+Small requests without a deadline of their own travel in groups: a worker puts their images one
+after another in one slot and sends them as one request, held (at most ``--max-batch-delay-ms``)
+while the callers of the last answer come back and while the model process is busy with the
+worker's previous group. Per message, the model process pays a read, a task, a queue entry and
+a write; under load a group carries a dozen requests or more (BENCHMARKS.md, issue 20).
+
 :class:`RemoteCore` is the worker's stand-in for :class:`~.core.InferenceCore`: the servicers
 and the edge cannot tell them apart. :class:`ModelHost` serves the model process's core to
 the workers. Control calls (statistics, load, unload) travel over the same socket; the model
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import mmap
@@ -33,6 +40,7 @@ import os
 import pickle
 import socket
 import struct
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from .core import InferenceCore, RequestChecks
-from .errors import InferenceError, InternalError, Unavailable, exhausted
+from .errors import DeadlineExceeded, InferenceError, InternalError, Unavailable, exhausted
 from .lifecycle import Lifecycle, State
 from .metrics import Metrics
 from .settings import Settings
@@ -118,6 +126,14 @@ def _layout(n: int, num_classes: int) -> tuple[int, int]:
     return images, images + _pad(n * num_classes * 4)
 
 
+def _group_layout(num_classes: int) -> tuple[int, int]:
+    """Images a group's slot holds, and where in the slot its logits go (fixed, whatever it holds)."""
+    n = SLOT_BYTES // IMAGE_BYTES
+    while n > 1 and _pad(n * IMAGE_BYTES) + _pad(n * num_classes * 4) > SLOT_BYTES:
+        n -= 1
+    return n, _pad(n * IMAGE_BYTES)
+
+
 # ---------------------------------------------------------------------------- worker side
 
 
@@ -128,6 +144,26 @@ class _Pending:
     out_offset: int
     slot: int | None  # arena slot, or None for a segment of its own
     segment: tuple[Path, int] | None = None  # (path, fd)
+    group: _Group | None = None
+
+
+@dataclass(eq=False)
+class _Group:
+    """Small requests without a deadline of their own, sent to the model process as one.
+
+    Their images lie one after another in one arena slot, so the model process reads, queues,
+    batches and answers them as a single request: one message each way, one read, one write.
+    """
+
+    rid: int
+    slot: int
+    future: asyncio.Future[tuple[np.ndarray, str]]  # the whole group's logits
+    started: float  # time.monotonic() of its first member
+    deadline: float | None = None  # its members' earliest
+    members: list[tuple[asyncio.Future[tuple[np.ndarray, str]], int, int]] = field(default_factory=list)
+    n: int = 0  # images held
+    live: int = 0  # members whose callers still wait
+    sent: bool = False
 
 
 @dataclass
@@ -175,6 +211,23 @@ class RemoteCore(RequestChecks):
         self._restarting = False
         self._generation = 0  # of the link now in use: a replaced link's reader ends quietly
         self._relinks: set[asyncio.Task[None]] = set()
+        # Grouping (see _grouped): the group filling now, and the groups the model process has
+        # not answered yet. While as many groups are out as it computes batches at once, the
+        # next one fills (up to the batch delay): it could only queue there meanwhile.
+        self._group: _Group | None = None
+        self._group_timer: asyncio.Handle | None = None
+        self._group_due = 0.0
+        self._seal_soon = False
+        self._groups_out = 0
+        self._delay = settings.max_batch_delay_ms / 1000.0
+        # After the model process answers n grouped requests at once, the next group waits
+        # for n (those callers coming back) until the batch delay, as the batcher's regroup
+        # does: the model process waits for them too, so sending fewer saves nothing.
+        self._regroup = settings.batch_regroup and settings.idle_dispatch
+        self._held = 0
+        self._expect = 0
+        self._expect_until = 0.0
+        self._burst = 0
 
     # ------------------------------------------------------------------ life cycle
 
@@ -258,6 +311,7 @@ class RemoteCore(RequestChecks):
             self._reader_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader_task
+        self._drop_group(Unavailable("server is shutting down"))
         for p in list(self._pending.values()):
             self._release(p)
         self._pending.clear()
@@ -300,6 +354,7 @@ class RemoteCore(RequestChecks):
         if self.lifecycle.state is not State.FAILED:  # health goes NOT_SERVING meanwhile
             self.lifecycle.mirror(State.STARTING, f"{_RESTARTING}; retry shortly", False)
         error = Unavailable(f"{_RESTARTING}: {why}; retry shortly")
+        self._drop_group(error)
         # Their space stays reserved until the process is known to be gone (_drop_pending).
         for p in self._pending.values():
             if not p.future.done():
@@ -321,6 +376,7 @@ class RemoteCore(RequestChecks):
     def _fail(self, exc: BaseException) -> None:
         self.lost = exc
         self.lifecycle.to(State.FAILED, str(exc))
+        self._drop_group(Unavailable(f"model process lost: {exc}"))
         for p in list(self._pending.values()):
             if not p.future.done():
                 p.future.set_exception(Unavailable(f"model process lost: {exc}"))
@@ -368,6 +424,12 @@ class RemoteCore(RequestChecks):
         p = self._pending.pop(message[1], None)
         if p is None:
             return
+        if p.group is not None and self._regroup:
+            # The answers of one batch arrive together, read in one go: their callers are the
+            # ones expected back (counted once the read is done).
+            if not self._burst:
+                asyncio.get_running_loop().call_soon(self._burst_end)
+            self._burst += len(p.group.members)
         try:
             if p.future.done():  # cancelled by its caller: only the space is given back
                 return
@@ -387,7 +449,17 @@ class RemoteCore(RequestChecks):
         finally:
             self._release(p)
 
+    def _burst_end(self) -> None:
+        self._expect, self._burst = self._burst, 0
+        self._expect_until = time.monotonic() + self._delay
+        if self._group is not None:
+            self._decide(self._group)
+
     def _release(self, p: _Pending) -> None:
+        if p.group is not None:
+            self._groups_out -= 1
+            if self._group is not None:
+                self._decide(self._group)
         if p.slot is not None:
             self._free.append(p.slot)
         elif p.segment is not None:
@@ -431,12 +503,15 @@ class RemoteCore(RequestChecks):
 
     # ------------------------------------------------------------------ calls
 
-    def _send(self, message: object) -> None:
+    def _check_link(self) -> _Outbox:
         if self.lost is not None:
             raise Unavailable("the model process is gone; this server is exiting")
         if not self._link_up or self._outbox is None or self._writer is None or self._writer.is_closing():
             raise Unavailable(f"{_RESTARTING}; retry shortly")
-        self._outbox.put(message)
+        return self._outbox
+
+    def _send(self, message: object) -> None:
+        self._check_link().put(message)
 
     async def infer(self, images: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, str]:
         """Logits for uint8 ``[n,32,32,3]`` images from the model process, and their version."""
@@ -446,6 +521,10 @@ class RemoteCore(RequestChecks):
         # As InferenceCore.infer: only a missing model refuses a call the edge admitted.
         if life.state is State.UNLOADED or (life.state is State.LOADING and not life.answers_while_loading):
             life.check()
+        if self._arena is not None:
+            grouped = self._grouped(images, n, deadline)
+            if grouped is not None:
+                return await self._member(*grouped, images, deadline)
         images_bytes, total = _layout(n, self.num_classes)
         rid = next(self._ids)
         future: asyncio.Future[tuple[np.ndarray, str]] = asyncio.get_running_loop().create_future()
@@ -454,7 +533,7 @@ class RemoteCore(RequestChecks):
             base = slot * SLOT_BYTES
             np.frombuffer(self._arena, np.uint8, n * IMAGE_BYTES, base).reshape(images.shape)[...] = images
             pending = _Pending(future, n, images_bytes, slot)
-            message: tuple[Any, ...] = ("infer", rid, -1, base, n, base + images_bytes, deadline)
+            message: tuple[Any, ...] = ("infer", rid, -1, base, n, base + images_bytes, deadline, 1)
         else:
             path = self._dir / f"worker-{self._index}-{rid}.segment"
             try:
@@ -471,7 +550,7 @@ class RemoteCore(RequestChecks):
             except BaseException:
                 self._release(pending)
                 raise
-            message = ("infer", rid, str(path), 0, n, images_bytes, deadline)
+            message = ("infer", rid, str(path), 0, n, images_bytes, deadline, 1)
         try:
             self._send(message)
         except BaseException:
@@ -485,6 +564,157 @@ class RemoteCore(RequestChecks):
             if rid in self._pending and self.lost is None and self._link_up and self._outbox is not None:
                 self._outbox.put(("cancel", rid))
             raise
+
+    # ------------------------------------------------------------------ grouping
+
+    def _grouped(
+        self, images: np.ndarray, n: int, deadline: float | None
+    ) -> tuple[_Group, asyncio.Future[tuple[np.ndarray, str]]] | None:
+        """Put ``images`` in the group filling now; None when they must go on their own.
+
+        A group is queued, computed or dropped as one, under its members' earliest deadline:
+        the members whose own deadline is later go again when that one runs out (_member).
+        """
+        capacity, _ = _group_layout(self.num_classes)
+        if n > capacity // 2:
+            return None
+        self._check_link()
+        group = self._group
+        if group is not None and group.n + n > capacity:
+            self._seal()  # full: it goes now, and a new one starts
+            group = None
+        loop = asyncio.get_running_loop()
+        if group is None:
+            if not self._free:
+                return None
+            group = _Group(next(self._ids), self._free.pop(), loop.create_future(), time.monotonic())
+            group.future.add_done_callback(functools.partial(self._hand_out, group))
+            self._group = group
+        assert self._arena is not None
+        start = group.slot * SLOT_BYTES + group.n * IMAGE_BYTES
+        np.frombuffer(self._arena, np.uint8, n * IMAGE_BYTES, start).reshape(images.shape)[...] = images
+        future: asyncio.Future[tuple[np.ndarray, str]] = loop.create_future()
+        group.members.append((future, group.n, n))
+        if deadline is not None and (group.deadline is None or deadline < group.deadline):
+            group.deadline = deadline
+        group.n += n
+        group.live += 1
+        self._held += 1
+        self._decide(group)
+        return group, future
+
+    def _decide(self, group: _Group) -> None:
+        """Send the group filling now at the end of this iteration, or set when it goes.
+
+        It waits (at most the batch delay) for the callers of the last answer to come back,
+        and, those back, while as many groups are out as the model process computes batches
+        at once: it could only queue there meanwhile, and one message carries more.
+        """
+        if self._seal_soon or not self._regroup or self._delay <= 0:
+            # Without idle dispatch the model process gathers by the delay itself.
+            self._seal_later()
+            return
+        now = time.monotonic()
+        if self._expect and now < self._expect_until:
+            if self._held < self._expect:
+                self._seal_at(self._expect_until)
+                return
+            self._expect = 0
+        elif self._groups_out >= self.max_inflight:
+            self._seal_at(group.started + self._delay)
+            return
+        self._seal_later()
+
+    def _seal_at(self, when: float) -> None:
+        timer = self._group_timer
+        if timer is None or self._group_due > when:
+            if timer is not None:
+                timer.cancel()
+            self._group_due = when
+            self._group_timer = asyncio.get_running_loop().call_at(when, self._seal)
+
+    async def _member(
+        self,
+        group: _Group,
+        future: asyncio.Future[tuple[np.ndarray, str]],
+        images: np.ndarray,
+        deadline: float | None,
+    ) -> tuple[np.ndarray, str]:
+        try:
+            return await future
+        except DeadlineExceeded:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
+            # Dropped uncomputed under another member's earlier deadline: this one's is later.
+            return await self.infer(images, deadline)
+        except asyncio.CancelledError:
+            group.live -= 1
+            # Every caller of a group sent is gone: the model process need not compute it.
+            if group.live == 0 and group.sent and group.rid in self._pending and self._outbox is not None:
+                if self.lost is None and self._link_up:
+                    self._outbox.put(("cancel", group.rid))
+            raise
+
+    def _seal_later(self) -> None:
+        """Send the group at the end of this loop iteration (requests parsed meanwhile join it)."""
+        if not self._seal_soon:
+            self._seal_soon = True
+            asyncio.get_running_loop().call_soon(self._seal)
+
+    def _seal(self) -> None:
+        """Send the group filling now to the model process."""
+        self._seal_soon = False
+        if self._group_timer is not None:
+            self._group_timer.cancel()
+            self._group_timer = None
+        group, self._group = self._group, None
+        self._held = 0
+        if group is None:
+            return
+        if group.live == 0:  # every caller left before it went
+            self._free.append(group.slot)
+            group.future.cancel()
+            return
+        _, out = _group_layout(self.num_classes)
+        base = group.slot * SLOT_BYTES
+        try:
+            requests = len(group.members)
+            self._send(("infer", group.rid, -1, base, group.n, base + out, group.deadline, requests))
+        except InferenceError as exc:
+            self._free.append(group.slot)
+            group.future.set_exception(exc)
+            return
+        self._pending[group.rid] = _Pending(group.future, group.n, out, group.slot, group=group)
+        self._groups_out += 1
+        group.sent = True
+
+    def _drop_group(self, error: InferenceError) -> None:
+        """Fail the group not yet sent (the link is gone, or the worker stops) and free its slot."""
+        if self._group_timer is not None:
+            self._group_timer.cancel()
+            self._group_timer = None
+        group, self._group = self._group, None
+        self._held = 0
+        if group is not None:
+            self._free.append(group.slot)
+            group.future.set_exception(error)
+
+    @staticmethod
+    def _hand_out(group: _Group, done: asyncio.Future[tuple[np.ndarray, str]]) -> None:
+        """Give each member of a group its rows of the answer (or the group's error)."""
+        if done.cancelled():
+            error: BaseException | None = Unavailable("cancelled")
+        else:
+            error = done.exception()
+        if error is not None:
+            for future, _start, _n in group.members:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        logits, version = done.result()
+        for future, start, n in group.members:
+            if not future.done():
+                future.set_result((logits[start : start + n], version))
 
     async def _call(self, name: str, *args: Any) -> Any:
         rid = next(self._ids)
@@ -654,6 +884,7 @@ class ModelHost:
         n: int,
         out_offset: int,
         deadline: float | None,
+        requests: int,
     ) -> None:
         own = isinstance(segment, str)
         fd = -1
@@ -666,7 +897,7 @@ class ModelHost:
             images = np.empty((n, 32, 32, 3), np.uint8)
             if os.preadv(fd, [images.data], in_offset) != images.nbytes:
                 raise InternalError("a worker's request vanished from shared memory before it was read")
-            logits, version = await self.core.infer(images, deadline)
+            logits, version = await self.core.infer(images, deadline, requests=requests)
             data = np.ascontiguousarray(logits, np.float32).data
             if os.pwrite(fd, data, out_offset) != data.nbytes:
                 raise InternalError("could not write logits back to the worker's shared memory")

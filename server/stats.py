@@ -83,20 +83,24 @@ class ModelStats:
         self._lock = threading.Lock()
         self._s = StatsSnapshot()
 
-    def request_succeeded(self, images: int, duration_ns: int, times: RequestTimes | None) -> None:
+    def request_succeeded(
+        self, images: int, duration_ns: int, times: RequestTimes | None, requests: int = 1
+    ) -> None:
+        """One request, or ``requests`` that travelled together (a worker's group), each charged
+        the same times."""
         with self._lock:
             s = self._s
             s.inference_count += images
-            s.success.add(duration_ns)
+            s.success.add(duration_ns * requests, requests)
             if times is not None:
-                s.queue.add(times.queue_ns)
-                s.compute_input.add(times.input_ns)
-                s.compute_infer.add(times.infer_ns)
-                s.compute_output.add(times.output_ns)
+                s.queue.add(times.queue_ns * requests, requests)
+                s.compute_input.add(times.input_ns * requests, requests)
+                s.compute_infer.add(times.infer_ns * requests, requests)
+                s.compute_output.add(times.output_ns * requests, requests)
 
-    def request_failed(self, duration_ns: int) -> None:
+    def request_failed(self, duration_ns: int, requests: int = 1) -> None:
         with self._lock:
-            self._s.fail.add(duration_ns)
+            self._s.fail.add(duration_ns * requests, requests)
 
     def batch_ran(self, size: int, times: BatchTimes) -> None:
         wall_ms = time.time_ns() // 1_000_000

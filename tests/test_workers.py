@@ -254,3 +254,48 @@ def test_a_link_whose_socket_arrives_late_is_still_a_link(kind: str) -> None:
     assert peer_b.recv(1) == b"x"
     for s in (received, peer_a, peer_b):
         s.close()
+
+
+def test_concurrent_small_requests_each_get_their_own_rows_and_count_as_requests(
+    start: Any, sample: Any, offline_logits: np.ndarray
+) -> None:
+    # A worker sends the small requests it holds to the model process as one (server/remote.py):
+    # each caller must still get exactly its own images' logits, in order, and the statistics
+    # must count callers, not the messages they travelled in.
+    from cifar_serve.v1 import open_inference_pb2 as oip_pb
+    from cifar_serve.v1 import open_inference_pb2_grpc as oip_grpc
+
+    srv = start()
+    channels = [_channel(srv.address) for _ in range(12)]
+    sizes = [1, 3, 1, 2, 5, 1, 1, 4]  # images per request, cycled: the rows lie at varied offsets
+
+    def caller(c: int) -> list[tuple[int, int, list[list[float]]]]:
+        stub = pb_grpc.ClassifierStub(channels[c])
+        got = []
+        for j in range(8):
+            n = sizes[(c + j) % len(sizes)]
+            first = (c * 40 + j * 5) % (len(sample) - n)
+            x = sample.images[first : first + n]
+            answer = stub.Classify(
+                pb.ClassifyRequest(packed=pb.PackedImages(data=x.tobytes(), count=n), include_logits=True),
+                timeout=120,
+            )
+            got.append((first, n, [list(r.logits) for r in answer.results]))
+        return got
+
+    stats = oip_grpc.GRPCInferenceServiceStub(channels[0])
+    before = stats.ModelStatistics(oip_pb.ModelStatisticsRequest(), timeout=30).model_stats[0]
+    try:
+        with cf.ThreadPoolExecutor(len(channels)) as pool:
+            results = [r for f in [pool.submit(caller, c) for c in range(len(channels))] for r in f.result()]
+        after = stats.ModelStatistics(oip_pb.ModelStatisticsRequest(), timeout=30).model_stats[0]
+    finally:
+        for ch in channels:
+            ch.close()
+    assert len(results) == 96
+    for first, n, rows in results:
+        assert len(rows) == n
+        np.testing.assert_allclose(np.array(rows), offline_logits[first : first + n], atol=1e-4, rtol=0)
+    images = sum(n for _first, n, _rows in results)
+    assert after.inference_stats.success.count - before.inference_stats.success.count == 96
+    assert after.inference_count - before.inference_count == images
