@@ -450,7 +450,8 @@ class RemoteCore(RequestChecks):
             self._release(p)
 
     def _burst_end(self) -> None:
-        self._expect, self._burst = self._burst, 0
+        # Those held already go with the callers coming back, in one group.
+        self._expect, self._burst = self._burst + self._held, 0
         self._expect_until = time.monotonic() + self._delay
         if self._group is not None:
             self._decide(self._group)
@@ -458,7 +459,7 @@ class RemoteCore(RequestChecks):
     def _release(self, p: _Pending) -> None:
         if p.group is not None:
             self._groups_out -= 1
-            if self._group is not None:
+            if self._group is not None and not self._burst:  # else _burst_end decides
                 self._decide(self._group)
         if p.slot is not None:
             self._free.append(p.slot)
