@@ -119,7 +119,9 @@ def _reserve(host: str, port: int, flag: str) -> socket.socket:
 def _child_setup(settings: Settings, run_dir: str, name: str) -> None:
     from .metrics import enter_multiprocess_mode
 
-    enter_multiprocess_mode(str(Path(run_dir) / "metrics"))
+    # A worker changes its metrics on its event loop only; the model process's compute threads
+    # change some too, so it writes each change at once.
+    enter_multiprocess_mode(str(Path(run_dir) / "metrics"), deferred=name.startswith("worker"))
     logging.basicConfig(
         level=settings.log_level.upper(),
         format=f"%(asctime)s %(levelname)s {name}:%(process)d %(name)s: %(message)s",
@@ -248,7 +250,7 @@ def worker_main(settings: Settings, run_dir: str, index: int, link: socket.socke
 async def _worker(settings: Settings, run_dir: str, index: int, link: socket.socket, conn: Connection) -> int:
     from .app import CifarServer, StartupError
     from .errors import InferenceError
-    from .metrics import Metrics
+    from .metrics import Metrics, flush_metrics
     from .remote import RemoteCore
     from .shm import SharedMemoryRegistry
 
@@ -286,6 +288,7 @@ async def _worker(settings: Settings, run_dir: str, index: int, link: socket.soc
     for task in (*waits, warming):
         task.cancel()
     await server.stop()
+    flush_metrics()
     return server.exit_code
 
 
