@@ -303,9 +303,10 @@ def _deferred_value_class() -> Any:
     """prometheus-client's multi-process value, written to its file once per loop iteration.
 
     The stock one takes a lock, asks the kernel for the process id (to notice a fork) and writes
-    the memory-mapped file at every change: the request path makes several changes per call, and
-    measured on the null model at c=128 (``benchmarks/two_processes.py``), ``--workers 2`` cost
-    0.316 against 0.286 ms of server CPU per request with stock values and without them. Changes
+    the memory-mapped file at every change: the request path makes several changes per call.
+    Measured by turns on the null model at c=128 (``/proc``, two rounds), ``--workers 2`` cost
+    0.296 / 0.294 ms of server CPU per request with stock values, 0.283 / 0.292 with these, and
+    0.282 / 0.291 with no worker metrics at all (BENCHMARKS.md, issue 20's sixth pass). Changes
     made on the event loop only update the value and mark it; one callback at the end of the
     iteration writes each marked value once, so a scrape sees them within the iteration. Off the
     loop a change is written at once. The process id is taken once: children are spawned, never

@@ -7,11 +7,11 @@ crosses the Unix socket, the model process batches the images of every worker to
 writes the logits back into the same slot. Requests too large for a slot, or arriving when
 every slot is taken, get a segment file of their own for their lifetime.
 
-Small requests without a deadline of their own travel in groups: a worker puts their images one
-after another in one slot and sends them as one request, held (at most ``--max-batch-delay-ms``)
-while the callers of the last answer come back and while the model process is busy with the
-worker's previous group. Per message, the model process pays a read, a task, a queue entry and
-a write; under load a group carries a dozen requests or more (BENCHMARKS.md, issue 20).
+Small requests (up to half a slot) travel in groups: a worker puts their images one after
+another in one slot and sends them as one request, held (at most ``--max-batch-delay-ms``) while
+the callers of the last answer come back and while the model process is busy with the worker's
+previous group. Per message, the model process pays a read, a task, a queue entry and a write;
+at c=128 a group carries ~9 requests (BENCHMARKS.md, issue 20's sixth pass).
 
 :class:`RemoteCore` is the worker's stand-in for :class:`~.core.InferenceCore`: the servicers
 and the edge cannot tell them apart. :class:`ModelHost` serves the model process's core to
@@ -126,6 +126,7 @@ def _layout(n: int, num_classes: int) -> tuple[int, int]:
     return images, images + _pad(n * num_classes * 4)
 
 
+@functools.lru_cache(maxsize=8)
 def _group_layout(num_classes: int) -> tuple[int, int]:
     """Images a group's slot holds, and where in the slot its logits go (fixed, whatever it holds)."""
     n = SLOT_BYTES // IMAGE_BYTES
@@ -149,7 +150,7 @@ class _Pending:
 
 @dataclass(eq=False)
 class _Group:
-    """Small requests without a deadline of their own, sent to the model process as one.
+    """Small requests sent to the model process as one, under their earliest deadline.
 
     Their images lie one after another in one arena slot, so the model process reads, queues,
     batches and answers them as a single request: one message each way, one read, one write.

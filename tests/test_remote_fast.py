@@ -63,10 +63,13 @@ async def _link(fake_runtime: Any, tmp_path: Path, max_batch_delay_ms: float) ->
         await core.stop()
 
 
-async def _ran(fake_runtime: Any, n: int) -> None:
-    """Until the fake runtime has run ``n`` forward passes."""
-    while len(fake_runtime.batches) < n:
+async def _busy(fake_runtime: Any, link: Link) -> asyncio.Task[tuple[np.ndarray, str]]:
+    """A first call, once the model process is computing it (held at the fake runtime's gate)."""
+    fake_runtime.gate.clear()
+    first = asyncio.create_task(link.remote.infer(_images(1, 0)))
+    while not fake_runtime.batches:
         await asyncio.sleep(0.005)
+    return first
 
 
 def test_requests_held_while_the_model_is_busy_travel_as_one_and_each_gets_its_rows(
@@ -74,9 +77,7 @@ def test_requests_held_while_the_model_is_busy_travel_as_one_and_each_gets_its_r
 ) -> None:
     async def go() -> None:
         async with _link(fake_runtime, tmp_path, 2000.0) as link:
-            fake_runtime.gate.clear()
-            first = asyncio.create_task(link.remote.infer(_images(1, 0)))
-            await _ran(fake_runtime, 1)  # computing, and held at the gate
+            first = await _busy(fake_runtime, link)
             images = [_images(n, 10 + i) for i, n in enumerate([1, 3, 2, 1])]
             calls = [asyncio.create_task(link.remote.infer(x)) for x in images]
             await asyncio.sleep(0.05)
@@ -97,15 +98,12 @@ def test_a_later_deadline_in_a_group_dropped_for_an_earlier_one_is_computed_on_i
 ) -> None:
     async def go() -> None:
         async with _link(fake_runtime, tmp_path, 50.0) as link:
-            fake_runtime.gate.clear()
-            first = asyncio.create_task(link.remote.infer(_images(1, 0)))
-            await _ran(fake_runtime, 1)
+            first = await _busy(fake_runtime, link)
             early, late = _images(1, 1), _images(2, 2)
             soon = asyncio.create_task(link.remote.infer(early, time.monotonic() + 0.2))
             later = asyncio.create_task(link.remote.infer(late, time.monotonic() + 60))
-            await asyncio.sleep(
-                0.4
-            )  # their group went (after the delay) and its deadline passed in the queue
+            # Their group goes after the delay, and its deadline passes in the queue.
+            await asyncio.sleep(0.4)
             fake_runtime.gate.set()
             await first
             with pytest.raises(DeadlineExceeded):
@@ -121,9 +119,7 @@ def test_a_later_deadline_in_a_group_dropped_for_an_earlier_one_is_computed_on_i
 def test_a_group_whose_callers_all_left_is_not_computed(fake_runtime: Any, tmp_path: Path) -> None:
     async def go() -> None:
         async with _link(fake_runtime, tmp_path, 20.0) as link:
-            fake_runtime.gate.clear()
-            first = asyncio.create_task(link.remote.infer(_images(1, 0)))
-            await _ran(fake_runtime, 1)
+            first = await _busy(fake_runtime, link)
             calls = [asyncio.create_task(link.remote.infer(_images(1, 5 + i))) for i in range(3)]
             await asyncio.sleep(0.1)  # the group went, and waits in the model process's queue
             for c in calls:
